@@ -1,0 +1,243 @@
+"""Train fresh ConvNets on a synthetic set (or a baseline) and report their final-epoch test accuracy.
+
+$ python evaluate.py --syn runs/csdm/synthetic.pt                        # 5 networks x 1000 epochs
+$ python evaluate.py --syn runs/csdm/synthetic.pt --num-eval 2 --epochs 300 --device cpu
+$ python evaluate.py --baseline random --dataset cifar10 --imbalance-factor 200 --ipc 10 --out runs/random
+$ python evaluate.py --baseline full --dataset cifar10 --imbalance-factor 200 --epochs 200 --out runs/full
+
+The field's protocol (method.md section 6): a ConvNet trained from scratch with
+SGD (lr 0.01, momentum 0.9, weight decay 5e-4), batch 256, lr x0.1 at half the
+epochs, DSA on every batch; tested once, after the last epoch, on the balanced
+test split (or, with --split val, on the validation split used to choose
+hyperparameters). Nothing is chosen on the test set. The mean and std are over
+--num-eval networks, each seeded from --seed and its index.
+
+results.json: acc_mean, acc_std (percent), accs (one per network), per_class
+(mean over networks, class order), head / medium / tail (mean accuracy of the
+first, middle and last third of the classes in long-tail order: for 10 classes
+3 / 4 / 3), and the configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_lt import (UsageError, add_data_arguments, counter_seed, draw_per_class, dsa_augment,
+                     dsa_uniforms_per_sample, load_long_tailed)
+from distill import FORMAT_VERSION, initial_synthetic, resolve_device
+from networks import NORMS, ConvNet, depth_for_size, reset_parameters_
+
+STREAM_EVAL = 21
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--syn", default=None, help="synthetic.pt written by distill.py")
+    what.add_argument("--baseline", default=None, choices=("random", "full"),
+                      help="random: --ipc real images per class of the long-tailed set; full: the whole set")
+    add_data_arguments(p)
+    p.add_argument("--ipc", type=int, default=10, help="--baseline random: images per class")
+    g = p.add_argument_group("training")
+    g.add_argument("--num-eval", type=int, default=5, help="networks trained from scratch")
+    g.add_argument("--epochs", type=int, default=1000, help="epochs per network (lr x0.1 at half)")
+    g.add_argument("--batch-size", type=int, default=256, help="minibatch size")
+    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    g.add_argument("--norm", default=None, choices=NORMS, help="ConvNet normalisation (default: the distilled one)")
+    g.add_argument("--split", default="test", choices=("test", "val"),
+                   help="where to measure: the test split, or the validation split (for choosing hyperparameters)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of the networks and batches (and of the data subset "
+                                                       "for baselines)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--out", default=None, help="folder for results.json (default: next to --syn)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------
+# Training one network and testing it
+
+def train_network(net: ConvNet, images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int,
+                  lr: float, generator: torch.Generator) -> ConvNet:
+    """SGD with momentum 0.9 and weight decay 5e-4, lr x0.1 after half the epochs, DSA on every batch.
+    The whole set stays on the device; batches are index slices of a seeded permutation."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2], gamma=0.1)
+    net.train()
+    n = len(labels)
+    for _ in range(epochs):
+        permutation = torch.randperm(n, generator=generator, device=images.device)
+        for batch in permutation.split(batch_size):
+            x = dsa_augment(images[batch], dsa_uniforms_per_sample(len(batch), generator, images.device))
+            loss = F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    return net
+
+
+@torch.no_grad()
+def per_class_accuracy(net: ConvNet, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                       normalise, chunk: int = 1000) -> torch.Tensor:
+    """Accuracy of each class in percent, (C,). images are uint8; normalise maps them to float."""
+    net.eval()
+    correct = torch.zeros(num_classes, dtype=torch.float64)
+    for start in range(0, len(labels), chunk):
+        x = normalise(images[start:start + chunk]).contiguous(memory_format=torch.channels_last)
+        hit = (net(x).argmax(1) == labels[start:start + chunk]).double().cpu()
+        correct += torch.bincount(labels[start:start + chunk].cpu(), weights=hit, minlength=num_classes)
+    return 100 * correct / torch.bincount(labels.cpu(), minlength=num_classes).clamp_min(1)
+
+
+def long_tail_groups(class_counts: list[int]) -> dict[str, list[int]]:
+    """Classes in long-tail order (most images first) cut into head, medium and tail thirds:
+    round(C/3) classes each for head and tail, the rest medium."""
+    order = sorted(range(len(class_counts)), key=lambda c: (-class_counts[c], c))
+    third = max(1, round(len(order) / 3))
+    return {"head": order[:third], "medium": order[third:len(order) - third], "tail": order[len(order) - third:]}
+
+
+def evaluate(images, labels, data, args, width, depth, norm, pooling, device, log=print) -> dict:
+    """Train args.num_eval networks on (images, labels) and test each after its last epoch."""
+    images, labels = images.to(device), labels.to(device)
+    if args.split == "val":
+        if len(data.val_labels) == 0:
+            raise UsageError("--split val: this run has no validation split; distill with --val-per-class N "
+                             "(or pass --val-per-class N with a baseline)")
+        test_images, test_labels = data.val_images, data.val_labels
+    else:
+        test_images, test_labels = data.test_images, data.test_labels
+    test_images, test_labels = test_images.to(device), test_labels.to(device)
+    accs, per_class = [], []
+    for k in range(args.num_eval):
+        start = time.perf_counter()
+        generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_EVAL, k))
+        net = ConvNet(data.channels, data.num_classes, width, depth, norm, pooling, data.image_size)
+        net = reset_parameters_(net.to(device).to(memory_format=torch.channels_last), generator)
+        train_network(net, images, labels, args.epochs, args.batch_size, args.lr, generator)
+        accuracy = per_class_accuracy(net, test_images, test_labels, data.num_classes, data.normalise)
+        overall = 100 * float((accuracy / 100 * torch.bincount(test_labels.cpu(), minlength=data.num_classes)).sum()
+                              / len(test_labels))
+        accs.append(overall)
+        per_class.append(accuracy)
+        log(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
+            f"({time.perf_counter() - start:.0f}s)")
+    per_class_mean = torch.stack(per_class).mean(0).tolist()
+    groups = long_tail_groups(data.class_counts)
+    result = {
+        "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)), "accs": accs,
+        "per_class": per_class_mean, "split": args.split, "num_eval": args.num_eval, "epochs": args.epochs,
+        "class_names": data.class_names, "class_counts": data.class_counts,
+        "groups": groups,
+    }
+    for name, classes in groups.items():
+        result[name] = float(np.mean([per_class_mean[c] for c in classes])) if classes else float("nan")
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# What is evaluated: a synthetic file, or a baseline built from the data
+
+def load_synthetic(path: str) -> dict:
+    """Read a synthetic set safely (weights_only) and check its keys and format version."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--syn: {path} does not exist; give the synthetic.pt written by distill.py")
+    try:
+        synthetic = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UsageError(f"--syn: {path} is not a readable synthetic set ({type(error).__name__}); "
+                         f"give the synthetic.pt written by distill.py")
+    missing = {"images", "labels", "class_names", "config"} - set(synthetic if isinstance(synthetic, dict) else {})
+    if missing:
+        raise UsageError(f"--syn: {path} lacks {sorted(missing)}; give the synthetic.pt written by distill.py")
+    version = synthetic["config"].get("format_version")
+    if version != FORMAT_VERSION:
+        raise UsageError(f"--syn: {path} has format version {version}, this code reads {FORMAT_VERSION}; "
+                         f"distill it again with this version")
+    return synthetic
+
+
+def check_matches(synthetic: dict, data, path: str) -> None:
+    """The synthetic images must fit the data set the networks are tested on."""
+    images, labels = synthetic["images"], synthetic["labels"]
+    have = (images.shape[1], images.shape[2], images.shape[3], len(synthetic["class_names"]))
+    want = (data.channels, data.image_size, data.image_size, data.num_classes)
+    if images.dim() != 4 or have != want:
+        raise UsageError(f"--syn: {path} holds {have[0]} x {have[1]} x {have[2]} images of {have[3]} classes, but "
+                         f"{data.name} has {want[0]} x {want[1]} x {want[2]} images of {want[3]} classes; "
+                         f"evaluate it with the data set it was distilled from")
+    if len(labels) != len(images) or labels.min() < 0 or labels.max() >= data.num_classes:
+        raise UsageError(f"--syn: {path} has labels outside 0..{data.num_classes - 1} or a label count that "
+                         f"differs from its image count; distill it again")
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log = lambda message: print(message, flush=True)
+    try:
+        for option, value in {"--num-eval": args.num_eval, "--epochs": args.epochs,
+                              "--batch-size": args.batch_size, "--ipc": args.ipc}.items():
+            if value < 1:
+                raise UsageError(f"{option} must be >= 1 (got {value})")
+        if not args.lr > 0:
+            raise UsageError(f"--lr must be > 0 (got {args.lr})")
+        device = resolve_device(args.device)
+        if args.syn is not None:
+            synthetic = load_synthetic(args.syn)
+            config = synthetic["config"]
+            # the data the set was distilled from; only its location may be given anew
+            data = load_long_tailed(config["dataset"], args.data_dir or config["data_dir"],
+                                    config["imbalance_factor"], config["seed"], config["val_per_class"],
+                                    config["n_max"], config["image_size"], log=log)
+            check_matches(synthetic, data, args.syn)
+            images, labels = synthetic["images"].float(), synthetic["labels"].long()
+            width, depth, pooling = config["width"], config["depth"], config["pooling"]
+            norm = args.norm or config["norm"]
+            what = f"{args.syn} ({config['method']}, IPC {config['ipc']})"
+            out = Path(args.out) if args.out else Path(args.syn).parent
+        else:
+            data = load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, args.seed,
+                                    args.val_per_class, args.n_max, args.image_size, log=log)
+            if args.baseline == "random":
+                images, labels = initial_synthetic(data, args.ipc, args.seed)
+                what = f"random baseline, IPC {args.ipc}"
+            else:
+                images, labels = data.normalise(data.train_images), data.train_labels
+                what = f"full long-tailed set ({len(labels)} images)"
+            width, depth, pooling = 128, depth_for_size(data.image_size), "avg"
+            norm = args.norm or "instance"
+            out = Path(args.out) if args.out else Path("runs") / f"baseline-{args.baseline}"
+        log(f"evaluate.py: {what}, {args.num_eval} networks x {args.epochs} epochs on {device}")
+        start = time.perf_counter()
+        result = evaluate(images, labels, data, args, width, depth, norm, pooling, device, log=log)
+        result.update(evaluated=what, dataset=data.name, seconds=round(time.perf_counter() - start, 1),
+                      config={key: value for key, value in vars(args).items()})
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{what}: {args.split} acc {result['acc_mean']:.2f} +- {result['acc_std']:.2f}  "
+              f"head {result['head']:.2f} medium {result['medium']:.2f} tail {result['tail']:.2f}  "
+              f"({args.num_eval} x {args.epochs} epochs) -> {out / 'results.json'}", flush=True)
+    except UsageError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

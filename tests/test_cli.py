@@ -1,0 +1,99 @@
+"""Every user error ends in one line on stderr that names the option, exit code 2, no traceback."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distill
+import evaluate
+from conftest import ROOT
+
+
+def run_main(module, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+@pytest.fixture
+def empty_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return str(tmp_path / "empty")
+
+
+DISTILL_ERRORS = [
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--method", "gan"], "--method"),
+    (["--kernel", "polynomial"], "--kernel"),
+    (["--ipc", "0"], "--ipc"),
+    (["--iterations", "0"], "--iterations"),
+    (["--batch-real", "0"], "--batch-real"),
+    (["--lr-img", "-1"], "--lr-img"),
+    (["--bandwidth", "0"], "--bandwidth"),
+    (["--alpha-head", "0.2", "--alpha-tail", "0.4"], "--alpha-head"),
+    (["--method", "mmd", "--kernel", "laplacian"], "--kernel"),
+    (["--imbalance-factor", "0.5", "--data-dir", "DATA"], "--imbalance-factor"),
+    (["--data-dir", "MISSING"], "--data-dir"),
+    (["--data-dir", "EMPTY"], "--data-dir"),
+    (["--dataset", "folder", "--data-dir", "EMPTY"], "--data-dir"),
+    (["--ipc", "ten"], "--ipc"),
+    (["--device", "tpu"], "--device"),
+]
+
+
+@pytest.mark.parametrize("argv,option", DISTILL_ERRORS)
+def test_distill_bad_input(argv, option, capsys, empty_dir, tmp_path):
+    argv = [{"MISSING": str(tmp_path / "missing"), "EMPTY": empty_dir, "DATA": empty_dir}.get(a, a) for a in argv]
+    code, err = run_main(distill, argv + ["--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and option in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_cuda_device_without_cuda(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, err = run_main(distill, ["--device", "cuda", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--device" in err and "--device cpu" in err
+
+
+def test_evaluate_bad_input(capsys, tmp_path):
+    cases = [
+        (["--syn", str(tmp_path / "none.pt")], "--syn"),
+        (["--baseline", "random", "--ipc", "0"], "--ipc"),
+        (["--baseline", "random", "--epochs", "0"], "--epochs"),
+        (["--baseline", "random", "--num-eval", "0"], "--num-eval"),
+        (["--baseline", "best"], "--baseline"),
+        ([], "--syn"),  # nothing to evaluate
+    ]
+    (tmp_path / "text.pt").write_text("not a tensor file")
+    cases.append((["--syn", str(tmp_path / "text.pt")], "--syn"))
+    torch.save({"images": torch.zeros(1, 3, 32, 32)}, tmp_path / "partial.pt")
+    cases.append((["--syn", str(tmp_path / "partial.pt")], "--syn"))
+    for argv, option in cases:
+        code, err = run_main(evaluate, argv, capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and option in err, (argv, err)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open(__import__('os').environ['CSDM_PWNED'], 'w').write('ran')",))
+
+
+def test_synthetic_files_cannot_run_code(capsys, tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("CSDM_PWNED", str(marker))
+    torch.save({"images": torch.zeros(1), "payload": _RunsCode()}, tmp_path / "evil.pt")
+    code, err = run_main(evaluate, ["--syn", str(tmp_path / "evil.pt")], capsys)
+    assert code == 2 and "--syn" in err
+    assert not marker.exists()
+
+
+def test_real_command_line_prints_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "distill.py"), "--ipc", "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "distill.py: error: --ipc must be >= 1 (got 0)"

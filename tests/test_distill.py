@@ -1,0 +1,65 @@
+"""The distillation loop on a tiny in-memory set: determinism, initialisation, real batches, outputs."""
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_data
+from distill import RealBatchSampler, build_parser, distill, initial_synthetic, write_outputs
+
+
+def tiny_args(*extra):
+    return build_parser().parse_args(["--ipc", "3", "--iterations", "3", "--batch-real", "4", "--num-freqs", "16",
+                                      "--width", "8", "--log-every", "100", "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("method", ["csdm", "sdm", "ncfm", "mmd", "dm"])
+def test_same_seed_same_synthetic_set(method, tiny_data):
+    first = distill(tiny_args("--method", method), tiny_data, torch.device("cpu"), log=lambda m: None)
+    second = distill(tiny_args("--method", method), tiny_data, torch.device("cpu"), log=lambda m: None)
+    assert torch.equal(first["images"], second["images"])
+    assert not torch.equal(first["images"], first["init_images"])  # the images were optimised
+    other = distill(tiny_args("--method", method, "--seed", "1"), tiny_data, torch.device("cpu"), log=lambda m: None)
+    assert not torch.equal(first["images"], other["images"])
+    assert [h[0] for h in first["history"]] == [0, 1, 2]
+
+
+def test_initialisation_with_fewer_real_images_than_ipc():
+    data = make_tiny_data(num_classes=3, n_max=8, imbalance_factor=4)  # counts 8, 4, 2
+    images, labels = initial_synthetic(data, ipc=5, seed=0)
+    assert torch.equal(labels, torch.arange(3).repeat_interleave(5))
+    tail_real = data.normalise(data.train_images[data.train_labels == 2])
+    tail = images[10:]
+    # the tail class's two real images come first, as they are ...
+    assert all(any(torch.equal(t, r) for r in tail_real) for t in tail[:2])
+    # ... and the three further slots are transformed copies: no two synthetic images are equal
+    flat = images.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(15) * 1e9).min() > 1e-3
+    assert torch.equal(images, initial_synthetic(data, ipc=5, seed=0)[0])
+
+
+def test_real_batches_cover_each_class_without_replacement():
+    # labels in no particular order, as in a real training split
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 7)[torch.randperm(20, generator=torch.Generator().manual_seed(0))]
+    sampler = RealBatchSampler(labels, 3, batch_real=5, seed=0)
+    index, position = sampler.sample(0)
+    assert torch.bincount(labels[index], minlength=3).tolist() == [5, 3, 5]  # class 1 gives all it has
+    assert len(set(index.tolist())) == len(index)
+    for c in range(3):
+        assert sorted(position[labels[index] == c].tolist()) == list(range(min(5, int((labels == c).sum()))))
+    assert torch.equal(index, sampler.sample(0)[0]) and not torch.equal(index, sampler.sample(1)[0])
+
+
+def test_outputs_describe_the_run(tmp_path, tiny_data):
+    result = distill(tiny_args("--method", "csdm"), tiny_data, torch.device("cpu"), log=lambda m: None)
+    write_outputs(result, tiny_data, tmp_path)
+    synthetic = torch.load(tmp_path / "synthetic.pt", weights_only=True)
+    assert synthetic["images"].dtype == torch.float32 and synthetic["images"].shape == (12, 3, 16, 16)
+    assert synthetic["labels"].dtype == torch.int64 and synthetic["labels"].tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert synthetic["class_counts"] == tiny_data.class_counts and synthetic["class_names"] == tiny_data.class_names
+    assert synthetic["mean"] == list(tiny_data.mean) and synthetic["config"]["method"] == "csdm"
+    assert json.loads((tmp_path / "config.json").read_text())["ipc"] == 3
+    assert len((tmp_path / "loss.csv").read_text().splitlines()) == 1 + 3
+    from PIL import Image
+    width, height = Image.open(tmp_path / "synthetic.png").size
+    assert (width, height) == (1 + 3 * 17, 1 + 4 * 17)  # 3 images per row, one row per class, 1-px padding

@@ -1,0 +1,189 @@
+"""The spectral distance against independent references: kernel MMD^2, Bochner, the amplitude-phase identity."""
+import math
+
+import pytest
+import torch
+
+from sdd import (KERNELS, amplitude_phase, characteristic_function, class_weights, exact_mmd2, kernel_matrix,
+                 median_distance, per_class_loss, sample_frequencies, spectral_distance)
+
+
+def brute_mmd2(x, y, kernel, bandwidth=1.0):
+    """V-statistic MMD^2 from the kernel matrix: mean k(x,x') + mean k(y,y') - 2 mean k(x,y)."""
+    return (kernel_matrix(x, x, kernel, bandwidth).mean() + kernel_matrix(y, y, kernel, bandwidth).mean()
+            - 2 * kernel_matrix(x, y, kernel, bandwidth).mean())
+
+
+def clouds(n=20, m=15, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(m, d, generator=g, dtype=torch.float64) * 1.4 + 0.5
+    return x, y
+
+
+def test_sdd_is_exactly_the_mmd_of_the_random_feature_kernel():
+    # for any fixed frequencies, mean_m |phi_x - phi_y|^2 is the V-statistic MMD^2 of k(d) = mean_m cos(w_m . d)
+    x, y = clouds()
+    freqs = sample_frequencies(64, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    k = lambda a, b: torch.cos((a[:, None, :] - b[None, :, :]) @ freqs.T).mean(-1)
+    reference = k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()
+    assert torch.allclose(spectral_distance(x, y, freqs), reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("bandwidth", [0.7, 2.0])
+def test_sdd_estimates_the_exact_kernel_mmd(kernel, bandwidth):
+    x, y = clouds()
+    exact = brute_mmd2(x, y, kernel, bandwidth)
+    freqs = sample_frequencies(1 << 17, 3, kernel, bandwidth, generator=torch.Generator().manual_seed(2),
+                               dtype=torch.float64)
+    # per-frequency terms, to bound the Monte Carlo error by its own standard error
+    per_freq = (torch.cos(x @ freqs.T).mean(0) - torch.cos(y @ freqs.T).mean(0)) ** 2 \
+        + (torch.sin(x @ freqs.T).mean(0) - torch.sin(y @ freqs.T).mean(0)) ** 2
+    standard_error = per_freq.std() / math.sqrt(len(per_freq))
+    estimate = spectral_distance(x, y, freqs)
+    assert abs(estimate - exact) < 5 * standard_error
+    assert standard_error < 0.05 * exact  # the test has power: the error bound is tight
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_frequencies_follow_bochner(kernel):
+    # E_w cos(w . delta) = kappa(delta) for the kernel's own formula
+    sigma = 1.5
+    freqs = sample_frequencies(1 << 18, 2, kernel, sigma, generator=torch.Generator().manual_seed(3),
+                               dtype=torch.float64)
+    deltas = torch.tensor([[0.3, -0.2], [1.0, 0.5], [2.0, -1.5]], dtype=torch.float64)
+    empirical = torch.cos(deltas @ freqs.T).mean(1)
+    expected = kernel_matrix(deltas, torch.zeros(1, 2, dtype=torch.float64), kernel, sigma)[:, 0]
+    assert torch.allclose(empirical, expected, atol=6e-3)
+
+
+def test_frequency_moments():
+    g = torch.Generator().manual_seed(4)
+    sigma = 0.5
+    w = sample_frequencies(400_000, 1, "gaussian", sigma, generator=g, dtype=torch.float64)
+    assert abs(w.mean()) < 0.02 and abs(w.var() - 1 / sigma ** 2) < 0.05  # N(0, sigma^-2)
+    w = sample_frequencies(400_000, 1, "laplacian", sigma, generator=g, dtype=torch.float64)
+    assert abs(w.median()) < 0.02 and abs(w.abs().median() - 1 / sigma) < 0.02  # Cauchy(0, 1/sigma): quartiles +-1/sigma
+    w = sample_frequencies(400_000, 1, "cauchy", sigma, generator=g, dtype=torch.float64)
+    assert abs(w.mean()) < 0.02 and abs(w.abs().mean() - 1 / sigma) < 0.02  # Laplace(0, 1/sigma)
+    assert abs(w.var() - 2 / sigma ** 2) < 0.2
+
+
+def test_frequencies_are_reproducible_and_checked():
+    a = sample_frequencies(8, 5, "cauchy", generator=torch.Generator().manual_seed(7))
+    b = sample_frequencies(8, 5, "cauchy", generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and a.shape == (8, 5) and a.dtype == torch.float32
+    with pytest.raises(ValueError, match="kernel"):
+        sample_frequencies(8, 5, "polynomial")
+    with pytest.raises(ValueError, match="bandwidth"):
+        sample_frequencies(8, 5, bandwidth=0.0)
+
+
+def test_distance_is_zero_for_identical_and_permuted_sets():
+    x, _ = clouds()
+    freqs = sample_frequencies(256, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert spectral_distance(x, x.clone(), freqs) == 0
+    assert spectral_distance(x, x[torch.randperm(len(x))], freqs).abs() < 1e-14
+    # and strictly positive for different sets
+    assert spectral_distance(x, x + 0.3, freqs) > 1e-3
+
+
+def test_amplitude_plus_phase_is_the_squared_cf_difference():
+    g = torch.Generator().manual_seed(6)
+    re_x, im_x, re_y, im_y = (torch.rand(1000, generator=g, dtype=torch.float64) * 1.4 - 0.7 for _ in range(4))
+    amplitude, phase = amplitude_phase(re_x, im_x, re_y, im_y)
+    assert torch.allclose(amplitude + phase, (re_x - re_y) ** 2 + (im_x - im_y) ** 2, atol=1e-9)
+    # the phase term is 2 |phi_x||phi_y| (1 - cos(theta_x - theta_y)), computed by angles
+    theta = torch.atan2(im_x, re_x) - torch.atan2(im_y, re_y)
+    by_angle = 2 * torch.hypot(re_x, im_x) * torch.hypot(re_y, im_y) * (1 - torch.cos(theta))
+    assert torch.allclose(phase, by_angle, atol=1e-9)
+    assert (amplitude >= 0).all() and (phase >= -1e-12).all()
+
+
+def test_weights_select_amplitude_and_phase():
+    x, y = clouds()
+    freqs = sample_frequencies(128, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    amplitude, phase = amplitude_phase(*characteristic_function(x, freqs), *characteristic_function(y, freqs))
+    assert torch.allclose(spectral_distance(x, y, freqs, 1.0, 0.0), amplitude.mean())
+    assert torch.allclose(spectral_distance(x, y, freqs, 0.0, 1.0), phase.mean())
+    assert torch.allclose(spectral_distance(x, y, freqs, 0.6, 1.4), 0.6 * amplitude.mean() + 1.4 * phase.mean())
+
+
+def test_class_weights():
+    assert torch.equal(class_weights([500, 500, 500]), torch.full((3,), 0.5))
+    counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    alpha = class_weights(counts, a_head=0.8, a_tail=0.2)
+    assert alpha[0] == pytest.approx(0.8) and alpha[-1] == pytest.approx(0.2)
+    assert ((alpha > 0) & (alpha < 1)).all()
+    assert (alpha[:-1] >= alpha[1:]).all()  # non-decreasing in n_c (counts decrease here)
+    # log-linear: the middle count in log space gets the middle weight
+    assert class_weights([100, 10, 1], 0.8, 0.2)[1] == pytest.approx(0.5)
+    shuffled = class_weights([50, 5000, 645])
+    assert shuffled[1] > shuffled[2] > shuffled[0]
+    for bad in [(0.3, 0.7), (1.0, 0.5), (0.5, 0.0)]:
+        with pytest.raises(ValueError, match="a_tail <= a_head"):
+            class_weights(counts, *bad)
+
+
+def test_median_distance():
+    x, _ = clouds(n=31)
+    d = torch.cdist(x, x)
+    i, j = torch.triu_indices(31, 31, 1)
+    assert median_distance(x) == d[i, j].median()
+
+
+# ------------------------------------------------------------------------------------------
+# per-class, vectorised losses against a per-class loop of the single-set references
+
+def ragged_classes(seed=0):
+    """Real rows per class 7, 3, 5 (class 1 smaller than the others), synthetic 4 per class."""
+    g = torch.Generator().manual_seed(seed)
+    real_labels = torch.tensor([0] * 7 + [1] * 3 + [2] * 5)[torch.randperm(15, generator=g)]
+    syn_labels = torch.arange(3).repeat_interleave(4)
+    real = torch.randn(15, 6, generator=g, dtype=torch.float64) + real_labels[:, None]
+    syn = torch.randn(12, 6, generator=g, dtype=torch.float64) * 0.5
+    return real, real_labels, syn, syn_labels
+
+
+def ncfm_reference(real, syn, freqs, a):
+    """NCFM's released CF loss: mean_w sqrt(a * amplitude + (1 - a) * phase)."""
+    amplitude, phase = amplitude_phase(*characteristic_function(syn, freqs), *characteristic_function(real, freqs))
+    return torch.sqrt((a * amplitude + (1 - a) * phase).clamp_min(1e-12)).mean()
+
+
+@pytest.mark.parametrize("method", ["dm", "mmd", "sdm", "csdm", "ncfm"])
+def test_per_class_loss_equals_a_loop_over_classes(method):
+    real, real_labels, syn, syn_labels = ragged_classes()
+    freqs = sample_frequencies(64, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    alpha = torch.tensor([0.7, 0.45, 0.3], dtype=torch.float64) if method in ("csdm", "ncfm") else None
+    a = alpha if alpha is not None else torch.full((3,), 0.5, dtype=torch.float64)
+    got = per_class_loss(method, real, real_labels, syn, syn_labels, 3, freqs=freqs, alpha=alpha, bandwidth=1.3)
+    for c in range(3):
+        r, s = real[real_labels == c], syn[syn_labels == c]
+        if method == "dm":
+            expected = ((r.mean(0) - s.mean(0)) ** 2).sum()
+        elif method == "mmd":
+            expected = brute_mmd2(r, s, "gaussian", 1.3)
+        elif method == "ncfm":
+            expected = ncfm_reference(r, s, freqs, a[c])
+        else:
+            expected = spectral_distance(s, r, freqs, 2 * a[c], 2 * (1 - a[c]))
+        assert torch.allclose(got[c], expected, rtol=1e-9, atol=1e-12), (method, c)
+
+
+def test_exact_mmd_is_symmetric_and_zero_on_equal_sets():
+    real, real_labels, _, _ = ragged_classes()
+    same = exact_mmd2(real, real_labels, real.flip(0), real_labels.flip(0), 3, 1.0)
+    assert torch.allclose(same, torch.zeros(3, dtype=torch.float64), atol=1e-12)
+
+
+def test_gradient_reaches_only_the_synthetic_features():
+    real, real_labels, syn, syn_labels = ragged_classes()
+    real.requires_grad_(True)
+    syn.requires_grad_(True)
+    freqs = sample_frequencies(64, 6, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    per_class_loss("csdm", real, real_labels, syn, syn_labels, 3, freqs=freqs,
+                   alpha=torch.tensor([0.7, 0.5, 0.3])).sum().backward()
+    assert real.grad is None
+    assert torch.isfinite(syn.grad).all() and syn.grad.abs().sum() > 0
