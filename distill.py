@@ -1,8 +1,10 @@
 """Distill a long-tailed data set into IPC synthetic images per class by distribution matching.
 
 $ python distill.py --method csdm --dataset cifar10 --imbalance-factor 200 --ipc 10 --out runs/csdm
-$ python distill.py --method dm --dataset cifar10 --data-dir /data/cifar10 --iterations 200 --batch-real 64 \
+$ python distill.py --method dm --dataset cifar10 --data-dir data/cifar10 --iterations 200 --batch-real 64 \
       --device cpu --out runs/dm
+$ python distill.py ... --out runs/csdm --resume               # continue a stopped run
+$ torchrun --nproc_per_node=4 distill.py --method csdm ...      # classes sharded across 4 processes
 
 The DM loop (Zhao & Bilen, WACV 2023), method.md section 6: the synthetic images
 start from real images of their class; every iteration draws a fresh randomly
@@ -18,8 +20,14 @@ CF loss), mmd (exact Gaussian MMD^2), dm (mean matching).
 
 The output folder holds synthetic.pt (images, labels, mean, std, class_names,
 class_counts, config), synthetic.png (one row per class), init.png (the real
-initialisation), config.json and loss.csv. Read synthetic.pt with
-torch.load(path, weights_only=True).
+initialisation), init_vs_final.png, loss.csv and loss.png, config.json, run.json
+(command line, commit, versions, device, wall time) and a README.md of the run.
+Read synthetic.pt with torch.load(path, weights_only=True).
+
+A checkpoint (checkpoint.pt: images, optimiser state, iteration, the generators'
+state, config) is written atomically every --ckpt-every iterations and when the
+run is stopped by SIGINT or SIGTERM; --resume continues from it and ends with the
+same synthetic set as an uninterrupted run.
 
 When a class has fewer real images than --ipc (IPC 50 at IF 200), its first n_c
 synthetic images are its n_c real images and each further one repeats one of
@@ -33,28 +41,39 @@ import argparse
 import csv
 import json
 import math
+import os
+import platform
+import shlex
+import signal
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_lt import (DSA_OPS, DSA_SLOTS, STREAM_INIT, STREAM_REAL_BATCH, LongTailedData, UsageError,
                      add_data_arguments, counter_seed, counter_uniform, draw_per_class, dsa_augment,
                      dsa_uniforms_siamese, load_from_args)
 from networks import NORMS, POOLINGS, ConvNet, depth_for_size, reset_parameters_
-from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_weights, median_distance,
+from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
                  per_class_loss, sample_frequencies)
 
 FORMAT_VERSION = 1
 STREAM_NETWORK, STREAM_FREQS = 11, 12
-# Learning rates of SGD on pixels per method (momentum 0.5), picked on the validation split
-# (README, "How the defaults were chosen"); dm's is the DM paper's.
+# Optimiser and learning rate on pixels per method, picked on the validation split
+# (README, "How the defaults were chosen"); dm's is the DM paper's SGD, lr 1, momentum 0.5.
 DEFAULT_OPTIMIZER = {"dm": "sgd", "mmd": "sgd", "sdm": "sgd", "csdm": "sgd", "ncfm": "sgd"}
 DEFAULT_LR_IMG = {("sgd", "dm"): 1.0, ("sgd", "mmd"): 1.0, ("sgd", "sdm"): 1.0, ("sgd", "csdm"): 1.0,
                   ("sgd", "ncfm"): 1.0, ("adam", "dm"): 0.01, ("adam", "mmd"): 0.01, ("adam", "sdm"): 0.01,
                   ("adam", "csdm"): 0.01, ("adam", "ncfm"): 0.01}
+# options that may change between a checkpoint and its --resume: where and how a run is executed,
+# not what it computes (--iterations may grow: nothing depends on the total)
+RUN_OPTIONS = {"iterations", "device", "out", "log_every", "ckpt_every", "resume", "overwrite", "data_dir"}
+RUN_FILES = ("synthetic.pt", "checkpoint.pt", "config.json", "results.json")
 
 
 # ----------------------------------------------------------------------------------------
@@ -78,14 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"optimiser on pixels: SGD with momentum 0.5 (DM) or Adam (free of the loss's scale) "
                         f"(default: per method, {DEFAULT_OPTIMIZER})")
     g.add_argument("--lr-img", type=float, default=None,
-                   help=f"learning rate on pixels (default: per method and optimiser, {DEFAULT_LR_IMG})")
+                   help="learning rate on pixels (default: per method and optimiser, DEFAULT_LR_IMG in distill.py)")
     g = p.add_argument_group("loss")
     g.add_argument("--kernel", default="gaussian", choices=KERNELS, help="universal kernel of the spectral methods")
     g.add_argument("--num-freqs", type=int, default=1024, help="frequencies M drawn per iteration")
     g.add_argument("--bandwidth", type=float, default=1.0,
                    help="kernel bandwidth sigma (with --bandwidth-rule median: a multiple of the median distance)")
     g.add_argument("--bandwidth-rule", default="fixed", choices=("fixed", "median"),
-                   help="fixed sigma, or sigma = bandwidth x median pairwise distance of the iteration's real features")
+                   help="fixed sigma, or per class sigma_c = bandwidth x median pairwise distance of the "
+                        "iteration's real features of class c")
     g.add_argument("--feature-norm", default="l2", choices=("l2", "none"),
                    help="L2-normalise features before the spectral and mmd losses (dm always uses raw features)")
     g.add_argument("--alpha-head", type=float, default=ALPHA_HEAD, help="csdm: amplitude weight of the head class")
@@ -97,16 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pooling", default="avg", choices=POOLINGS, help="ConvNet pooling")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="the one seed of the run: subset, init, networks, batches, DSA")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local GPU)")
     g.add_argument("--out", default="runs/distill", help="output folder")
-    g.add_argument("--log-every", type=int, default=50, help="print the loss every N iterations")
+    g.add_argument("--ckpt-every", type=int, default=100, help="write checkpoint.pt every N iterations")
+    g.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--log-every", type=int, default=50, help="print the loss every N iterations (when not a terminal)")
     return p
 
 
 def check_options(args) -> None:
     """Reject impossible values with the option's name and the fix."""
     positive = {"--ipc": args.ipc, "--iterations": args.iterations, "--batch-real": args.batch_real,
-                "--num-freqs": args.num_freqs, "--width": args.width, "--log-every": args.log_every}
+                "--num-freqs": args.num_freqs, "--width": args.width, "--log-every": args.log_every,
+                "--ckpt-every": args.ckpt_every}
     for option, value in positive.items():
         if value < 1:
             raise UsageError(f"{option} must be >= 1 (got {value})")
@@ -122,6 +146,8 @@ def check_options(args) -> None:
     if args.method == "mmd" and args.kernel != "gaussian":
         raise UsageError("--kernel: the exact mmd baseline uses the gaussian kernel; drop --kernel or pick a "
                          "spectral method (csdm, sdm, ncfm)")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pass one of them")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,6 +163,71 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name}: only cpu and cuda are supported")
     return device
+
+
+def check_out_folder(args) -> None:
+    """Refuse to write into another run's folder unless told to resume it or replace it."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not (args.resume or args.overwrite):
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                         f"--overwrite to replace it, or another --out")
+
+
+# ----------------------------------------------------------------------------------------
+# Processes: one, or several under torchrun, each owning a subset of the classes
+
+@dataclass
+class Processes:
+    """This process's place in the job. Classes are dealt round-robin (c % world == rank), which
+    spreads head and tail classes evenly. world == 1 is the plain single-process run."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def classes(self, num_classes: int) -> torch.Tensor:
+        return torch.arange(self.rank, num_classes, self.world)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum a small tensor over processes (identity for one process)."""
+        if self.world > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+        return values
+
+    def gather_rows(self, rows: torch.Tensor, values: torch.Tensor, total: int) -> torch.Tensor | None:
+        """Assemble per-process row blocks into one (total, ...) tensor on the main process."""
+        if self.world == 1:
+            out = values.new_empty((total,) + values.shape[1:])
+            out[rows] = values
+            return out
+        parts = [None] * self.world
+        dist.all_gather_object(parts, (rows.cpu(), values.detach().cpu()))
+        if not self.main:
+            return None
+        out = parts[0][1].new_empty((total,) + parts[0][1].shape[1:])
+        for part_rows, part_values in parts:
+            out[part_rows] = part_values
+        return out
+
+
+def start_processes(device_name: str) -> tuple[Processes, torch.device]:
+    """Join the torchrun job if there is one (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Processes(), resolve_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(rank, world), device
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,25 +253,32 @@ def initial_synthetic(data: LongTailedData, ipc: int, seed: int) -> tuple[torch.
 
 
 class RealBatchSampler:
-    """Every iteration, up to batch_real images of every class, drawn without replacement.
+    """Every iteration, up to batch_real images of each of `classes`, drawn without replacement.
 
-    The draw for (seed, iteration) is a function of those two numbers only: image j's
-    random key is counter_uniform(seed, stream, iteration, j), and each class takes its
-    batch_real smallest keys."""
+    The draw is a function of (seed, iteration, image) only: image j's random key is
+    counter_uniform(seed, stream, iteration, j) for its index j in the whole training
+    set, and each class takes its batch_real smallest keys. So a class's batch does not
+    depend on which other classes this process handles."""
 
-    def __init__(self, labels: torch.Tensor, num_classes: int, batch_real: int, seed: int):
-        self.labels, self.batch_real, self.seed = labels, batch_real, seed
-        counts = torch.bincount(labels, minlength=num_classes)
+    def __init__(self, labels: torch.Tensor, num_classes: int, batch_real: int, seed: int,
+                 classes: torch.Tensor | None = None):
+        mine = torch.ones(num_classes, dtype=torch.bool, device=labels.device)
+        if classes is not None:
+            mine = torch.zeros_like(mine)
+            mine[classes.to(labels.device)] = True
+        self.index = torch.nonzero(mine[labels]).squeeze(1)  # global indices of this process's images
+        self.labels = labels[self.index]
+        self.batch_real, self.seed = batch_real, seed
+        counts = torch.bincount(self.labels, minlength=num_classes)
         self.starts = torch.cumsum(counts, 0) - counts
-        self.index = torch.arange(len(labels), device=labels.device)
 
     def sample(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices into the training set, position of each within its class batch)."""
-        keys = counter_uniform(self.seed, STREAM_REAL_BATCH, iteration, self.index, device=self.labels.device)
+        keys = counter_uniform(self.seed, STREAM_REAL_BATCH, iteration, self.index, device=self.index.device)
         order = torch.argsort(self.labels.double() + keys.double(), stable=True)
-        position = self.index - self.starts[self.labels[order]]
+        position = torch.arange(len(order), device=order.device) - self.starts[self.labels[order]]
         keep = position < self.batch_real
-        return order[keep], position[keep]
+        return self.index[order[keep]], position[keep]
 
 
 def embed_in_chunks(net: ConvNet, images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -191,125 +289,418 @@ def embed_in_chunks(net: ConvNet, images: torch.Tensor, chunk: int = 1024) -> to
 
 
 # ----------------------------------------------------------------------------------------
+# Checkpoints
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash
+    mid-write leaves the previous file in place."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def comparable_config(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key not in RUN_OPTIONS}
+
+
+def load_checkpoint(out: Path, config: dict) -> dict | None:
+    """The checkpoint in `out` if it belongs to this run; None if there is none."""
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        version = checkpoint["format_version"]
+    except Exception as error:
+        raise UsageError(f"--resume: {path} cannot be read ({type(error).__name__}: {str(error)[:80]}); "
+                         f"delete it, or start again with --overwrite")
+    if version != FORMAT_VERSION:
+        raise UsageError(f"--resume: {path} has checkpoint format {version}, this code writes {FORMAT_VERSION}; "
+                         f"finish it with the version that wrote it, or start again with --overwrite")
+    theirs, ours = comparable_config(checkpoint["config"]), comparable_config(config)
+    differences = [f"--{key.replace('_', '-')} {theirs.get(key)} (checkpoint) vs {ours.get(key)} (now)"
+                   for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
+    if differences:
+        raise UsageError(f"--resume: {path} was made with other options: {'; '.join(differences)}; "
+                         f"rerun with the checkpoint's options, or start again with --overwrite")
+    return checkpoint
+
+
+def optimizer_rows(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimiser's per-pixel state of its one parameter (momentum, Adam moments), plus scalars."""
+    state = optimizer.state_dict()["state"].get(0, {})
+    return {key: value for key, value in state.items() if torch.is_tensor(value)}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
+    """Load a checkpoint's optimiser state, keeping this process's rows of the per-pixel tensors."""
+    if not state:
+        return
+    local = {key: (value[rows] if value.dim() > 0 else value) for key, value in state.items()}
+    full = optimizer.state_dict()
+    full["state"] = {0: local}
+    optimizer.load_state_dict(full)
+
+
+# ----------------------------------------------------------------------------------------
 # The loop
 
-def distill(args, data: LongTailedData, device: torch.device, log=print) -> dict:
-    """Run the distillation; returns the synthetic set and the loss history."""
+class StopRequest:
+    """Set by SIGINT / SIGTERM; the loop checks it after every iteration."""
+
+    def __init__(self):
+        self.signal_number = 0
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            if self.signal_number:  # a second signal: stop now
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            self.signal_number = signum
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, handler)
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def distill(args, data: LongTailedData, device: torch.device, log=print, processes: Processes | None = None,
+            stop: StopRequest | None = None, checkpoint: dict | None = None) -> dict:
+    """Run (or continue) the distillation; returns the synthetic set and the loss history.
+
+    Writes checkpoint.pt into args.out every args.ckpt_every iterations. If `stop` is set by a
+    signal, writes a checkpoint and returns early with result["stopped"] = signal number."""
+    processes = processes or Processes()
     num_classes = data.num_classes
     depth = args.depth or depth_for_size(data.image_size)
     optimizer_name = args.optimizer or DEFAULT_OPTIMIZER[args.method]
     lr_img = args.lr_img or DEFAULT_LR_IMG[optimizer_name, args.method]
-    images, syn_labels = initial_synthetic(data, args.ipc, args.seed)
-    init_images = images.clone()
-    syn = images.to(device).requires_grad_(True)
-    syn_labels = syn_labels.to(device)
-    syn_position = (torch.arange(len(syn_labels)) % args.ipc).to(device)
+    config = dict(vars(args), depth=depth, optimizer=optimizer_name, lr_img=lr_img, format_version=FORMAT_VERSION)
+
+    init_images, all_labels = initial_synthetic(data, args.ipc, args.seed)
+    # this process's classes and their rows of the synthetic set (all of them for one process)
+    classes = processes.classes(num_classes)
+    rows = torch.nonzero(torch.isin(all_labels, classes)).squeeze(1)
+    local_of_class = torch.full((num_classes,), -1, dtype=torch.long)
+    local_of_class[classes] = torch.arange(len(classes))
+    start_iteration, history, elapsed_before = 0, [], 0.0
+    images = init_images
+    if checkpoint is not None:
+        images = checkpoint["images"]
+        start_iteration, history = checkpoint["iteration"], [tuple(h) for h in checkpoint["history"]]
+        elapsed_before = checkpoint["elapsed"]
+    syn = images[rows].clone().to(device).requires_grad_(True)
+    syn_labels = local_of_class[all_labels[rows]].to(device)          # local class ids
+    syn_position = (rows % args.ipc).to(device)
+    syn_class = all_labels[rows].to(device)                           # global class ids, for the DSA keys
     optimizer = (torch.optim.SGD([syn], lr=lr_img, momentum=0.5) if optimizer_name == "sgd"
                  else torch.optim.Adam([syn], lr=lr_img))
+    if checkpoint is not None:
+        restore_optimizer(optimizer, checkpoint["optimizer"], rows)
 
     net = ConvNet(data.channels, num_classes, args.width, depth, args.norm, args.pooling, data.image_size)
     net = net.to(device).to(memory_format=torch.channels_last).requires_grad_(False)
     alpha = (class_weights(data.class_counts, args.alpha_head, args.alpha_tail) if args.method == "csdm"
-             else torch.full((num_classes,), 0.5)).to(device)
+             else torch.full((num_classes,), 0.5))
+    local_alpha = alpha[classes].to(device)
     train_images, train_labels = data.train_images.to(device), data.train_labels.to(device)
-    sampler = RealBatchSampler(train_labels, num_classes, args.batch_real, args.seed)
+    sampler = RealBatchSampler(train_labels, num_classes, args.batch_real, args.seed, classes.to(device))
+    local_of_class_device = local_of_class.to(device)
     normalise_features = args.method != "dm" and args.feature_norm == "l2"
     if args.method == "csdm":
         log("alpha (amplitude weight) per class: " + " ".join(f"{a:.2f}" for a in alpha.tolist()))
 
-    history = []
+    def save_checkpoint(iteration: int, elapsed: float) -> None:
+        full_images = processes.gather_rows(rows, syn.detach().cpu(), len(all_labels))
+        state = {key: (processes.gather_rows(rows, value.cpu(), len(all_labels)) if value.dim() > 0 else value.cpu())
+                 for key, value in optimizer_rows(optimizer).items()}
+        if processes.main:
+            atomic_save({"format_version": FORMAT_VERSION, "iteration": iteration, "images": full_images,
+                         "optimizer": state, "history": history, "elapsed": elapsed, "config": config,
+                         # the counter-based generators have no state beyond the seed and the iteration
+                         "rng": {"seed": args.seed, "next_iteration": iteration,
+                                 "torch_cpu": torch.get_rng_state()}},
+                        Path(args.out) / "checkpoint.pt")
+
+    progress = Progress(args.iterations, start_iteration, args.log_every, log, enabled=processes.main)
     start = time.perf_counter()
-    for iteration in range(args.iterations):
+    stopped = 0
+    for iteration in range(start_iteration, args.iterations):
         generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_NETWORK, iteration))
         reset_parameters_(net, generator)
 
         index, position = sampler.sample(iteration)
-        real_labels = train_labels[index]
+        real_class = train_labels[index]
         real = dsa_augment(data.normalise(train_images[index]),
-                           dsa_uniforms_siamese(args.seed, iteration, real_labels, position))
+                           dsa_uniforms_siamese(args.seed, iteration, real_class, position))
         real_features = embed_in_chunks(net, real)
-        syn_aug = dsa_augment(syn, dsa_uniforms_siamese(args.seed, iteration, syn_labels, syn_position))
+        syn_aug = dsa_augment(syn, dsa_uniforms_siamese(args.seed, iteration, syn_class, syn_position))
         syn_features = net.embed(syn_aug.contiguous(memory_format=torch.channels_last))
         if normalise_features:
             real_features, syn_features = F.normalize(real_features, dim=1), F.normalize(syn_features, dim=1)
 
+        real_labels = local_of_class_device[real_class]
         bandwidth = args.bandwidth
         if args.bandwidth_rule == "median":
-            bandwidth = args.bandwidth * float(median_distance(real_features))
+            bandwidth = args.bandwidth * class_median_distances(real_features, real_labels, len(classes))
         freqs = None
-        if args.method in SPECTRAL_METHODS:
+        if args.method in SPECTRAL_METHODS:  # standard draws; the bandwidth scales them inside the loss
             freq_generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_FREQS, iteration))
-            freqs = sample_frequencies(args.num_freqs, real_features.shape[1], args.kernel, bandwidth,
+            freqs = sample_frequencies(args.num_freqs, real_features.shape[1], args.kernel, 1.0,
                                        generator=freq_generator, device=device)
-        loss = per_class_loss(args.method, real_features, real_labels, syn_features, syn_labels, num_classes,
-                              freqs=freqs, alpha=alpha, bandwidth=bandwidth).sum()
+        loss = per_class_loss(args.method, real_features, real_labels, syn_features, syn_labels, len(classes),
+                              freqs=freqs, alpha=local_alpha, bandwidth=bandwidth).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the loss is {value} at iteration {iteration}; lower --lr-img")
-        elapsed = time.perf_counter() - start
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(syn.detach()).all()
+        total = processes.sum(torch.stack([loss.detach().float(), (~finite).float(),
+                                           torch.tensor(float(stop.signal_number if stop else 0), device=device)]))
+        value, bad, signalled = total.tolist()
+        if bad:
+            raise Diverged(f"the loss or the images became non-finite at iteration {iteration} (loss {value}); "
+                           f"lower --lr-img")
+        elapsed = elapsed_before + time.perf_counter() - start
         history.append((iteration, value, elapsed))
-        if (iteration + 1) % args.log_every == 0 or iteration + 1 == args.iterations:
-            log(f"iter {iteration + 1:6d}/{args.iterations}  loss {value:.5f}  "
-                f"{(iteration + 1) / elapsed:.2f} it/s  {elapsed:.0f}s")
+        progress.update(iteration + 1, value, elapsed)
+        if signalled:
+            save_checkpoint(iteration + 1, elapsed)
+            stopped = int(stop.signal_number) if stop and stop.signal_number else signal.SIGTERM
+            break
+        if (iteration + 1) % args.ckpt_every == 0 or iteration + 1 == args.iterations:
+            save_checkpoint(iteration + 1, elapsed)  # the last one lets --resume extend --iterations
+    progress.close()
 
-    config = {key: value for key, value in vars(args).items()}
-    config.update(depth=depth, optimizer=optimizer_name, lr_img=lr_img, format_version=FORMAT_VERSION)
+    full_images = processes.gather_rows(rows, syn.detach().cpu().float(), len(all_labels))
     return {
-        "images": syn.detach().cpu().float(),
-        "labels": syn_labels.cpu(),
-        "init_images": init_images,
+        "images": full_images, "labels": all_labels, "init_images": init_images,
         "mean": list(data.mean), "std": list(data.std),
         "class_names": list(data.class_names), "class_counts": list(data.class_counts),
-        "alpha": alpha.cpu().tolist(),
-        "config": config,
-        "history": history,
+        "alpha": alpha.tolist(), "config": config, "history": history, "stopped": stopped,
+        "iterations_done": history[-1][0] + 1 if history else start_iteration,
     }
 
 
-def save_grid(images: torch.Tensor, data: LongTailedData, ipc: int, path: Path) -> None:
+class Progress:
+    """A tqdm bar on a terminal; plain lines every log_every iterations otherwise (CI, log files)."""
+
+    def __init__(self, total: int, initial: int, log_every: int, log, enabled: bool = True):
+        self.total, self.log_every, self.log, self.enabled = total, log_every, log, enabled
+        self.bar = None
+        self.initial = initial
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="it", dynamic_ncols=True)
+
+    def update(self, done: int, loss: float, elapsed: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.5g}")
+        elif done % self.log_every == 0 or done == self.total:
+            rate = (done - self.initial) / max(elapsed, 1e-9)
+            left = (self.total - done) / max(rate, 1e-9)
+            self.log(f"iter {done:6d}/{self.total}  loss {loss:.5f}  {rate:.2f} it/s  {elapsed:.0f}s  "
+                     f"~{left:.0f}s left")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------
+# Outputs: the synthetic set, pictures, and a folder that explains itself
+
+def environment() -> dict:
+    """Command line, code version, libraries and hardware, for run.json."""
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = (commit + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    import numpy
+    import torchvision
+    info = {"command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + sys.argv[1:]),
+            "commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def save_grid(images: torch.Tensor, mean, std, ipc: int, path: Path) -> None:
     """One row per class, ipc images per row, in [0, 1] pixel space."""
     from torchvision.utils import save_image
-    save_image(data.denormalise(images), str(path), nrow=ipc, padding=1)
+    mean = torch.tensor(mean).view(1, -1, 1, 1)
+    std = torch.tensor(std).view(1, -1, 1, 1)
+    save_image((images * std + mean).clamp(0, 1), str(path), nrow=ipc, padding=1)
 
 
-def write_outputs(result: dict, data: LongTailedData, out: Path) -> None:
+def plot_side_by_side(left: Path, right: Path, path: Path, titles=("initialisation", "distilled")) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.5))
+    for axis, image, title in zip(axes, (left, right), titles):
+        axis.imshow(Image.open(image), interpolation="nearest")
+        axis.set_title(title)
+        axis.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_loss(history, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axis = plt.subplots(figsize=(6, 3.5))
+    iterations = [h[0] + 1 for h in history]
+    axis.plot(iterations, [h[1] for h in history], lw=0.8)
+    axis.set_xlabel("iteration")
+    axis.set_ylabel("matching loss (sum over classes)")
+    axis.set_yscale("log")
+    axis.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_run_readme(out: Path) -> None:
+    """README.md of a run folder, assembled from what the folder holds (called by distill.py and evaluate.py)."""
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
+    what = (f"{config['method']} on {config['dataset']}-LT, IF {config['imbalance_factor']:g}, IPC {config['ipc']}"
+            if config else (results or {}).get("evaluated", "run"))
+    lines = [f"# {what}", ""]
+    if run:
+        lines += ["```", run.get("command", ""), "```", "",
+                  f"commit {run.get('commit')}; torch {run.get('torch')}; {run.get('gpu', run.get('machine'))}; "
+                  f"device {run.get('device', '?')}"]
+        if "wall_seconds" in run:
+            lines.append(f"; distillation {run['iterations_done']} iterations in {run['wall_seconds']:.0f} s")
+        lines.append("")
+    if results:
+        lines += [f"**{results['split']} accuracy {results['acc_mean']:.2f} +- {results['acc_std']:.2f} %** "
+                  f"(final epoch, {results['num_eval']} networks x {results['epochs']} epochs); "
+                  f"head {results['head']:.2f}, medium {results['medium']:.2f}, tail {results['tail']:.2f}", ""]
+        if (out / "per_class.png").exists():
+            lines += ["![per-class accuracy](per_class.png)", ""]
+    for picture, caption in (("init_vs_final.png", "initialisation and distilled images, one row per class"),
+                             ("loss.png", "matching loss")):
+        if (out / picture).exists():
+            lines += [f"![{caption}]({picture})", ""]
+    if config:
+        keys = ("method", "kernel", "num_freqs", "bandwidth", "bandwidth_rule", "alpha_head", "alpha_tail",
+                "iterations", "batch_real", "optimizer", "lr_img", "seed")
+        lines += ["| option | value |", "|---|---|"] + [f"| {k} | {config.get(k)} |" for k in keys] + [""]
+        lines += ["All options: config.json. Versions and machine: run.json.", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def write_outputs(result: dict, out: Path, run_info: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     synthetic = {key: result[key] for key in
                  ("images", "labels", "mean", "std", "class_names", "class_counts", "config")}
-    tmp = out / "synthetic.pt.tmp"
-    torch.save(synthetic, tmp)
-    tmp.replace(out / "synthetic.pt")
+    atomic_save(synthetic, out / "synthetic.pt")
     ipc = result["config"]["ipc"]
-    save_grid(result["images"], data, ipc, out / "synthetic.png")
-    save_grid(result["init_images"], data, ipc, out / "init.png")
+    save_grid(result["images"], result["mean"], result["std"], ipc, out / "synthetic.png")
+    save_grid(result["init_images"], result["mean"], result["std"], ipc, out / "init.png")
     (out / "config.json").write_text(json.dumps(result["config"], indent=2) + "\n")
     with open(out / "loss.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["iteration", "loss", "seconds"])
         writer.writerows((i, f"{loss:.6g}", f"{seconds:.3f}") for i, loss, seconds in result["history"])
+    if run_info is not None:
+        (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    try:
+        plot_side_by_side(out / "init.png", out / "synthetic.png", out / "init_vs_final.png")
+        if result["history"]:
+            plot_loss(result["history"], out / "loss.png", f"{result['config']['method']}")
+    except ImportError:  # matplotlib missing: the pictures are a convenience
+        pass
+    write_run_readme(out)
 
 
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    processes = Processes()
     try:
         check_options(args)
-        device = resolve_device(args.device)
+        processes, device = start_processes(args.device)
+        check_out_folder(args)
+        log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
         torch.manual_seed(args.seed)  # nothing should draw from the global generator; pin it anyway
-        log = lambda message: print(message, flush=True)
+        out = Path(args.out)
+        if args.overwrite and processes.main:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        if processes.world > 1:
+            dist.barrier()
         log(f"distill.py: {args.method} on {args.dataset}, IF {args.imbalance_factor:g}, IPC {args.ipc}, "
-            f"{args.iterations} iterations, device {device}")
+            f"{args.iterations} iterations, device {device}"
+            + (f", {processes.world} processes" if processes.world > 1 else ""))
         data = load_from_args(args, log=log)
-        result = distill(args, data, device, log=log)
-        write_outputs(result, data, Path(args.out))
-        log(f"wrote {Path(args.out) / 'synthetic.pt'} ({len(result['labels'])} images)")
+        checkpoint = None
+        if args.resume:
+            depth = args.depth or depth_for_size(data.image_size)
+            optimizer_name = args.optimizer or DEFAULT_OPTIMIZER[args.method]
+            config = dict(vars(args), depth=depth, optimizer=optimizer_name,
+                          lr_img=args.lr_img or DEFAULT_LR_IMG[optimizer_name, args.method],
+                          format_version=FORMAT_VERSION)
+            checkpoint = load_checkpoint(out, config)
+            finished = checkpoint is None or checkpoint["iteration"] >= args.iterations
+            if finished and (out / "synthetic.pt").exists():
+                log(f"--resume: {out} holds a finished run of {args.iterations} iterations; nothing to do")
+                return
+            log(f"resuming from iteration {checkpoint['iteration']}" if checkpoint else
+                f"--resume: no checkpoint in {out}; starting from the beginning")
+        out.mkdir(parents=True, exist_ok=True)
+        stop = StopRequest()
+        stop.install()
+        start = time.time()
+        try:
+            result = distill(args, data, device, log=log, processes=processes, stop=stop, checkpoint=checkpoint)
+        except Diverged as error:
+            last = out / "checkpoint.pt"
+            where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            print(f"{parser.prog}: error: {error}; {where}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        if result["stopped"]:
+            if processes.main:
+                print(f"{parser.prog}: stopped by signal {result['stopped']} after iteration "
+                      f"{result['iterations_done']}; checkpoint written to {out / 'checkpoint.pt'}; continue with: "
+                      f"python distill.py {' '.join(shlex.quote(a) for a in sys.argv[1:] if a != '--resume')} --resume",
+                      file=sys.stderr, flush=True)
+            sys.exit(128 + result["stopped"])
+        if processes.main:
+            run_info = dict(environment(), device=str(device), processes=processes.world,
+                            wall_seconds=round(result["history"][-1][2] if result["history"] else 0.0, 1),
+                            iterations_done=result["iterations_done"],
+                            finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),
+                            session_seconds=round(time.time() - start, 1))
+            write_outputs(result, out, run_info)
+            log(f"wrote {out / 'synthetic.pt'} ({len(result['labels'])} images)")
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if processes.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -130,6 +130,19 @@ def median_distance(x: torch.Tensor, max_samples: int = 1024) -> torch.Tensor:
     return distances[upper[0], upper[1]].median()
 
 
+def class_median_distances(feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                           max_per_class: int = 256) -> torch.Tensor:
+    """Per class, the median pairwise distance among (up to max_per_class of) its rows, (C,).
+    A class with a single row gets the median over the other classes."""
+    padded, weights = pad_by_class(feats, labels, num_classes)
+    padded, valid = padded[:, :max_per_class], weights[:, :max_per_class] > 0
+    distances = torch.cdist(padded, padded)  # (C, B, B)
+    upper = torch.ones(distances.shape[1:], dtype=torch.bool, device=feats.device).triu(1)
+    pairs = valid[:, :, None] & valid[:, None, :] & upper
+    medians = distances.masked_fill(~pairs, float("nan")).flatten(1).nanmedian(1).values
+    return torch.where(torch.isnan(medians), medians.nanmedian(), medians)
+
+
 # ----------------------------------------------------------------------------------------
 # Per-class losses, vectorised over classes. Real features carry no gradient; synthetic ones do.
 
@@ -141,16 +154,20 @@ def class_means(values: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
     return sums / counts.view(-1, *([1] * (values.dim() - 1)))
 
 
-def class_characteristic_functions(feats, labels, freqs, num_classes, chunk_size: int = 8192):
-    """phi_c(w_m) = mean_{j: y_j = c} exp(i w_m . x_j) for all classes: (re, im), each (C, M).
+def class_characteristic_functions(feats, labels, freqs, num_classes, inverse_bandwidth=None,
+                                   chunk_size: int = 8192):
+    """phi_c(w_m / sigma_c) = mean_{j: y_j = c} exp(i w_m . x_j / sigma_c) for all classes: (re, im), each (C, M).
 
-    Rows are processed in chunks of chunk_size so that the (rows, M) projection stays bounded."""
+    inverse_bandwidth: 1 / sigma_c per class (C,), or None for sigma = 1. Rows are processed in
+    chunks of chunk_size so that the (rows, M) projection stays bounded."""
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(feats.dtype)
     re = torch.zeros(num_classes, freqs.shape[0], dtype=feats.dtype, device=feats.device)
     im = torch.zeros_like(re)
     for start in range(0, len(feats), chunk_size):
-        projection = feats[start:start + chunk_size] @ freqs.T  # (chunk, M)
         chunk_labels = labels[start:start + chunk_size]
+        projection = feats[start:start + chunk_size] @ freqs.T  # (chunk, M)
+        if inverse_bandwidth is not None:
+            projection = projection * inverse_bandwidth[chunk_labels][:, None]
         re = re.index_add(0, chunk_labels, torch.cos(projection))
         im = im.index_add(0, chunk_labels, torch.sin(projection))
     return re / counts[:, None], im / counts[:, None]
@@ -172,9 +189,11 @@ def pad_by_class(feats: torch.Tensor, labels: torch.Tensor, num_classes: int):
 
 
 def _gaussian_mean_kernel(a, wa, b, wb, bandwidth):
-    """sum_ij wa_i wb_j exp(-||a_i - b_j||^2 / (2 sigma^2)) per class: a (C, n, d), b (C, m, d) -> (C,)."""
+    """sum_ij wa_i wb_j exp(-||a_i - b_j||^2 / (2 sigma_c^2)) per class: a (C, n, d), b (C, m, d),
+    bandwidth a number or (C,) -> (C,)."""
     sq = (a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2 * a @ b.transpose(1, 2)
-    k = torch.exp(-sq.clamp_min(0) / (2 * bandwidth ** 2))
+    sigma = torch.as_tensor(bandwidth, dtype=a.dtype, device=a.device).reshape(-1, 1, 1)
+    k = torch.exp(-sq.clamp_min(0) / (2 * sigma ** 2))
     return torch.einsum("cn,cnm,cm->c", wa, k, wb)
 
 
@@ -188,13 +207,15 @@ def exact_mmd2(real, real_labels, syn, syn_labels, num_classes, bandwidth):
 
 def per_class_loss(method: str, real: torch.Tensor, real_labels: torch.Tensor, syn: torch.Tensor,
                    syn_labels: torch.Tensor, num_classes: int, freqs: torch.Tensor | None = None,
-                   alpha: torch.Tensor | None = None, bandwidth: float = 1.0) -> torch.Tensor:
+                   alpha: torch.Tensor | None = None, bandwidth=1.0) -> torch.Tensor:
     """The matching loss of every class at once, (C,); the total loss is its sum.
 
     real (N, d) and syn (S, d) are features with integer class labels; classes may hold
     different numbers of rows (a tail class with fewer real images than the batch).
     freqs (M, d) for the spectral methods; alpha (C,) the amplitude weight per class
-    (default 1/2 for all); bandwidth for mmd."""
+    (default 1/2 for all); bandwidth sigma, a number or one per class (C,): the spectral
+    methods use the frequencies w / sigma_c (freqs drawn for sigma = 1 then give the kernel
+    of bandwidth sigma_c), mmd the Gaussian kernel of bandwidth sigma_c."""
     if method == "dm":
         return ((class_means(real, real_labels, num_classes)
                  - class_means(syn, syn_labels, num_classes)) ** 2).sum(1)
@@ -205,9 +226,12 @@ def per_class_loss(method: str, real: torch.Tensor, real_labels: torch.Tensor, s
     if alpha is None:
         alpha = torch.full((num_classes,), 0.5, device=syn.device)
     alpha = alpha.to(syn.device, syn.dtype)[:, None]  # (C, 1)
+    inverse = None
+    if not (isinstance(bandwidth, (int, float)) and bandwidth == 1):
+        inverse = 1 / torch.as_tensor(bandwidth, dtype=syn.dtype, device=syn.device).expand(num_classes)
     with torch.no_grad():
-        re_r, im_r = class_characteristic_functions(real, real_labels, freqs, num_classes)
-    re_s, im_s = class_characteristic_functions(syn, syn_labels, freqs, num_classes)
+        re_r, im_r = class_characteristic_functions(real, real_labels, freqs, num_classes, inverse)
+    re_s, im_s = class_characteristic_functions(syn, syn_labels, freqs, num_classes, inverse)
     amplitude, phase = amplitude_phase(re_s, im_s, re_r, im_r)  # (C, M) each
     if method == "ncfm":
         return torch.sqrt((alpha * amplitude + (1 - alpha) * phase).clamp_min(1e-12)).mean(1)

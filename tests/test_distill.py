@@ -8,18 +8,19 @@ from conftest import make_tiny_data
 from distill import RealBatchSampler, build_parser, distill, initial_synthetic, write_outputs
 
 
-def tiny_args(*extra):
+def tiny_args(out, *extra):
     return build_parser().parse_args(["--ipc", "3", "--iterations", "3", "--batch-real", "4", "--num-freqs", "16",
-                                      "--width", "8", "--log-every", "100", "--device", "cpu", *extra])
+                                      "--width", "8", "--log-every", "100", "--device", "cpu", "--out", str(out), *extra])
 
 
 @pytest.mark.parametrize("method", ["csdm", "sdm", "ncfm", "mmd", "dm"])
-def test_same_seed_same_synthetic_set(method, tiny_data):
-    first = distill(tiny_args("--method", method), tiny_data, torch.device("cpu"), log=lambda m: None)
-    second = distill(tiny_args("--method", method), tiny_data, torch.device("cpu"), log=lambda m: None)
+def test_same_seed_same_synthetic_set(method, tiny_data, tmp_path):
+    first = distill(tiny_args(tmp_path, "--method", method), tiny_data, torch.device("cpu"), log=lambda m: None)
+    second = distill(tiny_args(tmp_path, "--method", method), tiny_data, torch.device("cpu"), log=lambda m: None)
     assert torch.equal(first["images"], second["images"])
     assert not torch.equal(first["images"], first["init_images"])  # the images were optimised
-    other = distill(tiny_args("--method", method, "--seed", "1"), tiny_data, torch.device("cpu"), log=lambda m: None)
+    other = distill(tiny_args(tmp_path, "--method", method, "--seed", "1"), tiny_data, torch.device("cpu"),
+                    log=lambda m: None)
     assert not torch.equal(first["images"], other["images"])
     assert [h[0] for h in first["history"]] == [0, 1, 2]
 
@@ -51,8 +52,8 @@ def test_real_batches_cover_each_class_without_replacement():
 
 
 def test_outputs_describe_the_run(tmp_path, tiny_data):
-    result = distill(tiny_args("--method", "csdm"), tiny_data, torch.device("cpu"), log=lambda m: None)
-    write_outputs(result, tiny_data, tmp_path)
+    result = distill(tiny_args(tmp_path, "--method", "csdm"), tiny_data, torch.device("cpu"), log=lambda m: None)
+    write_outputs(result, tmp_path)
     synthetic = torch.load(tmp_path / "synthetic.pt", weights_only=True)
     assert synthetic["images"].dtype == torch.float32 and synthetic["images"].shape == (12, 3, 16, 16)
     assert synthetic["labels"].dtype == torch.int64 and synthetic["labels"].tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from sdd import (KERNELS, amplitude_phase, characteristic_function, class_weights, exact_mmd2, kernel_matrix,
-                 median_distance, per_class_loss, sample_frequencies, spectral_distance)
+from sdd import (KERNELS, amplitude_phase, characteristic_function, class_median_distances, class_weights, exact_mmd2,
+                 kernel_matrix, median_distance, per_class_loss, sample_frequencies, spectral_distance)
 
 
 def brute_mmd2(x, y, kernel, bandwidth=1.0):
@@ -126,6 +126,16 @@ def test_class_weights():
             class_weights(counts, *bad)
 
 
+def test_class_median_distances():
+    real, real_labels, _, _ = ragged_classes()
+    single = torch.cat([real, torch.zeros(1, 6, dtype=torch.float64)])
+    labels = torch.cat([real_labels, torch.tensor([3])])  # class 3 has one row: no pairs
+    medians = class_median_distances(single, labels, 4)
+    for c in range(3):
+        assert medians[c] == median_distance(real[real_labels == c])
+    assert medians[3] == medians[:3].median()
+
+
 def test_median_distance():
     x, _ = clouds(n=31)
     d = torch.cdist(x, x)
@@ -158,18 +168,24 @@ def test_per_class_loss_equals_a_loop_over_classes(method):
     freqs = sample_frequencies(64, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     alpha = torch.tensor([0.7, 0.45, 0.3], dtype=torch.float64) if method in ("csdm", "ncfm") else None
     a = alpha if alpha is not None else torch.full((3,), 0.5, dtype=torch.float64)
-    got = per_class_loss(method, real, real_labels, syn, syn_labels, 3, freqs=freqs, alpha=alpha, bandwidth=1.3)
+    sigma = torch.tensor([1.3, 0.8, 2.0], dtype=torch.float64)  # one bandwidth per class
+    got = per_class_loss(method, real, real_labels, syn, syn_labels, 3, freqs=freqs, alpha=alpha, bandwidth=sigma)
     for c in range(3):
         r, s = real[real_labels == c], syn[syn_labels == c]
         if method == "dm":
             expected = ((r.mean(0) - s.mean(0)) ** 2).sum()
         elif method == "mmd":
-            expected = brute_mmd2(r, s, "gaussian", 1.3)
+            expected = brute_mmd2(r, s, "gaussian", float(sigma[c]))
         elif method == "ncfm":
-            expected = ncfm_reference(r, s, freqs, a[c])
+            expected = ncfm_reference(r, s, freqs / sigma[c], a[c])
         else:
-            expected = spectral_distance(s, r, freqs, 2 * a[c], 2 * (1 - a[c]))
+            expected = spectral_distance(s, r, freqs / sigma[c], 2 * a[c], 2 * (1 - a[c]))
         assert torch.allclose(got[c], expected, rtol=1e-9, atol=1e-12), (method, c)
+    if method != "dm":  # a single number is the same bandwidth for every class
+        same = per_class_loss(method, real, real_labels, syn, syn_labels, 3, freqs=freqs, alpha=alpha, bandwidth=1.3)
+        each = per_class_loss(method, real, real_labels, syn, syn_labels, 3, freqs=freqs, alpha=alpha,
+                              bandwidth=torch.full((3,), 1.3, dtype=torch.float64))
+        assert torch.allclose(same, each, rtol=1e-12)
 
 
 def test_exact_mmd_is_symmetric_and_zero_on_equal_sets():

@@ -1,0 +1,118 @@
+"""Runs that survive stops: checkpoints, --resume, signals, refusals, non-finite losses."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def folder_data(tmp_path_factory):
+    """A tiny image-folder data set: 4 classes, 12 train and 3 test images each, 16 px."""
+    root = tmp_path_factory.mktemp("folder")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 12), ("test", 3)):
+        for c in range(4):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                pixels = (torch.rand(16, 16, 3, generator=g) * 60 + 50 * c).byte().numpy()
+                Image.fromarray(pixels).save(root / split / f"class{c}" / f"{i}.png")
+    return root
+
+
+def command(data_dir, out, *extra, iterations=60):
+    return [sys.executable, str(ROOT / "distill.py"), "--dataset", "folder", "--data-dir", str(data_dir),
+            "--imbalance-factor", "4", "--ipc", "2", "--iterations", str(iterations), "--batch-real", "4",
+            "--num-freqs", "16", "--width", "8", "--ckpt-every", "2", "--log-every", "1000", "--device", "cpu",
+            "--out", str(out), *map(str, extra)]
+
+
+def run(argv, code=0):
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == code, done.stderr[-2000:]
+    return done
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(folder_data, tmp_path):
+    run(command(folder_data, tmp_path / "straight"))
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(command(folder_data, interrupted), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 120
+    while not (interrupted / "checkpoint.pt").exists():
+        assert process.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    stopped_at = time.time()
+    _, stderr = process.communicate(timeout=60)
+    assert time.time() - stopped_at < 10  # stops within seconds
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "--resume" in stderr and "checkpoint" in stderr
+    assert not (interrupted / "synthetic.pt").exists()
+    checkpoint = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    assert 2 <= checkpoint["iteration"] < 60
+    run(command(folder_data, interrupted, "--resume"))
+    a = torch.load(tmp_path / "straight" / "synthetic.pt", weights_only=True)
+    b = torch.load(interrupted / "synthetic.pt", weights_only=True)
+    assert torch.equal(a["images"], b["images"])  # bit for bit on CPU
+    assert (interrupted / "loss.csv").read_text().count("\n") == 61  # the history continued
+
+
+def test_resume_refuses_other_options_and_broken_checkpoints(folder_data, tmp_path):
+    out = tmp_path / "run"
+    run(command(folder_data, out, iterations=4))
+    done = run(command(folder_data, out, "--resume", "--lr-img", "3", iterations=6), code=2)
+    assert "--lr-img 1.0 (checkpoint) vs 3.0 (now)" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    # more iterations with the same options continue the run
+    run(command(folder_data, out, "--resume", iterations=6))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 6
+    (out / "checkpoint.pt").write_bytes(b"\x80\x02garbage" * 10)
+    done = run(command(folder_data, out, "--resume", iterations=8), code=2)
+    assert "checkpoint.pt cannot be read" in done.stderr and "--overwrite" in done.stderr
+    assert "Traceback" not in done.stderr
+    checkpoint = {"format_version": 999, "config": {}}
+    torch.save(checkpoint, out / "checkpoint.pt")
+    done = run(command(folder_data, out, "--resume", iterations=8), code=2)
+    assert "format 999" in done.stderr
+
+
+def test_an_occupied_output_folder_needs_resume_or_overwrite(folder_data, tmp_path):
+    out = tmp_path / "run"
+    run(command(folder_data, out, iterations=2))
+    before = (out / "synthetic.pt").read_bytes()
+    done = run(command(folder_data, out, iterations=2), code=2)
+    assert "--out" in done.stderr and "--resume" in done.stderr and "--overwrite" in done.stderr
+    assert (out / "synthetic.pt").read_bytes() == before  # nothing lost
+    run(command(folder_data, out, "--seed", "3", "--overwrite", iterations=2))
+    assert torch.load(out / "synthetic.pt", weights_only=True)["config"]["seed"] == 3
+    done = run(command(folder_data, out, "--seed", "3", "--resume", iterations=2))
+    assert "nothing to do" in done.stdout
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_checkpoint(folder_data, tmp_path):
+    out = tmp_path / "run"
+    done = run(command(folder_data, out, "--method", "dm", "--lr-img", "1e30", iterations=50), code=1)
+    assert "non-finite at iteration" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    if (out / "checkpoint.pt").exists():
+        images = torch.load(out / "checkpoint.pt", weights_only=True)["images"]
+        assert torch.isfinite(images).all()
+    assert not (out / "synthetic.pt").exists()
+
+
+def test_the_run_folder_explains_itself(folder_data, tmp_path):
+    import json
+    out = tmp_path / "run"
+    run(command(folder_data, out, iterations=3))
+    info = json.loads((out / "run.json").read_text())
+    assert info["command"].startswith("distill.py --dataset folder") and info["torch"] == torch.__version__
+    assert info["iterations_done"] == 3 and "commit" in info and info["device"] == "cpu"
+    readme = (out / "README.md").read_text()
+    assert "csdm on folder-LT" in readme and "init_vs_final.png" in readme and "loss.png" in readme
+    for picture in ("init_vs_final.png", "loss.png", "synthetic.png", "init.png"):
+        assert (out / picture).stat().st_size > 0
