@@ -4,6 +4,7 @@ $ python evaluate.py --syn runs/csdm/synthetic.pt                        # 5 net
 $ python evaluate.py --syn runs/csdm/synthetic.pt --num-eval 2 --epochs 300 --device cpu
 $ python evaluate.py --baseline random --dataset cifar10 --imbalance-factor 200 --ipc 10 --out runs/random
 $ python evaluate.py --baseline full --dataset cifar10 --imbalance-factor 200 --epochs 200 --out runs/full
+$ torchrun --nproc_per_node=5 evaluate.py --syn runs/csdm/synthetic.pt    # one network per process
 
 The field's protocol (method.md section 6): a ConvNet trained from scratch with
 SGD (lr 0.01, momentum 0.9, weight decay 5e-4), batch 256, lr x0.1 at half the
@@ -15,24 +16,25 @@ hyperparameters). Nothing is chosen on the test set. The mean and std are over
 results.json: acc_mean, acc_std (percent), accs (one per network), per_class
 (mean over networks, class order), head / medium / tail (mean accuracy of the
 first, middle and last third of the classes in long-tail order: for 10 classes
-3 / 4 / 3), and the configuration.
+3 / 4 / 3), and the configuration; per_class.png shows the per-class accuracy beside
+the class counts, and the run folder's README.md is updated with the numbers.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from data_lt import (UsageError, add_data_arguments, counter_seed, draw_per_class, dsa_augment,
-                     dsa_uniforms_per_sample, load_long_tailed)
-from distill import FORMAT_VERSION, initial_synthetic, resolve_device
+from data_lt import UsageError, add_data_arguments, counter_seed, dsa_augment, dsa_uniforms_per_sample, load_long_tailed
+from distill import (FORMAT_VERSION, Processes, environment, initial_synthetic, start_processes,
+                     write_run_readme)
 from networks import NORMS, ConvNet, depth_for_size, reset_parameters_
 
 STREAM_EVAL = 21
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Training one network and testing it
 
 def train_network(net: ConvNet, images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int,
-                  lr: float, generator: torch.Generator) -> ConvNet:
+                  lr: float, generator: torch.Generator, progress=None) -> ConvNet:
     """SGD with momentum 0.9 and weight decay 5e-4, lr x0.1 after half the epochs, DSA on every batch.
     The whole set stays on the device; batches are index slices of a seeded permutation."""
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -88,6 +90,9 @@ def train_network(net: ConvNet, images: torch.Tensor, labels: torch.Tensor, epoc
             loss.backward()
             optimizer.step()
         scheduler.step()
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
     return net
 
 
@@ -112,8 +117,11 @@ def long_tail_groups(class_counts: list[int]) -> dict[str, list[int]]:
     return {"head": order[:third], "medium": order[third:len(order) - third], "tail": order[len(order) - third:]}
 
 
-def evaluate(images, labels, data, args, width, depth, norm, pooling, device, log=print) -> dict:
-    """Train args.num_eval networks on (images, labels) and test each after its last epoch."""
+def evaluate(images, labels, data, args, width, depth, norm, pooling, device, log=print,
+             processes: Processes | None = None) -> dict | None:
+    """Train args.num_eval networks on (images, labels) and test each after its last epoch.
+    Under torchrun, network k is trained by process k % world; the main process returns the summary."""
+    processes = processes or Processes()
     images, labels = images.to(device), labels.to(device)
     if args.split == "val":
         if len(data.val_labels) == 0:
@@ -123,21 +131,34 @@ def evaluate(images, labels, data, args, width, depth, norm, pooling, device, lo
     else:
         test_images, test_labels = data.test_images, data.test_labels
     test_images, test_labels = test_images.to(device), test_labels.to(device)
-    accs, per_class = [], []
-    for k in range(args.num_eval):
+    test_counts = torch.bincount(test_labels.cpu(), minlength=data.num_classes).double()
+    mine = []
+    for k in range(processes.rank, args.num_eval, processes.world):
         start = time.perf_counter()
         generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_EVAL, k))
         net = ConvNet(data.channels, data.num_classes, width, depth, norm, pooling, data.image_size)
         net = reset_parameters_(net.to(device).to(memory_format=torch.channels_last), generator)
-        train_network(net, images, labels, args.epochs, args.batch_size, args.lr, generator)
+        progress = None
+        if processes.main and sys.stderr.isatty():
+            from tqdm import tqdm
+            progress = tqdm(total=args.epochs, desc=f"network {k + 1}/{args.num_eval}", unit="epoch", leave=False)
+        train_network(net, images, labels, args.epochs, args.batch_size, args.lr, generator, progress)
+        if progress is not None:
+            progress.close()
         accuracy = per_class_accuracy(net, test_images, test_labels, data.num_classes, data.normalise)
-        overall = 100 * float((accuracy / 100 * torch.bincount(test_labels.cpu(), minlength=data.num_classes)).sum()
-                              / len(test_labels))
-        accs.append(overall)
-        per_class.append(accuracy)
-        log(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
-            f"({time.perf_counter() - start:.0f}s)")
-    per_class_mean = torch.stack(per_class).mean(0).tolist()
+        overall = float((accuracy * test_counts).sum() / test_counts.sum())
+        mine.append((k, overall, accuracy))
+        print(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
+              f"({time.perf_counter() - start:.0f}s)", flush=True)
+    if processes.world > 1:
+        parts = [None] * processes.world
+        dist.all_gather_object(parts, mine)
+        mine = [entry for part in parts for entry in part]
+    if not processes.main:
+        return None
+    mine.sort(key=lambda entry: entry[0])
+    accs = [overall for _, overall, _ in mine]
+    per_class_mean = torch.stack([accuracy for _, _, accuracy in mine]).mean(0).tolist()
     groups = long_tail_groups(data.class_counts)
     result = {
         "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)), "accs": accs,
@@ -148,6 +169,27 @@ def evaluate(images, labels, data, args, width, depth, norm, pooling, device, lo
     for name, classes in groups.items():
         result[name] = float(np.mean([per_class_mean[c] for c in classes])) if classes else float("nan")
     return result
+
+
+def plot_per_class(result: dict, path: Path) -> None:
+    """Per-class accuracy as bars, the class's training count as a line on a log axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names, counts = result["class_names"], result["class_counts"]
+    fig, axis = plt.subplots(figsize=(max(6, 0.45 * len(names)), 3.8))
+    axis.bar(range(len(names)), result["per_class"], color="tab:blue")
+    axis.set_ylabel(f"{result['split']} accuracy (%)")
+    axis.set_xticks(range(len(names)))
+    axis.set_xticklabels(names, rotation=60, ha="right", fontsize=7 if len(names) > 20 else 9)
+    twin = axis.twinx()
+    twin.plot(range(len(names)), counts, color="tab:orange", marker="o", ms=3)
+    twin.set_yscale("log")
+    twin.set_ylabel("training images (log)", color="tab:orange")
+    axis.set_title(f"{result.get('evaluated', '')}: {result['acc_mean']:.2f} +- {result['acc_std']:.2f} %", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------
@@ -190,7 +232,7 @@ def check_matches(synthetic: dict, data, path: str) -> None:
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    log = lambda message: print(message, flush=True)
+    processes = Processes()
     try:
         for option, value in {"--num-eval": args.num_eval, "--epochs": args.epochs,
                               "--batch-size": args.batch_size, "--ipc": args.ipc}.items():
@@ -198,7 +240,8 @@ def main(argv=None) -> None:
                 raise UsageError(f"{option} must be >= 1 (got {value})")
         if not args.lr > 0:
             raise UsageError(f"--lr must be > 0 (got {args.lr})")
-        device = resolve_device(args.device)
+        processes, device = start_processes(args.device)
+        log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
         if args.syn is not None:
             synthetic = load_synthetic(args.syn)
             config = synthetic["config"]
@@ -210,33 +253,46 @@ def main(argv=None) -> None:
             images, labels = synthetic["images"].float(), synthetic["labels"].long()
             width, depth, pooling = config["width"], config["depth"], config["pooling"]
             norm = args.norm or config["norm"]
-            what = f"{args.syn} ({config['method']}, IPC {config['ipc']})"
+            what = f"{config['method']}, IPC {config['ipc']} ({args.syn})"
             out = Path(args.out) if args.out else Path(args.syn).parent
         else:
             data = load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, args.seed,
                                     args.val_per_class, args.n_max, args.image_size, log=log)
             if args.baseline == "random":
                 images, labels = initial_synthetic(data, args.ipc, args.seed)
-                what = f"random baseline, IPC {args.ipc}"
+                what = f"random, IPC {args.ipc}"
             else:
                 images, labels = data.normalise(data.train_images), data.train_labels
                 what = f"full long-tailed set ({len(labels)} images)"
             width, depth, pooling = 128, depth_for_size(data.image_size), "avg"
             norm = args.norm or "instance"
             out = Path(args.out) if args.out else Path("runs") / f"baseline-{args.baseline}"
-        log(f"evaluate.py: {what}, {args.num_eval} networks x {args.epochs} epochs on {device}")
+        log(f"evaluate.py: {what}, {args.num_eval} networks x {args.epochs} epochs on {device}"
+            + (f", {processes.world} processes" if processes.world > 1 else ""))
         start = time.perf_counter()
-        result = evaluate(images, labels, data, args, width, depth, norm, pooling, device, log=log)
+        result = evaluate(images, labels, data, args, width, depth, norm, pooling, device, log=log,
+                          processes=processes)
+        if not processes.main:
+            return
         result.update(evaluated=what, dataset=data.name, seconds=round(time.perf_counter() - start, 1),
-                      config={key: value for key, value in vars(args).items()})
+                      config={key: value for key, value in vars(args).items()},
+                      environment=dict(environment(), device=str(device), processes=processes.world))
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            plot_per_class(result, out / "per_class.png")
+        except ImportError:  # matplotlib missing: the picture is a convenience
+            pass
+        write_run_readme(out)
         print(f"{what}: {args.split} acc {result['acc_mean']:.2f} +- {result['acc_std']:.2f}  "
               f"head {result['head']:.2f} medium {result['medium']:.2f} tail {result['tail']:.2f}  "
               f"({args.num_eval} x {args.epochs} epochs) -> {out / 'results.json'}", flush=True)
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if processes.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

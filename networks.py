@@ -17,7 +17,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 NORMS = ("instance", "batch", "none")
 POOLINGS = ("avg", "max", "none")
