@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -53,16 +54,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from einops import rearrange
 
 from data_lt import (DSA_OPS, DSA_SLOTS, STREAM_INIT, STREAM_REAL_BATCH, LongTailedData, UsageError,
-                     add_data_arguments, counter_seed, counter_uniform, draw_per_class, dsa_augment,
+                     add_data_arguments, cache_dir, counter_seed, counter_uniform, draw_per_class, dsa_augment,
                      dsa_uniforms_siamese, load_from_args)
 from networks import NORMS, POOLINGS, ConvNet, depth_for_size, reset_parameters_
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
                  per_class_loss, sample_frequencies)
 
 FORMAT_VERSION = 1
-STREAM_NETWORK, STREAM_FREQS = 11, 12
+STREAM_NETWORK, STREAM_FREQS, STREAM_POOL = 11, 12, 13
 # Optimiser and learning rate on pixels per method, picked on the validation split
 # (README, "How the defaults were chosen"); dm's is the DM paper's SGD, lr 1, momentum 0.5.
 DEFAULT_OPTIMIZER = {"dm": "sgd", "mmd": "sgd", "sdm": "sgd", "csdm": "sgd", "ncfm": "sgd"}
@@ -71,7 +73,8 @@ DEFAULT_LR_IMG = {("sgd", "dm"): 1.0, ("sgd", "mmd"): 1.0, ("sgd", "sdm"): 1.0, 
                   ("adam", "csdm"): 0.01, ("adam", "ncfm"): 0.01}
 # options that may change between a checkpoint and its --resume: where and how a run is executed,
 # not what it computes (--iterations may grow: nothing depends on the total)
-RUN_OPTIONS = {"iterations", "device", "out", "log_every", "ckpt_every", "resume", "overwrite", "data_dir"}
+RUN_OPTIONS = {"iterations", "device", "out", "log_every", "ckpt_every", "resume", "overwrite", "data_dir",
+               "class_chunk"}
 RUN_FILES = ("synthetic.pt", "checkpoint.pt", "config.json", "results.json")
 
 
@@ -97,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: per method, {DEFAULT_OPTIMIZER})")
     g.add_argument("--lr-img", type=float, default=None,
                    help="learning rate on pixels (default: per method and optimiser, DEFAULT_LR_IMG in distill.py)")
+    g.add_argument("--factor", type=int, default=1,
+                   help="multi-formation (NCFM, IDC): each synthetic image holds factor x factor tiles, each "
+                        "decoded to a full-size training image, so the set has IPC x factor^2 images per class")
+    g.add_argument("--extractor", default="random", choices=("random", "pool"),
+                   help="feature extractor per iteration: a fresh random ConvNet (DM), or one of a pool of "
+                        "ConvNets trained briefly on the long-tailed set, blended with its initialisation (NCFM)")
+    g.add_argument("--pool-size", type=int, default=4, help="--extractor pool: networks in the pool")
+    g.add_argument("--pool-epochs", type=int, default=3, help="--extractor pool: training epochs of each network")
+    g.add_argument("--class-chunk", type=int, default=0,
+                   help="classes embedded and matched together (0: as many as keep about 4096 images in a chunk); "
+                        "bounds memory for many classes, the result is the same")
     g = p.add_argument_group("loss")
     g.add_argument("--kernel", default="gaussian", choices=KERNELS, help="universal kernel of the spectral methods")
     g.add_argument("--num-freqs", type=int, default=1024, help="frequencies M drawn per iteration")
@@ -129,10 +143,13 @@ def check_options(args) -> None:
     """Reject impossible values with the option's name and the fix."""
     positive = {"--ipc": args.ipc, "--iterations": args.iterations, "--batch-real": args.batch_real,
                 "--num-freqs": args.num_freqs, "--width": args.width, "--log-every": args.log_every,
-                "--ckpt-every": args.ckpt_every}
+                "--ckpt-every": args.ckpt_every, "--factor": args.factor, "--pool-size": args.pool_size,
+                "--pool-epochs": args.pool_epochs}
     for option, value in positive.items():
         if value < 1:
             raise UsageError(f"{option} must be >= 1 (got {value})")
+    if args.class_chunk < 0:
+        raise UsageError(f"--class-chunk must be >= 0 (got {args.class_chunk}); 0 picks it from the batch size")
     if args.depth is not None and args.depth < 1:
         raise UsageError(f"--depth must be >= 1 (got {args.depth})")
     if args.lr_img is not None and not args.lr_img > 0:
@@ -232,12 +249,13 @@ def start_processes(device_name: str) -> tuple[Processes, torch.device]:
 # ----------------------------------------------------------------------------------------
 # Synthetic set and real batches
 
-def initial_synthetic(data: LongTailedData, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def initial_synthetic(data: LongTailedData, ipc: int, seed: int, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Real initialisation: ipc normalised real images per class, (C * ipc, ch, H, W), and labels.
 
-    Slots beyond a class's n_c real images repeat them under a seeded geometric DSA
-    transformation (crop shift, forced flip, scale or rotation)."""
-    index, repeat = draw_per_class(data.train_labels, ipc, data.num_classes, seed)
+    With factor f, each synthetic image is f x f real images of its class, each shrunk to H/f
+    and tiled (multi-formation). Slots beyond a class's n_c real images repeat them under a
+    seeded geometric DSA transformation (crop shift, forced flip, scale or rotation)."""
+    index, repeat = draw_per_class(data.train_labels, ipc * factor ** 2, data.num_classes, seed)
     images = data.normalise(data.train_images[index])
     labels = data.train_labels[index]
     if bool(repeat.any()):
@@ -248,7 +266,24 @@ def initial_synthetic(data: LongTailedData, ipc: int, seed: int) -> tuple[torch.
         u[:, 0] = (op.float() + 0.5) / len(DSA_OPS)
         u[:, 8] = 0.0  # the flip operation always flips
         images[slots] = dsa_augment(images[slots], u)
-    return images, labels
+    if factor == 1:
+        return images, labels
+    size = data.image_size
+    tiles = F.interpolate(images, size=(size // factor, size // factor), mode="bilinear", antialias=True,
+                          align_corners=False)
+    packed = rearrange(tiles, "(n fh fw) c h w -> n c (fh h) (fw w)", fh=factor, fw=factor)
+    return F.pad(packed, (0, size - packed.shape[-1], 0, size - packed.shape[-2])), labels[::factor ** 2]
+
+
+def decode(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """Multi-formation decoding: (N, c, H, W) -> (N * factor^2, c, H, W), each tile upsampled to H x W."""
+    if factor == 1:
+        return images
+    size = images.shape[-1]
+    tile = size // factor
+    tiles = rearrange(images[..., :tile * factor, :tile * factor], "n c (fh h) (fw w) -> (n fh fw) c h w",
+                      fh=factor, fw=factor)
+    return F.interpolate(tiles, size=(size, size), mode="bilinear", align_corners=False)
 
 
 class RealBatchSampler:
@@ -367,6 +402,50 @@ class Diverged(RuntimeError):
     pass
 
 
+def pool_file(args, data: LongTailedData, depth: int) -> Path:
+    """Where the trained extractor pool for this data and network is cached."""
+    key = (data.name, tuple(data.class_counts), data.channels, data.image_size, args.val_per_class, args.seed,
+           args.width, depth, args.norm, args.pooling, args.pool_size, args.pool_epochs)
+    digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+    return cache_dir() / "pools" / f"pool-{digest}.pt"
+
+
+def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device, processes: Processes,
+                   log=print) -> list[dict]:
+    """NCFM's pool: --pool-size ConvNets, each trained --pool-epochs epochs on the long-tailed set
+    (the evaluation protocol's SGD and DSA), kept with its initialisation. Trained once, cached,
+    and split across processes under torchrun."""
+    from evaluate import train_network  # the training loop of the evaluation protocol (lazy: evaluate imports us)
+
+    path = pool_file(args, data, depth)
+    if path.exists():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)["networks"]
+        except Exception:
+            log(f"extractor pool {path} unreadable; training it again")
+    log(f"training the extractor pool: {args.pool_size} networks x {args.pool_epochs} epochs on "
+        f"{len(data.train_labels)} images -> {path}")
+    images, labels = data.normalise(data.train_images).to(device), data.train_labels.to(device)
+    mine = []
+    for k in range(processes.rank, args.pool_size, processes.world):
+        generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_POOL, k))
+        net = ConvNet(data.channels, data.num_classes, args.width, depth, args.norm, args.pooling, data.image_size)
+        net = reset_parameters_(net.to(device).to(memory_format=torch.channels_last), generator)
+        init = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
+        train_network(net, images, labels, args.pool_epochs, 256, 0.01, generator)
+        trained = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
+        mine.append((k, {"init": init, "trained": trained}))
+        log(f"  pool network {k + 1}/{args.pool_size} trained")
+    if processes.world > 1:
+        parts = [None] * processes.world
+        dist.all_gather_object(parts, mine)
+        mine = [entry for part in parts for entry in part]
+    networks = [network for _, network in sorted(mine, key=lambda entry: entry[0])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"networks": networks}, path)
+    return networks
+
+
 def distill(args, data: LongTailedData, device: torch.device, log=print, processes: Processes | None = None,
             stop: StopRequest | None = None, checkpoint: dict | None = None) -> dict:
     """Run (or continue) the distillation; returns the synthetic set and the loss history.
@@ -375,12 +454,10 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     signal, writes a checkpoint and returns early with result["stopped"] = signal number."""
     processes = processes or Processes()
     num_classes = data.num_classes
-    depth = args.depth or depth_for_size(data.image_size)
-    optimizer_name = args.optimizer or DEFAULT_OPTIMIZER[args.method]
-    lr_img = args.lr_img or DEFAULT_LR_IMG[optimizer_name, args.method]
-    config = dict(vars(args), depth=depth, optimizer=optimizer_name, lr_img=lr_img, format_version=FORMAT_VERSION)
+    config = resolved_config(args, data)
+    depth, lr_img, optimizer_name, factor = config["depth"], config["lr_img"], config["optimizer"], args.factor
 
-    init_images, all_labels = initial_synthetic(data, args.ipc, args.seed)
+    init_images, all_labels = initial_synthetic(data, args.ipc, args.seed, factor)
     # this process's classes and their rows of the synthetic set (all of them for one process)
     classes = processes.classes(num_classes)
     rows = torch.nonzero(torch.isin(all_labels, classes)).squeeze(1)
@@ -393,16 +470,23 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
         start_iteration, history = checkpoint["iteration"], [tuple(h) for h in checkpoint["history"]]
         elapsed_before = checkpoint["elapsed"]
     syn = images[rows].clone().to(device).requires_grad_(True)
-    syn_labels = local_of_class[all_labels[rows]].to(device)          # local class ids
-    syn_position = (rows % args.ipc).to(device)
-    syn_class = all_labels[rows].to(device)                           # global class ids, for the DSA keys
     optimizer = (torch.optim.SGD([syn], lr=lr_img, momentum=0.5) if optimizer_name == "sgd"
                  else torch.optim.Adam([syn], lr=lr_img))
     if checkpoint is not None:
         restore_optimizer(optimizer, checkpoint["optimizer"], rows)
+    # decoded synthetic images (factor^2 per stored image): local class, global class, position in class
+    tiles = factor ** 2
+    syn_row_local = local_of_class[all_labels[rows]].to(device)
+    syn_local = syn_row_local.repeat_interleave(tiles)
+    syn_class = all_labels[rows].repeat_interleave(tiles).to(device)
+    syn_position = ((rows % args.ipc)[:, None] * tiles + torch.arange(tiles)).flatten().to(device)
 
     net = ConvNet(data.channels, num_classes, args.width, depth, args.norm, args.pooling, data.image_size)
     net = net.to(device).to(memory_format=torch.channels_last).requires_grad_(False)
+    pool = None
+    if args.extractor == "pool":
+        pool = [{part: {name: value.to(device) for name, value in network[part].items()} for part in network}
+                for network in extractor_pool(args, data, depth, device, processes, log)]
     alpha = (class_weights(data.class_counts, args.alpha_head, args.alpha_tail) if args.method == "csdm"
              else torch.full((num_classes,), 0.5))
     local_alpha = alpha[classes].to(device)
@@ -410,6 +494,8 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     sampler = RealBatchSampler(train_labels, num_classes, args.batch_real, args.seed, classes.to(device))
     local_of_class_device = local_of_class.to(device)
     normalise_features = args.method != "dm" and args.feature_norm == "l2"
+    per_chunk = args.class_chunk or max(1, 4096 // (args.batch_real + args.ipc * tiles))
+    chunks = [(a, min(a + per_chunk, len(classes))) for a in range(0, len(classes), per_chunk)]
     if args.method == "csdm":
         log("alpha (amplitude weight) per class: " + " ".join(f"{a:.2f}" for a in alpha.tolist()))
 
@@ -430,35 +516,53 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     stopped = 0
     for iteration in range(start_iteration, args.iterations):
         generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_NETWORK, iteration))
-        reset_parameters_(net, generator)
-
-        index, position = sampler.sample(iteration)
-        real_class = train_labels[index]
-        real = dsa_augment(data.normalise(train_images[index]),
-                           dsa_uniforms_siamese(args.seed, iteration, real_class, position))
-        real_features = embed_in_chunks(net, real)
-        syn_aug = dsa_augment(syn, dsa_uniforms_siamese(args.seed, iteration, syn_class, syn_position))
-        syn_features = net.embed(syn_aug.contiguous(memory_format=torch.channels_last))
-        if normalise_features:
-            real_features, syn_features = F.normalize(real_features, dim=1), F.normalize(syn_features, dim=1)
-
-        real_labels = local_of_class_device[real_class]
-        bandwidth = args.bandwidth
-        if args.bandwidth_rule == "median":
-            bandwidth = args.bandwidth * class_median_distances(real_features, real_labels, len(classes))
+        if pool is None:
+            reset_parameters_(net, generator)
+        else:  # NCFM: a pool network blended with its initialisation, l ~ U(0, 1)
+            pick, blend = counter_uniform(args.seed, STREAM_POOL, iteration, torch.arange(2)).tolist()
+            network = pool[min(int(pick * len(pool)), len(pool) - 1)]
+            with torch.no_grad():
+                for name, value in net.state_dict().items():
+                    value.copy_(blend * network["init"][name] + (1 - blend) * network["trained"][name])
         freqs = None
         if args.method in SPECTRAL_METHODS:  # standard draws; the bandwidth scales them inside the loss
             freq_generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_FREQS, iteration))
-            freqs = sample_frequencies(args.num_freqs, real_features.shape[1], args.kernel, 1.0,
+            freqs = sample_frequencies(args.num_freqs, net.feature_dim, args.kernel, 1.0,
                                        generator=freq_generator, device=device)
-        loss = per_class_loss(args.method, real_features, real_labels, syn_features, syn_labels, len(classes),
-                              freqs=freqs, alpha=local_alpha, bandwidth=bandwidth).sum()
+
+        index, position = sampler.sample(iteration)
+        real_local = local_of_class_device[train_labels[index]]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_value = torch.zeros((), device=device)
+        # classes in chunks: per-class losses are independent, so chunked backward passes add up to the
+        # gradient of the whole sum while only one chunk's activations are alive at a time
+        for first, last in chunks:
+            in_real = (real_local >= first) & (real_local < last)
+            in_rows = (syn_row_local >= first) & (syn_row_local < last)
+            in_syn = in_rows.repeat_interleave(tiles)
+            decoded = decode(syn if len(chunks) == 1 else syn[in_rows], factor)
+            chunk_index, chunk_position = index[in_real], position[in_real]
+            real_class = train_labels[chunk_index]
+            real = dsa_augment(data.normalise(train_images[chunk_index]),
+                               dsa_uniforms_siamese(args.seed, iteration, real_class, chunk_position))
+            real_features = embed_in_chunks(net, real)
+            syn_aug = dsa_augment(decoded, dsa_uniforms_siamese(args.seed, iteration, syn_class[in_syn],
+                                                                syn_position[in_syn]))
+            syn_features = net.embed(syn_aug.contiguous(memory_format=torch.channels_last))
+            if normalise_features:
+                real_features, syn_features = F.normalize(real_features, dim=1), F.normalize(syn_features, dim=1)
+            real_labels, syn_labels = real_local[in_real] - first, syn_local[in_syn] - first
+            bandwidth = args.bandwidth
+            if args.bandwidth_rule == "median":
+                bandwidth = args.bandwidth * class_median_distances(real_features, real_labels, last - first)
+            loss = per_class_loss(args.method, real_features, real_labels, syn_features, syn_labels, last - first,
+                                  freqs=freqs, alpha=local_alpha[first:last], bandwidth=bandwidth).sum()
+            loss.backward()
+            loss_value = loss_value + loss.detach()
         optimizer.step()
 
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(syn.detach()).all()
-        total = processes.sum(torch.stack([loss.detach().float(), (~finite).float(),
+        finite = torch.isfinite(loss_value) & torch.isfinite(syn.detach()).all()
+        total = processes.sum(torch.stack([loss_value.float(), (~finite).float(),
                                            torch.tensor(float(stop.signal_number if stop else 0), device=device)]))
         value, bad, signalled = total.tolist()
         if bad:
@@ -475,14 +579,22 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
             save_checkpoint(iteration + 1, elapsed)  # the last one lets --resume extend --iterations
     progress.close()
 
-    full_images = processes.gather_rows(rows, syn.detach().cpu().float(), len(all_labels))
+    packed = processes.gather_rows(rows, syn.detach().cpu().float(), len(all_labels))
     return {
-        "images": full_images, "labels": all_labels, "init_images": init_images,
+        "images": decode(packed, factor) if packed is not None else None,
+        "labels": all_labels.repeat_interleave(tiles), "packed_images": packed, "init_images": init_images,
         "mean": list(data.mean), "std": list(data.std),
         "class_names": list(data.class_names), "class_counts": list(data.class_counts),
         "alpha": alpha.tolist(), "config": config, "history": history, "stopped": stopped,
         "iterations_done": history[-1][0] + 1 if history else start_iteration,
     }
+
+
+def resolved_config(args, data: LongTailedData) -> dict:
+    """The options with every default that depends on the method or the data filled in."""
+    optimizer_name = args.optimizer or DEFAULT_OPTIMIZER[args.method]
+    return dict(vars(args), depth=args.depth or depth_for_size(data.image_size), optimizer=optimizer_name,
+                lr_img=args.lr_img or DEFAULT_LR_IMG[optimizer_name, args.method], format_version=FORMAT_VERSION)
 
 
 class Progress:
@@ -616,7 +728,7 @@ def write_outputs(result: dict, out: Path, run_info: dict | None = None) -> None
                  ("images", "labels", "mean", "std", "class_names", "class_counts", "config")}
     atomic_save(synthetic, out / "synthetic.pt")
     ipc = result["config"]["ipc"]
-    save_grid(result["images"], result["mean"], result["std"], ipc, out / "synthetic.png")
+    save_grid(result["packed_images"], result["mean"], result["std"], ipc, out / "synthetic.png")
     save_grid(result["init_images"], result["mean"], result["std"], ipc, out / "init.png")
     (out / "config.json").write_text(json.dumps(result["config"], indent=2) + "\n")
     with open(out / "loss.csv", "w", newline="") as f:
@@ -656,12 +768,7 @@ def main(argv=None) -> None:
         data = load_from_args(args, log=log)
         checkpoint = None
         if args.resume:
-            depth = args.depth or depth_for_size(data.image_size)
-            optimizer_name = args.optimizer or DEFAULT_OPTIMIZER[args.method]
-            config = dict(vars(args), depth=depth, optimizer=optimizer_name,
-                          lr_img=args.lr_img or DEFAULT_LR_IMG[optimizer_name, args.method],
-                          format_version=FORMAT_VERSION)
-            checkpoint = load_checkpoint(out, config)
+            checkpoint = load_checkpoint(out, resolved_config(args, data))
             finished = checkpoint is None or checkpoint["iteration"] >= args.iterations
             if finished and (out / "synthetic.pt").exists():
                 log(f"--resume: {out} holds a finished run of {args.iterations} iterations; nothing to do")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_data
-from distill import RealBatchSampler, build_parser, distill, initial_synthetic, write_outputs
+from distill import RealBatchSampler, build_parser, decode, distill, initial_synthetic, write_outputs
 
 
 def tiny_args(out, *extra):
@@ -64,3 +64,40 @@ def test_outputs_describe_the_run(tmp_path, tiny_data):
     from PIL import Image
     width, height = Image.open(tmp_path / "synthetic.png").size
     assert (width, height) == (1 + 3 * 17, 1 + 4 * 17)  # 3 images per row, one row per class, 1-px padding
+
+
+def test_class_chunks_give_the_same_synthetic_set(tiny_data, tmp_path):
+    whole = distill(tiny_args(tmp_path, "--bandwidth-rule", "median"), tiny_data, torch.device("cpu"),
+                    log=lambda m: None)
+    chunked = distill(tiny_args(tmp_path, "--bandwidth-rule", "median", "--class-chunk", "1"), tiny_data,
+                      torch.device("cpu"), log=lambda m: None)
+    assert torch.allclose(whole["images"], chunked["images"], atol=1e-5)
+    assert whole["history"][-1][1] == pytest.approx(chunked["history"][-1][1], rel=1e-5)
+
+
+def test_multi_formation(tiny_data, tmp_path):
+    packed, labels = initial_synthetic(tiny_data, ipc=2, seed=0, factor=2)
+    assert packed.shape == (8, 3, 16, 16) and labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    tiles = decode(packed, 2)
+    assert tiles.shape == (32, 3, 16, 16)
+    # tile (0, 1) of the first image is the top-right 8 x 8 quarter, upsampled
+    quarter = torch.nn.functional.interpolate(packed[:1, :, :8, 8:], size=(16, 16), mode="bilinear",
+                                              align_corners=False)
+    assert torch.allclose(tiles[1:2], quarter)
+    result = distill(tiny_args(tmp_path, "--factor", "2", "--ipc", "2"), tiny_data, torch.device("cpu"),
+                     log=lambda m: None)
+    assert result["images"].shape == (32, 3, 16, 16) and result["labels"].tolist() == [c for c in range(4) for _ in range(8)]
+    assert result["packed_images"].shape == (8, 3, 16, 16)
+
+
+def test_extractor_pool_is_trained_once_and_cached(tiny_data, tmp_path):
+    lines = []
+    args = tiny_args(tmp_path, "--extractor", "pool", "--pool-size", "2", "--pool-epochs", "1")
+    first = distill(args, tiny_data, torch.device("cpu"), log=lines.append)
+    assert any("training the extractor pool" in line for line in lines)
+    lines.clear()
+    second = distill(args, tiny_data, torch.device("cpu"), log=lines.append)
+    assert not any("training" in line for line in lines)  # read from the cache
+    assert torch.equal(first["images"], second["images"])
+    plain = distill(tiny_args(tmp_path), tiny_data, torch.device("cpu"), log=lambda m: None)
+    assert not torch.equal(first["images"], plain["images"])
