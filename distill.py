@@ -59,7 +59,8 @@ from einops import rearrange
 from data_lt import (DSA_OPS, DSA_SLOTS, STREAM_INIT, STREAM_REAL_BATCH, LongTailedData, UsageError,
                      add_data_arguments, cache_dir, counter_seed, counter_uniform, draw_per_class, dsa_augment,
                      dsa_uniforms_siamese, load_from_args)
-from networks import NORMS, POOLINGS, ConvNet, depth_for_size, reset_parameters_
+from networks import (NORMS, POOLINGS, PRECISIONS, ConvNet, autocast, depth_for_size, reset_parameters_,
+                      resolve_precision)
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
                  per_class_loss, sample_frequencies)
 
@@ -74,7 +75,7 @@ DEFAULT_LR_IMG = {("sgd", "dm"): 1.0, ("sgd", "mmd"): 1.0, ("sgd", "sdm"): 1.0, 
 # options that may change between a checkpoint and its --resume: where and how a run is executed,
 # not what it computes (--iterations may grow: nothing depends on the total)
 RUN_OPTIONS = {"iterations", "device", "out", "log_every", "ckpt_every", "resume", "overwrite", "data_dir",
-               "class_chunk"}
+               "class_chunk", "compile"}
 RUN_FILES = ("synthetic.pt", "checkpoint.pt", "config.json", "results.json")
 
 
@@ -132,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="the one seed of the run: subset, init, networks, batches, DSA")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local GPU)")
     g.add_argument("--out", default="runs/distill", help="output folder")
+    g.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
+                   help="bf16: the extractor under bfloat16 autocast, losses in float32; fp32: float32; "
+                        "auto: bf16 where it is fast (GPUs, CPUs with AMX)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the extractor (pays off past ~100 iterations)")
     g.add_argument("--ckpt-every", type=int, default=100, help="write checkpoint.pt every N iterations")
     g.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -315,11 +320,10 @@ class RealBatchSampler:
         return self.index[order[keep]], position[keep]
 
 
-def embed_in_chunks(net: ConvNet, images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """net.embed over row chunks, without building a graph (real images need no gradient)."""
+def embed_in_chunks(embed, images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """embed(images) over row chunks, without building a graph (real images need no gradient)."""
     with torch.no_grad():
-        return torch.cat([net.embed(part.contiguous(memory_format=torch.channels_last))
-                          for part in images.split(chunk)])
+        return torch.cat([embed(part.contiguous(memory_format=torch.channels_last)) for part in images.split(chunk)])
 
 
 # ----------------------------------------------------------------------------------------
@@ -402,10 +406,10 @@ class Diverged(RuntimeError):
     pass
 
 
-def pool_file(args, data: LongTailedData, depth: int) -> Path:
+def pool_file(args, data: LongTailedData, depth: int, precision: str) -> Path:
     """Where the trained extractor pool for this data and network is cached."""
     key = (data.name, tuple(data.class_counts), data.channels, data.image_size, args.val_per_class, args.seed,
-           args.width, depth, args.norm, args.pooling, args.pool_size, args.pool_epochs)
+           args.width, depth, args.norm, args.pooling, args.pool_size, args.pool_epochs, precision)
     digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
     return cache_dir() / "pools" / f"pool-{digest}.pt"
 
@@ -417,7 +421,8 @@ def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device,
     and split across processes under torchrun."""
     from evaluate import train_network  # the training loop of the evaluation protocol (lazy: evaluate imports us)
 
-    path = pool_file(args, data, depth)
+    precision = resolve_precision(args.precision, device)
+    path = pool_file(args, data, depth, precision)
     if path.exists():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)["networks"]
@@ -432,7 +437,8 @@ def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device,
         net = ConvNet(data.channels, data.num_classes, args.width, depth, args.norm, args.pooling, data.image_size)
         net = reset_parameters_(net.to(device).to(memory_format=torch.channels_last), generator)
         init = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
-        train_network(net, images, labels, args.pool_epochs, 256, 0.01, generator)
+        train_network(net, images, labels, args.pool_epochs, 256, 0.01, generator, precision=precision,
+                      compile=args.compile)
         trained = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
         mine.append((k, {"init": init, "trained": trained}))
         log(f"  pool network {k + 1}/{args.pool_size} trained")
@@ -456,6 +462,7 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     num_classes = data.num_classes
     config = resolved_config(args, data)
     depth, lr_img, optimizer_name, factor = config["depth"], config["lr_img"], config["optimizer"], args.factor
+    precision = config["precision"]
 
     init_images, all_labels = initial_synthetic(data, args.ipc, args.seed, factor)
     # this process's classes and their rows of the synthetic set (all of them for one process)
@@ -483,6 +490,12 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
 
     net = ConvNet(data.channels, num_classes, args.width, depth, args.norm, args.pooling, data.image_size)
     net = net.to(device).to(memory_format=torch.channels_last).requires_grad_(False)
+
+    def embed(x):  # float32 features, the network under bf16 autocast if asked
+        with autocast(device, precision):
+            return net.embed(x).float()
+
+    embed = torch.compile(embed) if args.compile else embed
     pool = None
     if args.extractor == "pool":
         pool = [{part: {name: value.to(device) for name, value in network[part].items()} for part in network}
@@ -504,6 +517,7 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
         state = {key: (processes.gather_rows(rows, value.cpu(), len(all_labels)) if value.dim() > 0 else value.cpu())
                  for key, value in optimizer_rows(optimizer).items()}
         if processes.main:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
             atomic_save({"format_version": FORMAT_VERSION, "iteration": iteration, "images": full_images,
                          "optimizer": state, "history": history, "elapsed": elapsed, "config": config,
                          # the counter-based generators have no state beyond the seed and the iteration
@@ -545,10 +559,10 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
             real_class = train_labels[chunk_index]
             real = dsa_augment(data.normalise(train_images[chunk_index]),
                                dsa_uniforms_siamese(args.seed, iteration, real_class, chunk_position))
-            real_features = embed_in_chunks(net, real)
+            real_features = embed_in_chunks(embed, real)
             syn_aug = dsa_augment(decoded, dsa_uniforms_siamese(args.seed, iteration, syn_class[in_syn],
                                                                 syn_position[in_syn]))
-            syn_features = net.embed(syn_aug.contiguous(memory_format=torch.channels_last))
+            syn_features = embed(syn_aug.contiguous(memory_format=torch.channels_last))
             if normalise_features:
                 real_features, syn_features = F.normalize(real_features, dim=1), F.normalize(syn_features, dim=1)
             real_labels, syn_labels = real_local[in_real] - first, syn_local[in_syn] - first
@@ -593,8 +607,10 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
 def resolved_config(args, data: LongTailedData) -> dict:
     """The options with every default that depends on the method or the data filled in."""
     optimizer_name = args.optimizer or DEFAULT_OPTIMIZER[args.method]
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     return dict(vars(args), depth=args.depth or depth_for_size(data.image_size), optimizer=optimizer_name,
-                lr_img=args.lr_img or DEFAULT_LR_IMG[optimizer_name, args.method], format_version=FORMAT_VERSION)
+                lr_img=args.lr_img or DEFAULT_LR_IMG[optimizer_name, args.method],
+                precision=resolve_precision(args.precision, device), format_version=FORMAT_VERSION)
 
 
 class Progress:
@@ -763,7 +779,7 @@ def main(argv=None) -> None:
         if processes.world > 1:
             dist.barrier()
         log(f"distill.py: {args.method} on {args.dataset}, IF {args.imbalance_factor:g}, IPC {args.ipc}, "
-            f"{args.iterations} iterations, device {device}"
+            f"{args.iterations} iterations, device {device} ({resolve_precision(args.precision, device)})"
             + (f", {processes.world} processes" if processes.world > 1 else ""))
         data = load_from_args(args, log=log)
         checkpoint = None

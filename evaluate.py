@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from data_lt import UsageError, add_data_arguments, counter_seed, dsa_augment, dsa_uniforms_per_sample, load_long_tailed
 from distill import (FORMAT_VERSION, Processes, environment, initial_synthetic, start_processes,
                      write_run_readme)
-from networks import NORMS, ConvNet, depth_for_size, reset_parameters_
+from networks import NORMS, PRECISIONS, ConvNet, autocast, depth_for_size, reset_parameters_, resolve_precision
 
 STREAM_EVAL = 21
 
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=256, help="minibatch size")
     g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
     g.add_argument("--norm", default=None, choices=NORMS, help="ConvNet normalisation (default: the distilled one)")
+    g.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
+                   help="bf16: bfloat16 autocast; fp32: float32; auto: bf16 where it is fast (GPUs, CPUs with AMX)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network's training step")
     g.add_argument("--split", default="test", choices=("test", "val"),
                    help="where to measure: the test split, or the validation split (for choosing hyperparameters)")
     g = p.add_argument_group("run")
@@ -74,18 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
 # Training one network and testing it
 
 def train_network(net: ConvNet, images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int,
-                  lr: float, generator: torch.Generator, progress=None) -> ConvNet:
+                  lr: float, generator: torch.Generator, progress=None, precision: str = "fp32",
+                  compile: bool = False) -> ConvNet:
     """SGD with momentum 0.9 and weight decay 5e-4, lr x0.1 after half the epochs, DSA on every batch.
-    The whole set stays on the device; batches are index slices of a seeded permutation."""
+    The whole set stays on the device; batches are index slices of a seeded permutation.
+    precision bf16 runs the network under bfloat16 autocast; compile=True compiles the forward and
+    loss with torch.compile (DSA stays eager)."""
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2], gamma=0.1)
+    device = images.device
+
+    def forward_loss(x, y):
+        with autocast(device, precision):
+            logits = net(x)
+        return F.cross_entropy(logits.float(), y)
+
+    step_loss = torch.compile(forward_loss) if compile else forward_loss
     net.train()
     n = len(labels)
     for _ in range(epochs):
-        permutation = torch.randperm(n, generator=generator, device=images.device)
+        permutation = torch.randperm(n, generator=generator, device=device)
         for batch in permutation.split(batch_size):
-            x = dsa_augment(images[batch], dsa_uniforms_per_sample(len(batch), generator, images.device))
-            loss = F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), labels[batch])
+            x = dsa_augment(images[batch], dsa_uniforms_per_sample(len(batch), generator, device))
+            loss = step_loss(x.contiguous(memory_format=torch.channels_last), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -98,13 +112,19 @@ def train_network(net: ConvNet, images: torch.Tensor, labels: torch.Tensor, epoc
 
 @torch.no_grad()
 def per_class_accuracy(net: ConvNet, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                       normalise, chunk: int = 1000) -> torch.Tensor:
+                       normalise, chunk: int = 1000, precision: str = "fp32", compile: bool = False) -> torch.Tensor:
     """Accuracy of each class in percent, (C,). images are uint8; normalise maps them to float."""
     net.eval()
+
+    def predict(x):
+        with autocast(x.device, precision):
+            return net(x).argmax(1)
+
+    predict = torch.compile(predict) if compile else predict
     correct = torch.zeros(num_classes, dtype=torch.float64)
     for start in range(0, len(labels), chunk):
         x = normalise(images[start:start + chunk]).contiguous(memory_format=torch.channels_last)
-        hit = (net(x).argmax(1) == labels[start:start + chunk]).double().cpu()
+        hit = (predict(x) == labels[start:start + chunk]).double().cpu()
         correct += torch.bincount(labels[start:start + chunk].cpu(), weights=hit, minlength=num_classes)
     return 100 * correct / torch.bincount(labels.cpu(), minlength=num_classes).clamp_min(1)
 
@@ -133,19 +153,23 @@ def evaluate(images, labels, data, args, width, depth, norm, pooling, device, lo
     test_images, test_labels = test_images.to(device), test_labels.to(device)
     test_counts = torch.bincount(test_labels.cpu(), minlength=data.num_classes).double()
     mine = []
+    # one network object, redrawn for each evaluation: torch.compile then compiles once per process
+    net = ConvNet(data.channels, data.num_classes, width, depth, norm, pooling, data.image_size)
+    net = net.to(device).to(memory_format=torch.channels_last)
     for k in range(processes.rank, args.num_eval, processes.world):
         start = time.perf_counter()
         generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_EVAL, k))
-        net = ConvNet(data.channels, data.num_classes, width, depth, norm, pooling, data.image_size)
-        net = reset_parameters_(net.to(device).to(memory_format=torch.channels_last), generator)
+        reset_parameters_(net, generator)
         progress = None
         if processes.main and sys.stderr.isatty():
             from tqdm import tqdm
             progress = tqdm(total=args.epochs, desc=f"network {k + 1}/{args.num_eval}", unit="epoch", leave=False)
-        train_network(net, images, labels, args.epochs, args.batch_size, args.lr, generator, progress)
+        train_network(net, images, labels, args.epochs, args.batch_size, args.lr, generator, progress,
+                      args.precision, args.compile)
         if progress is not None:
             progress.close()
-        accuracy = per_class_accuracy(net, test_images, test_labels, data.num_classes, data.normalise)
+        accuracy = per_class_accuracy(net, test_images, test_labels, data.num_classes, data.normalise,
+                                      precision=args.precision, compile=args.compile)
         overall = float((accuracy * test_counts).sum() / test_counts.sum())
         mine.append((k, overall, accuracy))
         print(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
@@ -241,6 +265,7 @@ def main(argv=None) -> None:
         if not args.lr > 0:
             raise UsageError(f"--lr must be > 0 (got {args.lr})")
         processes, device = start_processes(args.device)
+        args.precision = resolve_precision(args.precision, device)
         log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
         if args.syn is not None:
             synthetic = load_synthetic(args.syn)
@@ -267,7 +292,7 @@ def main(argv=None) -> None:
             width, depth, pooling = 128, depth_for_size(data.image_size), "avg"
             norm = args.norm or "instance"
             out = Path(args.out) if args.out else Path("runs") / f"baseline-{args.baseline}"
-        log(f"evaluate.py: {what}, {args.num_eval} networks x {args.epochs} epochs on {device}"
+        log(f"evaluate.py: {what}, {args.num_eval} networks x {args.epochs} epochs on {device} ({args.precision})"
             + (f", {processes.world} processes" if processes.world > 1 else ""))
         start = time.perf_counter()
         result = evaluate(images, labels, data, args, width, depth, norm, pooling, device, log=log,

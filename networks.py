@@ -14,12 +14,35 @@ PyTorch's native kernel for it is fast on channels_last tensors (about 3x on CPU
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 
 NORMS = ("instance", "batch", "none")
 POOLINGS = ("avg", "max", "none")
+PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 where bfloat16 is fast (CUDA GPUs that support it, CPUs with AMX-BF16), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "bf16" if "amx_bf16" in f.read() else "fp32"
+    except OSError:
+        return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16: convolutions and matrix products in bfloat16, reductions and the rest in float32
+    (torch.autocast, on GPUs and on CPUs with AMX / AVX512-BF16); fp32: plain float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _norm_layer(norm: str, channels: int) -> nn.Module:
