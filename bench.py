@@ -1,0 +1,364 @@
+"""Speed and memory of distillation and evaluation, every ratio measured side by side in this process.
+
+$ python bench.py                       # fixed-column table (a few minutes on 2 CPU cores)
+$ python bench.py --json                # the same, plus one JSON line at the end
+$ python bench.py --data-dir data/cifar10 --device cuda
+
+Shapes are CIFAR-10-LT's (IF 200, 10 classes, 3 x 32 x 32); without --data-dir the pixels are
+random, which changes no timing. Every timing is the median of --repeats runs after warm-up.
+
+  iter_ratio_csdm_dm   seconds per distillation iteration, csdm / dm (IPC 10, batch-real 256, M = 1024;
+                       M = 4096 beside it)
+  sdd_share            the spectral loss (forward and backward) over one whole csdm iteration
+  sdd_scaling          loss time at 4N samples over N (N = 1024, d = 2048): SDD, linear, ~4
+  mmd_scaling          the same for the exact Gaussian MMD^2, quadratic, ~16
+  extractor_efficiency images through the extractor per second in distillation over the bare ConvNet
+                       (no-grad forward of the real batch, forward + backward of the synthetic one)
+  eval_speedup         a plain evaluation loop (DataLoader, DSA with per-sample parameters built as the
+                       DC/DSA code builds them, NCHW, float32) over the project's train_network, 100 epochs
+                       of a ConvNet on an IPC-10 set; eval_speedup_fp32 without bf16
+  peak_rss_gb          peak resident memory of a child process distilling CIFAR-10-LT at IPC 50 for
+                       20 iterations with distill.py's defaults (and peak GPU memory on a GPU)
+  extractor_gflops     the extractor's achieved GFLOP/s (analytic convolution FLOPs) and its share
+                       of the matmul peak measured here in the same precision
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_lt import LongTailedData, long_tailed_counts, load_long_tailed
+from distill import build_parser as distill_parser
+from distill import distill, initial_synthetic, resolve_device
+from evaluate import train_network
+from networks import ConvNet, autocast, reset_parameters_, resolve_precision
+from sdd import exact_mmd2, per_class_loss, sample_frequencies
+
+TARGETS = {  # (direction, bound) on this project's 2-core CPU
+    "iter_ratio_csdm_dm": ("<=", 1.10), "sdd_share": ("<=", 0.10), "sdd_scaling": ("<=", 4.5),
+    "mmd_scaling": (">=", 12.0), "extractor_efficiency": (">=", 0.8), "eval_speedup": (">=", 3.0),
+    "peak_rss_gb": ("<=", 3.0), "extractor_peak_share": (">=", 0.4),
+}
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def random_cifar10_lt(imbalance_factor: float = 200, seed: int = 0) -> LongTailedData:
+    """CIFAR-10-LT shapes with random pixels (timing only)."""
+    g = torch.Generator().manual_seed(seed)
+    counts = long_tailed_counts(5000, 10, imbalance_factor)
+    labels = torch.arange(10).repeat_interleave(torch.tensor(counts))
+    test_labels = torch.arange(10).repeat_interleave(1000)
+    return LongTailedData(
+        name=f"random-cifar10-LT(IF={imbalance_factor:g})", class_names=[str(c) for c in range(10)],
+        class_counts=counts, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010),
+        train_images=torch.randint(0, 256, (len(labels), 3, 32, 32), generator=g, dtype=torch.uint8),
+        train_labels=labels, val_images=torch.zeros(0, 3, 32, 32, dtype=torch.uint8),
+        val_labels=torch.zeros(0, dtype=torch.long),
+        test_images=torch.randint(0, 256, (10000, 3, 32, 32), generator=g, dtype=torch.uint8),
+        test_labels=test_labels)
+
+
+def get_data(data_dir: str | None) -> LongTailedData:
+    if data_dir is None:
+        return random_cifar10_lt()
+    return load_long_tailed("cifar10", data_dir, 200, 0, log=lambda m: None)
+
+
+# ----------------------------------------------------------------------------------------
+# Distillation iterations
+
+def iteration_seconds(data, device, method: str, num_freqs: int, compile: bool, repeats: int,
+                      warmup: int = 3, ipc: int = 10, batch_real: int = 256) -> float:
+    """Median seconds of one distillation iteration after `warmup` iterations (compilation included there)."""
+    argv = ["--method", method, "--ipc", str(ipc), "--batch-real", str(batch_real), "--num-freqs", str(num_freqs),
+            "--iterations", str(warmup + repeats), "--device", str(device), "--ckpt-every", "1000000",
+            "--out", "/tmp/csdm-bench-unused"] + (["--compile"] if compile else [])
+    args = distill_parser().parse_args(argv)
+    history = distill(args, data, device, log=lambda m: None)["history"]
+    seconds = np.diff([0.0] + [h[2] for h in history])
+    return float(np.median(seconds[warmup:]))
+
+
+def feature_shapes(data, batch_real=256, ipc=10):
+    n_real = sum(min(batch_real, n) for n in data.class_counts)
+    return n_real, ipc * data.num_classes
+
+
+def loss_seconds(device, method: str, n_real: int, n_syn: int, num_classes: int, num_freqs: int, repeats: int,
+                 dim: int = 2048) -> float:
+    """Forward + backward of the matching loss alone on features of an iteration's shapes."""
+    g = torch.Generator(device=device).manual_seed(0)
+    real = F.normalize(torch.randn(n_real, dim, generator=g, device=device), dim=1)
+    syn = F.normalize(torch.randn(n_syn, dim, generator=g, device=device), dim=1).requires_grad_(True)
+    real_labels = torch.arange(num_classes, device=device).repeat_interleave(math.ceil(n_real / num_classes))[:n_real]
+    syn_labels = torch.arange(num_classes, device=device).repeat_interleave(n_syn // num_classes)
+    alpha = torch.linspace(0.7, 0.3, num_classes, device=device)
+
+    def run():
+        freqs = sample_frequencies(num_freqs, dim, generator=g, device=device)
+        loss = per_class_loss(method, real, real_labels, syn, syn_labels, num_classes, freqs=freqs, alpha=alpha)
+        loss.sum().backward()
+    return median_time(run, repeats)
+
+
+def scaling(device, repeats: int, n: int = 1024, dim: int = 2048, num_freqs: int = 1024) -> tuple[float, float]:
+    """(SDD time at 4n / at n, exact MMD^2 time at 4n / at n), one class, forward + backward."""
+    g = torch.Generator(device=device).manual_seed(1)
+
+    def timed(kind, size):
+        x = torch.randn(size, dim, generator=g, device=device)
+        y = torch.randn(size, dim, generator=g, device=device).requires_grad_(True)
+        labels = torch.zeros(size, dtype=torch.long, device=device)
+        freqs = sample_frequencies(num_freqs, dim, generator=g, device=device, bandwidth=math.sqrt(dim))
+
+        def run():
+            if kind == "sdd":
+                loss = per_class_loss("sdm", x, labels, y, labels, 1, freqs=freqs)
+            else:
+                loss = exact_mmd2(x, labels, y, labels, 1, math.sqrt(dim))
+            loss.sum().backward()
+        return median_time(run, repeats)
+    return timed("sdd", 4 * n) / timed("sdd", n), timed("mmd", 4 * n) / timed("mmd", n)
+
+
+def bare_extractor_seconds(device, precision: str, compile: bool, n_real: int, n_syn: int, repeats: int) -> float:
+    """The ConvNet alone on one iteration's images: no-grad forward of the real batch (chunks of 1024,
+    as distill.py), forward + backward to the synthetic pixels."""
+    net = ConvNet(3, 10).to(device).to(memory_format=torch.channels_last).requires_grad_(False)
+
+    def embed(x):
+        with autocast(device, precision):
+            return net.embed(x).float()
+    embed = torch.compile(embed) if compile else embed
+    g = torch.Generator(device=device).manual_seed(2)
+    real = torch.randn(n_real, 3, 32, 32, generator=g, device=device).contiguous(memory_format=torch.channels_last)
+    syn = torch.randn(n_syn, 3, 32, 32, generator=g, device=device).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.no_grad():
+            for part in real.split(1024):
+                embed(part)
+        s = syn.clone().requires_grad_(True)
+        embed(s).sum().backward()
+    return median_time(run, repeats, warmup=2)
+
+
+def conv_flops(image_size: int = 32, channels: int = 3, width: int = 128, depth: int = 3) -> float:
+    """Multiply-adds x 2 of the ConvNet's convolutions for one image's forward pass."""
+    flops, size, c_in = 0.0, image_size, channels
+    for _ in range(depth):
+        flops += 2 * size * size * width * c_in * 9
+        c_in, size = width, size // 2
+    return flops
+
+
+def matmul_peak_gflops(device, precision: str, repeats: int, size: int = 2048) -> float:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    return 2 * size ** 3 / median_time(lambda: a @ b, repeats, warmup=2) / 1e9
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation: the project's loop against a plain one written the usual way
+
+def reference_dsa(x: torch.Tensor) -> torch.Tensor:
+    """DSA as the DC/DSA code applies it without a seed: one operation per batch, parameters drawn
+    per sample, affine matrices built sample by sample in Python."""
+    op = ["color", "crop", "cutout", "flip", "scale", "rotate"][int(torch.randint(0, 6, (1,)))]
+    n = x.shape[0]
+    if op == "color":
+        x = x + (torch.rand(n, 1, 1, 1) - 0.5)
+        mean = x.mean(dim=1, keepdim=True)
+        x = (x - mean) * (torch.rand(n, 1, 1, 1) * 2.0) + mean
+        mean = x.mean(dim=[1, 2, 3], keepdim=True)
+        return (x - mean) * (torch.rand(n, 1, 1, 1) + 0.5) + mean
+    if op == "crop":
+        shift = int(x.size(2) * 0.125 + 0.5)
+        tx = torch.randint(-shift, shift + 1, size=[n, 1, 1])
+        ty = torch.randint(-shift, shift + 1, size=[n, 1, 1])
+        gb, gx, gy = torch.meshgrid(torch.arange(n), torch.arange(x.size(2)), torch.arange(x.size(3)), indexing="ij")
+        gx = torch.clamp(gx + tx + 1, 0, x.size(2) + 1)
+        gy = torch.clamp(gy + ty + 1, 0, x.size(3) + 1)
+        padded = F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0])
+        return padded.permute(0, 2, 3, 1).contiguous()[gb, gx, gy].permute(0, 3, 1, 2)
+    if op == "cutout":
+        size = int(x.size(2) * 0.5 + 0.5)
+        ox = torch.randint(0, x.size(2) + (1 - size % 2), size=[n, 1, 1])
+        oy = torch.randint(0, x.size(3) + (1 - size % 2), size=[n, 1, 1])
+        gb, gx, gy = torch.meshgrid(torch.arange(n), torch.arange(size), torch.arange(size), indexing="ij")
+        gx = torch.clamp(gx + ox - size // 2, min=0, max=x.size(2) - 1)
+        gy = torch.clamp(gy + oy - size // 2, min=0, max=x.size(3) - 1)
+        mask = torch.ones(n, x.size(2), x.size(3))
+        mask[gb, gx, gy] = 0
+        return x * mask.unsqueeze(1)
+    if op == "flip":
+        return torch.where(torch.rand(n, 1, 1, 1) < 0.5, x.flip(3), x)
+    if op == "scale":
+        sx = torch.rand(n) * (1.2 - 1 / 1.2) + 1 / 1.2
+        sy = torch.rand(n) * (1.2 - 1 / 1.2) + 1 / 1.2
+        theta = torch.tensor([[[float(sx[i]), 0, 0], [0, float(sy[i]), 0]] for i in range(n)])
+    else:
+        angle = (torch.rand(n) - 0.5) * 2 * 15 / 180 * math.pi
+        theta = torch.tensor([[[math.cos(angle[i]), math.sin(-angle[i]), 0], [math.sin(angle[i]), math.cos(angle[i]), 0]]
+                              for i in range(n)])
+    return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+
+
+def reference_training(images: torch.Tensor, labels: torch.Tensor, epochs: int) -> None:
+    """The usual loop: TensorDataset + DataLoader, NCHW float32, DSA per batch, SGD with a step schedule."""
+    net = ConvNet(3, 10)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=256, shuffle=True)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2], gamma=0.1)
+    net.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(net(reference_dsa(x)), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+
+
+def project_training(images, labels, epochs, device, precision, compile) -> None:
+    g = torch.Generator(device=device).manual_seed(3)
+    net = reset_parameters_(ConvNet(3, 10).to(device).to(memory_format=torch.channels_last), g)
+    train_network(net, images.to(device), labels.to(device), epochs, 256, 0.01, g, precision=precision,
+                  compile=compile)
+
+
+# ----------------------------------------------------------------------------------------
+# Peak memory, in a child process
+
+def _rss_child(data_dir, device_name, queue):
+    device = torch.device(device_name)
+    data = get_data(data_dir)
+    args = distill_parser().parse_args(["--method", "csdm", "--ipc", "50", "--iterations", "20", "--device",
+                                        device_name, "--ckpt-every", "1000000", "--out", "/tmp/csdm-bench-rss"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    distill(args, data, device, log=lambda m: None)
+    gpu = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, gpu))  # ru_maxrss is in KiB
+
+
+def peak_memory(data_dir, device) -> tuple[float, float | None]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_rss_child, args=(data_dir, str(device), queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON line after the table")
+    parser.add_argument("--data-dir", default=None, help="a CIFAR-10 folder (default: random pixels, same shapes)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    parser.add_argument("--eval-epochs", type=int, default=100, help="epochs of the evaluation timing")
+    parser.add_argument("--no-compile", action="store_true", help="time the eager code paths")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    precision = resolve_precision("auto", device)
+    compile = not args.no_compile
+    data = get_data(args.data_dir)
+    r = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else
+         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+         "precision": precision, "compile": compile, "torch": torch.__version__}
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+
+    log("distillation iterations (csdm M=1024, dm, csdm M=4096) ...")
+    t_csdm = iteration_seconds(data, device, "csdm", 1024, compile, args.repeats)
+    t_dm = iteration_seconds(data, device, "dm", 1024, compile, args.repeats)
+    t_csdm_4096 = iteration_seconds(data, device, "csdm", 4096, compile, args.repeats)
+    r.update(sec_per_iter_csdm=t_csdm, sec_per_iter_dm=t_dm, sec_per_iter_csdm_m4096=t_csdm_4096,
+             iter_ratio_csdm_dm=t_csdm / t_dm, iter_ratio_csdm_dm_m4096=t_csdm_4096 / t_dm)
+
+    log("loss share and scaling ...")
+    n_real, n_syn = feature_shapes(data)
+    t_loss = loss_seconds(device, "csdm", n_real, n_syn, data.num_classes, 1024, args.repeats)
+    r.update(sdd_seconds=t_loss, sdd_share=t_loss / t_csdm)
+    r["sdd_scaling"], r["mmd_scaling"] = scaling(device, args.repeats)
+
+    log("bare extractor and matmul peak ...")
+    t_bare = bare_extractor_seconds(device, precision, compile, n_real, n_syn, args.repeats)
+    images_per_iteration = n_real + n_syn
+    r.update(distill_images_per_sec=images_per_iteration / t_csdm, bare_images_per_sec=images_per_iteration / t_bare,
+             extractor_efficiency=t_bare / t_csdm)
+    flops = conv_flops() * (n_real + 2 * n_syn)  # backward to the input costs about one more forward
+    r["extractor_gflops"] = flops / t_bare / 1e9
+    r["matmul_peak_gflops"] = matmul_peak_gflops(device, precision, args.repeats)
+    r["extractor_peak_share"] = r["extractor_gflops"] / r["matmul_peak_gflops"]
+
+    log(f"evaluation loops ({args.eval_epochs} epochs each) ...")
+    syn_images, syn_labels = initial_synthetic(data, 10, 0)
+    torch.manual_seed(0)
+    project_training(syn_images, syn_labels, 3, device, precision, compile)  # warm-up and compilation
+    start = time.perf_counter()
+    project_training(syn_images, syn_labels, args.eval_epochs, device, precision, compile)
+    t_project = time.perf_counter() - start
+    start = time.perf_counter()
+    project_training(syn_images, syn_labels, args.eval_epochs, device, "fp32", False)
+    t_project_fp32 = time.perf_counter() - start
+    if device.type == "cpu":
+        start = time.perf_counter()
+        reference_training(syn_images, syn_labels, args.eval_epochs)
+        t_reference = time.perf_counter() - start
+        r.update(eval_reference_sec=t_reference, eval_speedup=t_reference / t_project,
+                 eval_speedup_fp32=t_reference / t_project_fp32)
+    r.update(eval_project_sec=t_project, eval_project_fp32_eager_sec=t_project_fp32)
+
+    log("peak memory of an IPC-50 distillation (child process) ...")
+    r["peak_rss_gb"], r["peak_gpu_gb"] = peak_memory(args.data_dir, device)
+
+    print(f"{'metric':<28}{'value':>12}  {'target':<10}ok")
+    for key, value in r.items():
+        target = TARGETS.get(key)
+        if isinstance(value, float):
+            shown = f"{value:12.4g}"
+        else:
+            shown = f"{str(value):>12}"
+        verdict = ""
+        if target and isinstance(value, float):
+            verdict = "yes" if (value <= target[1] if target[0] == "<=" else value >= target[1]) else "NO"
+        print(f"{key:<28}{shown}  {(target[0] + ' ' + str(target[1])) if target else '':<10}{verdict}")
+    if args.json:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
