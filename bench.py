@@ -228,8 +228,8 @@ def reference_dsa(x: torch.Tensor) -> torch.Tensor:
         theta = torch.tensor([[[float(sx[i]), 0, 0], [0, float(sy[i]), 0]] for i in range(n)])
     else:
         angle = (torch.rand(n) - 0.5) * 2 * 15 / 180 * math.pi
-        theta = torch.tensor([[[math.cos(angle[i]), math.sin(-angle[i]), 0], [math.sin(angle[i]), math.cos(angle[i]), 0]]
-                              for i in range(n)])
+        theta = torch.tensor([[[math.cos(angle[i]), math.sin(-angle[i]), 0],
+                               [math.sin(angle[i]), math.cos(angle[i]), 0]] for i in range(n)])
     return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
 
 
@@ -293,8 +293,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="time the eager code paths")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    precision = resolve_precision("auto", device)
     compile = not args.no_compile
+    precision = resolve_precision("auto", device, compile)
     data = get_data(args.data_dir)
     r = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else
          f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="runs/distill", help="output folder")
     g.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
                    help="bf16: the extractor under bfloat16 autocast, losses in float32; fp32: float32; "
-                        "auto: bf16 where it is fast (GPUs, CPUs with AMX)")
+                        "auto: bf16 where it is fast (GPUs; CPUs with AMX when --compile)")
     g.add_argument("--compile", action="store_true", help="torch.compile the extractor (pays off past ~100 iterations)")
     g.add_argument("--ckpt-every", type=int, default=100, help="write checkpoint.pt every N iterations")
     g.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")
@@ -421,7 +421,7 @@ def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device,
     and split across processes under torchrun."""
     from evaluate import train_network  # the training loop of the evaluation protocol (lazy: evaluate imports us)
 
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device, args.compile)
     path = pool_file(args, data, depth, precision)
     if path.exists():
         try:
@@ -540,7 +540,8 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
                     value.copy_(blend * network["init"][name] + (1 - blend) * network["trained"][name])
         freqs = None
         if args.method in SPECTRAL_METHODS:  # standard draws; the bandwidth scales them inside the loss
-            freq_generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_FREQS, iteration))
+            freq_seed = counter_seed(args.seed, STREAM_FREQS, iteration)
+            freq_generator = torch.Generator(device=device).manual_seed(freq_seed)
             freqs = sample_frequencies(args.num_freqs, net.feature_dim, args.kernel, 1.0,
                                        generator=freq_generator, device=device)
 
@@ -610,7 +611,7 @@ def resolved_config(args, data: LongTailedData) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     return dict(vars(args), depth=args.depth or depth_for_size(data.image_size), optimizer=optimizer_name,
                 lr_img=args.lr_img or DEFAULT_LR_IMG[optimizer_name, args.method],
-                precision=resolve_precision(args.precision, device), format_version=FORMAT_VERSION)
+                precision=resolve_precision(args.precision, device, args.compile), format_version=FORMAT_VERSION)
 
 
 class Progress:
@@ -779,7 +780,7 @@ def main(argv=None) -> None:
         if processes.world > 1:
             dist.barrier()
         log(f"distill.py: {args.method} on {args.dataset}, IF {args.imbalance_factor:g}, IPC {args.ipc}, "
-            f"{args.iterations} iterations, device {device} ({resolve_precision(args.precision, device)})"
+            f"{args.iterations} iterations, device {device} ({resolve_precision(args.precision, device, args.compile)})"
             + (f", {processes.world} processes" if processes.world > 1 else ""))
         data = load_from_args(args, log=log)
         checkpoint = None

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
     g.add_argument("--norm", default=None, choices=NORMS, help="ConvNet normalisation (default: the distilled one)")
     g.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
-                   help="bf16: bfloat16 autocast; fp32: float32; auto: bf16 where it is fast (GPUs, CPUs with AMX)")
+                   help="bf16: bfloat16 autocast; fp32: float32; auto: bf16 where it is fast (GPUs; CPUs with AMX "
+                        "when --compile)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network's training step")
     g.add_argument("--split", default="test", choices=("test", "val"),
                    help="where to measure: the test split, or the validation split (for choosing hyperparameters)")
@@ -265,7 +266,7 @@ def main(argv=None) -> None:
         if not args.lr > 0:
             raise UsageError(f"--lr must be > 0 (got {args.lr})")
         processes, device = start_processes(args.device)
-        args.precision = resolve_precision(args.precision, device)
+        args.precision = resolve_precision(args.precision, device, args.compile)
         log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
         if args.syn is not None:
             synthetic = load_synthetic(args.syn)

@@ -10,7 +10,8 @@ from distill import RealBatchSampler, build_parser, decode, distill, initial_syn
 
 def tiny_args(out, *extra):
     return build_parser().parse_args(["--ipc", "3", "--iterations", "3", "--batch-real", "4", "--num-freqs", "16",
-                                      "--width", "8", "--log-every", "100", "--device", "cpu", "--out", str(out), *extra])
+                                      "--width", "8", "--log-every", "100", "--device", "cpu", "--out", str(out),
+                                      *extra])
 
 
 @pytest.mark.parametrize("method", ["csdm", "sdm", "ncfm", "mmd", "dm"])
@@ -56,7 +57,8 @@ def test_outputs_describe_the_run(tmp_path, tiny_data):
     write_outputs(result, tmp_path)
     synthetic = torch.load(tmp_path / "synthetic.pt", weights_only=True)
     assert synthetic["images"].dtype == torch.float32 and synthetic["images"].shape == (12, 3, 16, 16)
-    assert synthetic["labels"].dtype == torch.int64 and synthetic["labels"].tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert synthetic["labels"].dtype == torch.int64
+    assert synthetic["labels"].tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     assert synthetic["class_counts"] == tiny_data.class_counts and synthetic["class_names"] == tiny_data.class_names
     assert synthetic["mean"] == list(tiny_data.mean) and synthetic["config"]["method"] == "csdm"
     assert json.loads((tmp_path / "config.json").read_text())["ipc"] == 3
@@ -86,7 +88,8 @@ def test_multi_formation(tiny_data, tmp_path):
     assert torch.allclose(tiles[1:2], quarter)
     result = distill(tiny_args(tmp_path, "--factor", "2", "--ipc", "2"), tiny_data, torch.device("cpu"),
                      log=lambda m: None)
-    assert result["images"].shape == (32, 3, 16, 16) and result["labels"].tolist() == [c for c in range(4) for _ in range(8)]
+    assert result["images"].shape == (32, 3, 16, 16)
+    assert result["labels"].tolist() == [c for c in range(4) for _ in range(8)]
     assert result["packed_images"].shape == (8, 3, 16, 16)
 
 

@@ -69,3 +69,29 @@ def test_instance_norm_makes_features_independent_of_the_batch():
     net = ConvNet(3, 10, width=16)
     x = torch.randn(6, 3, 32, 32)
     assert torch.allclose(net.embed(x)[:2], net.embed(x[:2]), atol=1e-5)
+
+
+def test_fast_paths_agree_with_the_plain_forward():
+    """channels_last + torch.compile (float32) matches the eager NCHW forward to float tolerance;
+    bfloat16 autocast matches it to bfloat16's ~3 significant digits."""
+    from networks import autocast
+    net = reset_parameters_(ConvNet(3, 10, width=16), torch.Generator().manual_seed(0)).requires_grad_(False)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    plain = net.embed(x)
+    fast = net.to(memory_format=torch.channels_last)
+    compiled = torch.compile(fast.embed)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(compiled(x_cl), plain, atol=1e-4, rtol=1e-4)
+    with autocast(torch.device("cpu"), "bf16"):
+        half = compiled(x_cl).float()
+    assert (half - plain).norm() / plain.norm() < 2e-2
+
+
+def test_precision_resolution():
+    from networks import resolve_precision
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu, True) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu, compiled=False) == "fp32"  # eager bfloat16 group norm is slow on CPU
+    with open("/proc/cpuinfo") as f:
+        amx = "amx_bf16" in f.read()
+    assert resolve_precision("auto", cpu, compiled=True) == ("bf16" if amx else "fp32")

@@ -64,7 +64,8 @@ def test_frequency_moments():
     w = sample_frequencies(400_000, 1, "gaussian", sigma, generator=g, dtype=torch.float64)
     assert abs(w.mean()) < 0.02 and abs(w.var() - 1 / sigma ** 2) < 0.05  # N(0, sigma^-2)
     w = sample_frequencies(400_000, 1, "laplacian", sigma, generator=g, dtype=torch.float64)
-    assert abs(w.median()) < 0.02 and abs(w.abs().median() - 1 / sigma) < 0.02  # Cauchy(0, 1/sigma): quartiles +-1/sigma
+    # Cauchy(0, 1/sigma): median 0, quartiles +-1/sigma
+    assert abs(w.median()) < 0.02 and abs(w.abs().median() - 1 / sigma) < 0.02
     w = sample_frequencies(400_000, 1, "cauchy", sigma, generator=g, dtype=torch.float64)
     assert abs(w.mean()) < 0.02 and abs(w.abs().mean() - 1 / sigma) < 0.02  # Laplace(0, 1/sigma)
     assert abs(w.var() - 2 / sigma ** 2) < 0.2
