@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="L2-normalise features before the spectral and mmd losses (dm always uses raw features)")
     g.add_argument("--alpha-head", type=float, default=ALPHA_HEAD, help="csdm: amplitude weight of the head class")
     g.add_argument("--alpha-tail", type=float, default=ALPHA_TAIL, help="csdm: amplitude weight of the tail class")
+    g.add_argument("--class-aware", action="store_true",
+                   help="give ncfm or sdm csdm's class-aware amplitude weights (csdm always has them)")
     g = p.add_argument_group("network")
     g.add_argument("--width", type=int, default=128, help="ConvNet channels")
     g.add_argument("--depth", type=int, default=None, help="ConvNet blocks (default: 3 to 32 px, 4 at 64, 5 at 128)")
@@ -161,7 +163,9 @@ def check_options(args) -> None:
         raise UsageError(f"--lr-img must be > 0 (got {args.lr_img})")
     if not args.bandwidth > 0:
         raise UsageError(f"--bandwidth must be > 0 (got {args.bandwidth})")
-    if args.method == "csdm" and not (0 < args.alpha_tail <= args.alpha_head < 1):
+    if args.class_aware and args.method not in ("sdm", "ncfm", "csdm"):
+        raise UsageError(f"--class-aware applies to the spectral losses sdm and ncfm, not {args.method}; drop it")
+    if class_aware(args) and not (0 < args.alpha_tail <= args.alpha_head < 1):
         raise UsageError(f"--alpha-head/--alpha-tail need 0 < tail <= head < 1 "
                          f"(got head {args.alpha_head}, tail {args.alpha_tail})")
     if args.method == "mmd" and args.kernel != "gaussian":
@@ -169,6 +173,11 @@ def check_options(args) -> None:
                          "spectral method (csdm, sdm, ncfm)")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them")
+
+
+def class_aware(args) -> bool:
+    """csdm, or sdm / ncfm with --class-aware: alpha_c from the class counts instead of 1/2."""
+    return args.method == "csdm" or args.class_aware
 
 
 def resolve_device(name: str) -> torch.device:
@@ -500,7 +509,7 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     if args.extractor == "pool":
         pool = [{part: {name: value.to(device) for name, value in network[part].items()} for part in network}
                 for network in extractor_pool(args, data, depth, device, processes, log)]
-    alpha = (class_weights(data.class_counts, args.alpha_head, args.alpha_tail) if args.method == "csdm"
+    alpha = (class_weights(data.class_counts, args.alpha_head, args.alpha_tail) if class_aware(args)
              else torch.full((num_classes,), 0.5))
     local_alpha = alpha[classes].to(device)
     train_images, train_labels = data.train_images.to(device), data.train_labels.to(device)
@@ -509,7 +518,7 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     normalise_features = args.method != "dm" and args.feature_norm == "l2"
     per_chunk = args.class_chunk or max(1, 4096 // (args.batch_real + args.ipc * tiles))
     chunks = [(a, min(a + per_chunk, len(classes))) for a in range(0, len(classes), per_chunk)]
-    if args.method == "csdm":
+    if class_aware(args):
         log("alpha (amplitude weight) per class: " + " ".join(f"{a:.2f}" for a in alpha.tolist()))
 
     def save_checkpoint(iteration: int, elapsed: float) -> None:

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--syn", default=None, help="synthetic.pt written by distill.py")
     what.add_argument("--baseline", default=None, choices=("random", "full"),
                       help="random: --ipc real images per class of the long-tailed set; full: the whole set")
+    what.add_argument("--report", default=None, metavar="DIR",
+                      help="write DIR/table.md (and a plot) from the results.json files under DIR: "
+                           "DIR/<dataset>/if<IF>/ipc<IPC>/<method>/ as a grid, else one row per subfolder")
+    p.add_argument("--summary", default=None, metavar="JSON",
+                   help="--report: also write {'<method>/if<IF>': {acc_mean, acc_std, num_eval, tail}} here "
+                        "(one data set and IPC)")
     add_data_arguments(p)
     p.add_argument("--ipc", type=int, default=10, help="--baseline random: images per class")
     g = p.add_argument_group("training")
@@ -218,6 +224,128 @@ def plot_per_class(result: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# Reports: tables of many runs
+
+# method.md section 7: CIFAR-10-LT, ConvNet-3, test accuracy % at IPC 10 / 20 / 50 (the long-tailed
+# distillation paper, CVPR 2025; best-epoch accuracy, as those codebases report it)
+PUBLISHED_CIFAR10_LT = {
+    "random (published)": {10: (32.5, 39.6, 51.9), 50: (33.2, 42.0, 51.6), 100: (34.4, 41.4, 52.6),
+                           200: (32.5, 42.2, 49.9)},
+    "IDM (published)": {10: (54.8, 57.1, 60.1), 50: (51.9, 53.3, 56.1), 100: (49.8, 50.9, 53.1),
+                        200: (47.0, 48.1, 49.9)},
+    "DATM (published)": {10: (57.2, 60.4, 66.7), 50: (41.6, 43.4, 50.3), 100: (37.3, 38.9, 44.3),
+                         200: (None, 34.8, 40.1)},
+    "LAD (published)": {10: (58.1, 63.0, 70.5), 50: (54.2, 59.4, 65.8), 100: (53.4, 58.2, 64.0),
+                        200: (52.2, 56.6, 62.3)},
+    "full LT set (published)": {10: (76.7,) * 3, 50: (69.8,) * 3, 100: (66.2,) * 3, 200: (62.1,) * 3},
+}
+PUBLISHED_IPCS = (10, 20, 50)
+METHOD_ORDER = ("random", "dm", "mmd", "ncfm", "sdm", "csdm", "full")
+
+
+def collect_grid(root: Path) -> list[dict]:
+    """results.json files at root/<dataset>/if<IF>/ipc<IPC>/<method>/, as flat records."""
+    records = []
+    for path in sorted(root.glob("*/if*/ipc*/*/results.json")):
+        method, ipc, imbalance, dataset = path.parts[-2], path.parts[-3], path.parts[-4], path.parts[-5]
+        result = json.loads(path.read_text())
+        records.append(dict(dataset=dataset, imbalance=float(imbalance[2:]), ipc=int(ipc[3:]), method=method,
+                            **{k: result[k] for k in ("acc_mean", "acc_std", "num_eval", "epochs", "head", "tail",
+                                                      "split")}))
+    return records
+
+
+def _cell(record) -> str:
+    return f"{record['acc_mean']:.1f} ± {record['acc_std']:.1f}" if record else "-"
+
+
+def write_report(root: Path, summary: Path | None = None) -> Path:
+    """root/table.md (and root/accuracy_vs_if.png) from the runs under root."""
+    records = collect_grid(root)
+    lines = [f"# Results under {root}", ""]
+    if records:
+        for dataset in sorted({r["dataset"] for r in records}):
+            rows = [r for r in records if r["dataset"] == dataset]
+            ifs = sorted({r["imbalance"] for r in rows})
+            ipcs = sorted({r["ipc"] for r in rows})
+            methods = sorted({r["method"] for r in rows}, key=lambda m: (METHOD_ORDER + (m,)).index(m))
+            first = rows[0]
+            lines += [f"## {dataset}-LT, {first['split']} accuracy (%), final epoch, mean ± std over networks; "
+                      f"cells: IPC {' / '.join(map(str, ipcs))}", "",
+                      "| method | " + " | ".join(f"IF {i:g}" for i in ifs) + " |",
+                      "|---|" + "---|" * len(ifs)]
+            for method in methods:
+                cells = []
+                for imbalance in ifs:
+                    found = {r["ipc"]: r for r in rows if r["method"] == method and r["imbalance"] == imbalance}
+                    cells.append(" / ".join(_cell(found.get(ipc)) for ipc in ipcs))
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            if dataset == "cifar10":
+                lines += ["", "Published, for reference (method.md section 7; best epoch over training, not "
+                          "final epoch; other pipelines):", "",
+                          "| method | " + " | ".join(f"IF {i:g}" for i in ifs) + " |", "|---|" + "---|" * len(ifs)]
+                for name, table in PUBLISHED_CIFAR10_LT.items():
+                    cells = []
+                    for imbalance in ifs:
+                        values = table.get(int(imbalance))
+                        cells.append(" / ".join("-" if values is None or values[PUBLISHED_IPCS.index(ipc)] is None
+                                                else f"{values[PUBLISHED_IPCS.index(ipc)]:.1f}"
+                                                for ipc in ipcs if ipc in PUBLISHED_IPCS) or "-")
+                    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
+            lines += ["Tail third of the classes (%): " + "; ".join(
+                f"{r['method']} IF {r['imbalance']:g} IPC {r['ipc']} {r['tail']:.1f}" for r in rows), ""]
+        lines.append(f"Networks per cell: {sorted({r['num_eval'] for r in records})}, "
+                     f"epochs: {sorted({r['epochs'] for r in records})}.")
+        try:
+            plot_accuracy_vs_if(records, root / "accuracy_vs_if.png")
+            lines += ["", "![accuracy against imbalance factor](accuracy_vs_if.png)"]
+        except ImportError:
+            pass
+    else:  # one row per subfolder: ablations
+        lines += ["| run | evaluated | accuracy | head | medium | tail | networks x epochs |",
+                  "|---|---|---|---|---|---|---|"]
+        for path in sorted(root.glob("*/results.json")):
+            r = json.loads(path.read_text())
+            lines.append(f"| {path.parent.name} | {r.get('evaluated', '')} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
+                         f"| {r['head']:.1f} | {r['medium']:.1f} | {r['tail']:.1f} | {r['num_eval']} x {r['epochs']} |")
+            records.append(r)
+        lines += ["", f"Accuracy on the {records[0]['split'] if records else '?'} split, final epoch."]
+    table = root / "table.md"
+    table.write_text("\n".join(lines) + "\n")
+    if summary is not None:
+        grid = collect_grid(root)
+        if len({(r["dataset"], r["ipc"]) for r in grid}) != 1:
+            raise UsageError(f"--summary needs runs of one data set and one IPC under {root}")
+        summary.write_text(json.dumps({f"{r['method']}/if{r['imbalance']:g}": {
+            "acc_mean": r["acc_mean"], "acc_std": r["acc_std"], "num_eval": r["num_eval"], "tail": r["tail"]}
+            for r in grid}, indent=2) + "\n")
+    return table
+
+
+def plot_accuracy_vs_if(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = sorted({(r["dataset"], r["ipc"]) for r in records})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for axis, (dataset, ipc) in zip(axes[0], panels):
+        rows = [r for r in records if r["dataset"] == dataset and r["ipc"] == ipc]
+        for method in sorted({r["method"] for r in rows}, key=lambda m: (METHOD_ORDER + (m,)).index(m)):
+            points = sorted((r["imbalance"], r["acc_mean"], r["acc_std"]) for r in rows if r["method"] == method)
+            axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                          marker="o", capsize=3, label=method)
+        axis.set_xscale("log")
+        axis.set_xlabel("imbalance factor")
+        axis.set_ylabel("accuracy (%)")
+        axis.set_title(f"{dataset}-LT, IPC {ipc}")
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
 # What is evaluated: a synthetic file, or a baseline built from the data
 
 def load_synthetic(path: str) -> dict:
@@ -265,6 +393,12 @@ def main(argv=None) -> None:
                 raise UsageError(f"{option} must be >= 1 (got {value})")
         if not args.lr > 0:
             raise UsageError(f"--lr must be > 0 (got {args.lr})")
+        if args.report is not None:
+            root = Path(args.report)
+            if not root.is_dir():
+                raise UsageError(f"--report: {root} is not a folder of runs")
+            print(f"wrote {write_report(root, Path(args.summary) if args.summary else None)}")
+            return
         processes, device = start_processes(args.device)
         args.precision = resolve_precision(args.precision, device, args.compile)
         log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)

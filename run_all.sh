@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# Distill long-tailed CIFAR with each method and evaluate the results.
+# Distill long-tailed CIFAR with every method, evaluate, and tabulate.
 #
-#   ./run_all.sh                     # CIFAR-10-LT IPC 10, IF 10 and 200: csdm, dm, random at the field's protocol (GPU)
-#   ./run_all.sh --quick --data-dir ../shared/data/cifar10   # the same runs with a CPU-sized budget
-#   ./run_all.sh --ifs "100" --methods "csdm dm" --ipcs "10 50"
+#   ./run_all.sh                  # the paper's grid at the field's protocol (a GPU job): CIFAR-10-LT IF 10 50 100 200
+#                                 #   x IPC 10 20 50 and CIFAR-100-LT IF 10 20 x IPC 10 20, every method
+#   ./run_all.sh --datasets cifar10 --ifs "10 200" --ipcs 10 --methods "csdm dm random"   # a part of it
+#   ./run_all.sh --quick --data-dir data/cifar10 --ifs 100 --methods "csdm dm random"     # CPU-sized budget
+#   ./run_all.sh --cpu-bench --data-dir data/cifar10      # CPU benchmark: IF 10 and 200, 5 methods, < 90 min
+#   ./run_all.sh --ablation kernel --data-dir data/cifar10  # one ablation table, on the validation split
 #
-# Each run lives in results/<dataset>/if<IF>/ipc<IPC>/<method>/; a run whose results.json
-# exists is skipped, so the script can be stopped and started again.
+# Each run lives in its own folder (results/<dataset>/if<IF>/ipc<IPC>/<method>/ for the grid); a finished
+# run (results.json present) is skipped and an interrupted one resumed, so the script can be stopped and
+# started again. The grid ends with results/table.md and results/accuracy_vs_if.png.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
   cat <<'EOF'
 options:
+  --datasets LIST      cifar10 cifar100 (default: both)
+  --ifs LIST           imbalance factors (default: 10 50 100 200 for cifar10, 10 20 for cifar100)
+  --ipcs LIST          images per class (default: 10 20 50 for cifar10, 10 20 for cifar100)
+  --methods LIST       among random dm mmd ncfm sdm csdm full (default: all)
   --quick              CPU budget: 200 iterations, batch-real 64, 2 networks x 300 epochs
-  --datasets LIST      data sets (default: "cifar10")
-  --ifs LIST           imbalance factors (default: "10 200")
-  --ipcs LIST          images per class (default: "10")
-  --methods LIST       among csdm sdm ncfm mmd dm random full (default: "csdm dm random")
+  --cpu-bench          the CPU benchmark of the README (writes results/cpu_bench.json)
+  --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline (validation split)
   --data-dir DIR       data folder passed to distill.py / evaluate.py (default: download)
   --out DIR            results folder (default: results)
   --device DEV         auto, cpu, cuda, cuda:N (default: auto)
@@ -28,17 +34,18 @@ EOF
 
 fail() { echo "run_all.sh: error: $*" >&2; exit 2; }
 
-QUICK=0; DATASETS="cifar10"; IF_LIST="10 200"; IPC_LIST="10"; METHODS="csdm dm random"
-DATA_DIR=""; OUT="results"; DEVICE="auto"; SEED=0
+MODE=grid; ABLATION=""; QUICK=0; DATASETS="cifar10 cifar100"; IF_LIST=""; IPC_LIST=""
+METHODS="random dm mmd ncfm sdm csdm full"; DATA_DIR=""; OUT="results"; DEVICE="auto"; SEED=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) QUICK=1; shift ;;
-    --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed)
+    --cpu-bench) MODE=cpu-bench; shift ;;
+    --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed|--ablation)
       [[ $# -ge 2 ]] || fail "$1 needs a value; see ./run_all.sh --help"
       case "$1" in
         --datasets) DATASETS="$2" ;; --ifs) IF_LIST="$2" ;; --ipcs) IPC_LIST="$2" ;;
         --methods) METHODS="$2" ;; --data-dir) DATA_DIR="$2" ;; --out) OUT="$2" ;;
-        --device) DEVICE="$2" ;; --seed) SEED="$2" ;;
+        --device) DEVICE="$2" ;; --seed) SEED="$2" ;; --ablation) MODE=ablation; ABLATION="$2" ;;
       esac
       shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -47,42 +54,120 @@ while [[ $# -gt 0 ]]; do
 done
 
 for m in $METHODS; do
-  case "$m" in csdm|sdm|ncfm|mmd|dm|random|full) ;; *) fail "--methods: unknown method '$m'; use csdm sdm ncfm mmd dm random full" ;; esac
+  case "$m" in random|dm|mmd|ncfm|sdm|csdm|full) ;; *) fail "--methods: unknown method '$m'; use random dm mmd ncfm sdm csdm full" ;; esac
 done
 for d in $DATASETS; do
   case "$d" in cifar10|cifar100) ;; *) fail "--datasets: '$d' is not cifar10 or cifar100" ;; esac
 done
 [[ -z "$DATA_DIR" || -d "$DATA_DIR" ]] || fail "--data-dir: $DATA_DIR does not exist; give the data folder or omit it to download"
-PYTHON="${PYTHON:-python}"
-
-if [[ $QUICK -eq 1 ]]; then
-  DISTILL_BUDGET=(--iterations 200 --batch-real 64)
-  EVAL_BUDGET=(--num-eval 2 --epochs 300)
-else
-  DISTILL_BUDGET=(--iterations 20000 --batch-real 256)
-  EVAL_BUDGET=(--num-eval 5 --epochs 1000)
+[[ "$SEED" =~ ^[0-9]+$ ]] || fail "--seed: '$SEED' is not a non-negative integer"
+case "$MODE:$ABLATION" in
+  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|grid:|cpu-bench:) ;;
+  *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced or pipeline" ;;
+esac
+if [[ "$MODE" != grid && -z "$DATA_DIR" ]]; then
+  fail "--data-dir: the CPU benchmark and the ablations read a local CIFAR-10 copy; pass --data-dir DIR"
 fi
+PYTHON="${PYTHON:-python}"
 DATA_ARGS=(); [[ -n "$DATA_DIR" ]] && DATA_ARGS=(--data-dir "$DATA_DIR")
 
-for dataset in $DATASETS; do
-  for imbalance in $IF_LIST; do
-    for ipc in $IPC_LIST; do
-      for method in $METHODS; do
-        dir="$OUT/$dataset/if$imbalance/ipc$ipc/$method"
-        if [[ -f "$dir/results.json" ]]; then
-          echo "== $dir: done, skipped"; continue
-        fi
-        echo "== $dir"
-        common=(--dataset "$dataset" "${DATA_ARGS[@]}" --imbalance-factor "$imbalance" --seed "$SEED" --device "$DEVICE")
-        case "$method" in
-          random|full)
-            "$PYTHON" evaluate.py --baseline "$method" --ipc "$ipc" "${common[@]}" "${EVAL_BUDGET[@]}" --out "$dir" ;;
-          *)
-            "$PYTHON" distill.py --method "$method" --ipc "$ipc" "${common[@]}" "${DISTILL_BUDGET[@]}" --out "$dir"
-            "$PYTHON" evaluate.py --syn "$dir/synthetic.pt" "${EVAL_BUDGET[@]}" --device "$DEVICE" ;;
-        esac
+# one run: distill (resuming if interrupted) and evaluate, or evaluate a baseline; skipped when done
+#   run_one DIR METHOD DATASET IF IPC [extra distill.py options...]   (uses DISTILL_BUDGET, EVAL_BUDGET, SPLIT_ARGS)
+run_one() {
+  local dir=$1 method=$2 dataset=$3 imbalance=$4 ipc=$5; shift 5
+  if [[ -f "$dir/results.json" ]]; then echo "== $dir: done, skipped"; return; fi
+  echo "== $dir"
+  local common=(--dataset "$dataset" "${DATA_ARGS[@]}" --imbalance-factor "$imbalance" --seed "$SEED" --device "$DEVICE"
+                "${SPLIT_ARGS[@]}")
+  case "$method" in
+    random|full)
+      "$PYTHON" evaluate.py --baseline "$method" --ipc "$ipc" "${common[@]}" "${EVAL_BUDGET[@]}" --out "$dir" ;;
+    *)
+      local resume=(); [[ -e "$dir" ]] && resume=(--resume)
+      "$PYTHON" distill.py --method "$method" --ipc "$ipc" "${common[@]}" "${DISTILL_BUDGET[@]}" "$@" \
+        "${resume[@]}" --out "$dir"
+      "$PYTHON" evaluate.py --syn "$dir/synthetic.pt" "${EVAL_BUDGET[@]}" --device "$DEVICE" ;;
+  esac
+}
+
+SPLIT_ARGS=()
+if [[ $QUICK -eq 1 || "$MODE" != grid ]]; then
+  DISTILL_BUDGET=(--iterations 200 --batch-real 64 --compile)
+  EVAL_BUDGET=(--num-eval 2 --epochs 300 --compile)
+else
+  DISTILL_BUDGET=(--iterations 20000 --batch-real 256 --compile)
+  EVAL_BUDGET=(--num-eval 5 --epochs 1000 --compile)
+fi
+
+case "$MODE" in
+  grid)
+    for dataset in $DATASETS; do
+      ifs="$IF_LIST"; ipcs="$IPC_LIST"
+      [[ -n "$ifs" ]] || { [[ $dataset == cifar10 ]] && ifs="10 50 100 200" || ifs="10 20"; }
+      [[ -n "$ipcs" ]] || { [[ $dataset == cifar10 ]] && ipcs="10 20 50" || ipcs="10 20"; }
+      for imbalance in $ifs; do
+        for ipc in $ipcs; do
+          for method in $METHODS; do
+            run_one "$OUT/$dataset/if$imbalance/ipc$ipc/$method" "$method" "$dataset" "$imbalance" "$ipc"
+          done
+        done
       done
     done
-  done
-done
-echo "== all runs finished; results under $OUT/"
+    "$PYTHON" evaluate.py --report "$OUT" ;;
+
+  cpu-bench)
+    # one fixed reduced budget for every method; 3 networks per evaluation; test split
+    DISTILL_BUDGET=(--iterations 600 --batch-real 64 --compile)
+    EVAL_BUDGET=(--num-eval 3 --epochs 300 --compile)
+    bench="$OUT/cpu_bench"
+    for imbalance in 10 200; do
+      for method in random dm sdm ncfm csdm; do
+        run_one "$bench/cifar10/if$imbalance/ipc10/$method" "$method" cifar10 "$imbalance" 10
+      done
+    done
+    "$PYTHON" evaluate.py --report "$bench" --summary "$OUT/cpu_bench.json" ;;
+
+  ablation)
+    # the CPU benchmark's setting at IF 200, measured on a balanced validation split of 100 images per class
+    SPLIT_ARGS=(--val-per-class 100)
+    DISTILL_BUDGET=(--iterations 600 --batch-real 64 --compile)
+    EVAL_BUDGET=(--num-eval 2 --epochs 300 --compile --split val)
+    dir="$OUT/ablations/$ABLATION"
+    variant() { local name=$1 method=$2 imbalance=$3; shift 3; run_one "$dir/$name" "$method" cifar10 "$imbalance" 10 "$@"; }
+    case "$ABLATION" in
+      kernel)
+        for kernel in gaussian laplacian cauchy; do
+          variant "csdm-$kernel-fixed" csdm 200 --kernel "$kernel"
+          variant "csdm-$kernel-median" csdm 200 --kernel "$kernel" --bandwidth-rule median
+        done ;;
+      weighting)
+        for kernel in gaussian laplacian cauchy; do
+          variant "sdm-$kernel" sdm 200 --kernel "$kernel"
+          variant "csdm-$kernel" csdm 200 --kernel "$kernel"
+        done
+        variant ncfm-uniform ncfm 200
+        variant ncfm-class-aware ncfm 200 --class-aware ;;
+      alpha)
+        for pair in "0.5 0.5" "0.6 0.4" "0.7 0.3" "0.8 0.2" "0.9 0.1" "0.5 0.2" "0.8 0.5"; do
+          set -- $pair
+          variant "csdm-head$1-tail$2" csdm 200 --alpha-head "$1" --alpha-tail "$2"
+        done ;;
+      freqs)
+        for m in 64 256 1024 4096; do variant "csdm-M$m" csdm 200 --num-freqs "$m"; done ;;
+      balanced)
+        for method in dm sdm csdm; do variant "$method-IF1" "$method" 1; done ;;
+      pipeline)
+        for method in dm csdm; do
+          variant "$method-default" "$method" 200
+          variant "$method-adam" "$method" 200 --optimizer adam --lr-img 0.01
+          variant "$method-sgd" "$method" 200 --optimizer sgd
+          variant "$method-pool" "$method" 200 --extractor pool
+          variant "$method-factor2" "$method" 200 --factor 2
+        done
+        variant csdm-median csdm 200 --bandwidth-rule median
+        variant csdm-fixed csdm 200 --bandwidth-rule fixed
+        variant csdm-no-l2 csdm 200 --feature-norm none ;;
+    esac
+    "$PYTHON" evaluate.py --report "$dir" ;;
+esac
+echo "== finished; results under $OUT/"

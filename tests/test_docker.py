@@ -41,6 +41,8 @@ def test_the_image_runs_run_all():
 
 def test_run_all_rejects_bad_options():
     for argv, option in ((["--methods", "gan"], "--methods"), (["--frobnicate"], "--frobnicate"),
-                         (["--data-dir", "/nonexistent/x"], "--data-dir"), (["--ifs"], "--ifs")):
+                         (["--data-dir", "/nonexistent/x"], "--data-dir"), (["--ifs"], "--ifs"),
+                         (["--ablation", "colour"], "--ablation"), (["--cpu-bench"], "--data-dir"),
+                         (["--seed", "-1"], "--seed"), (["--datasets", "mnist"], "--datasets")):
         done = subprocess.run(["bash", str(ROOT / "run_all.sh"), *argv], capture_output=True, text=True)
         assert done.returncode == 2 and option in done.stderr and len(done.stderr.strip().splitlines()) == 1
