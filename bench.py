@@ -3,6 +3,7 @@
 $ python bench.py                       # fixed-column table (a few minutes on 2 CPU cores)
 $ python bench.py --json                # the same, plus one JSON line at the end
 $ python bench.py --data-dir data/cifar10 --device cuda
+$ python bench.py --scaling 10 100 200    # seconds per iteration and peak memory against the class count
 
 Shapes are CIFAR-10-LT's (IF 200, 10 classes, 3 x 32 x 32); without --data-dir the pixels are
 random, which changes no timing. Every timing is the median of --repeats runs after warm-up.
@@ -70,19 +71,20 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-def random_cifar10_lt(imbalance_factor: float = 200, seed: int = 0) -> LongTailedData:
-    """CIFAR-10-LT shapes with random pixels (timing only)."""
+def random_cifar10_lt(imbalance_factor: float = 200, seed: int = 0, num_classes: int = 10,
+                      n_max: int = 5000) -> LongTailedData:
+    """CIFAR-LT shapes with random pixels (timing only): num_classes classes, n_max images in the head."""
     g = torch.Generator().manual_seed(seed)
-    counts = long_tailed_counts(5000, 10, imbalance_factor)
-    labels = torch.arange(10).repeat_interleave(torch.tensor(counts))
-    test_labels = torch.arange(10).repeat_interleave(1000)
+    counts = long_tailed_counts(n_max, num_classes, imbalance_factor)
+    labels = torch.arange(num_classes).repeat_interleave(torch.tensor(counts))
+    test_labels = torch.arange(num_classes).repeat_interleave(10000 // num_classes)
     return LongTailedData(
-        name=f"random-cifar10-LT(IF={imbalance_factor:g})", class_names=[str(c) for c in range(10)],
+        name=f"random-LT(C={num_classes}, IF={imbalance_factor:g})", class_names=[str(c) for c in range(num_classes)],
         class_counts=counts, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010),
         train_images=torch.randint(0, 256, (len(labels), 3, 32, 32), generator=g, dtype=torch.uint8),
         train_labels=labels, val_images=torch.zeros(0, 3, 32, 32, dtype=torch.uint8),
         val_labels=torch.zeros(0, dtype=torch.long),
-        test_images=torch.randint(0, 256, (10000, 3, 32, 32), generator=g, dtype=torch.uint8),
+        test_images=torch.randint(0, 256, (len(test_labels), 3, 32, 32), generator=g, dtype=torch.uint8),
         test_labels=test_labels)
 
 
@@ -271,6 +273,39 @@ def _rss_child(data_dir, device_name, queue):
     queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, gpu))  # ru_maxrss is in KiB
 
 
+def _scaling_child(num_classes, batch_real, device_name, compile, iterations, queue):
+    """Seconds per csdm iteration (median after 2 warm-up iterations) and peak memory for num_classes
+    classes at IPC 10 (CIFAR-100-like: n_max 500, IF 10)."""
+    device = torch.device(device_name)
+    data = random_cifar10_lt(10, 0, num_classes, 500)
+    argv = ["--method", "csdm", "--ipc", "10", "--batch-real", str(batch_real), "--iterations", str(iterations),
+            "--device", device_name, "--ckpt-every", "1000000", "--out", "/tmp/csdm-bench-scaling"]
+    args = distill_parser().parse_args(argv + (["--compile"] if compile else []))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    history = distill(args, data, device, log=lambda m: None)["history"]
+    seconds = float(np.median(np.diff([0.0] + [h[2] for h in history])[2:]))
+    gpu = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, gpu))
+
+
+def scaling_table(classes: list[int], batch_real: int, device, compile: bool, iterations: int = 6) -> list[dict]:
+    """One child process per class count, so that each peak is its own."""
+    rows = []
+    for num_classes in classes:
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        child = context.Process(target=_scaling_child,
+                                args=(num_classes, batch_real, str(device), compile, iterations, queue))
+        child.start()
+        seconds, rss, gpu = queue.get()
+        child.join()
+        rows.append({"classes": num_classes, "sec_per_iter": seconds, "peak_rss_gb": rss, "peak_gpu_gb": gpu})
+        print(f"{num_classes:>8} classes  {seconds:8.3f} s/iter  peak RSS {rss:6.2f} GB"
+              + (f"  peak GPU {gpu:6.2f} GB" if gpu is not None else ""), flush=True)
+    return rows
+
+
 def peak_memory(data_dir, device) -> tuple[float, float | None]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -291,8 +326,17 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     parser.add_argument("--eval-epochs", type=int, default=100, help="epochs of the evaluation timing")
     parser.add_argument("--no-compile", action="store_true", help="time the eager code paths")
+    parser.add_argument("--scaling", type=int, nargs="+", default=None, metavar="C",
+                        help="instead: seconds per csdm iteration and peak memory for C classes (IPC 10)")
+    parser.add_argument("--batch-real", type=int, default=64, help="--scaling: real images per class")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    if args.scaling:
+        print(f"csdm, IPC 10, batch-real {args.batch_real}, 32 px, {device}, compile {not args.no_compile}")
+        rows = scaling_table(args.scaling, args.batch_real, device, not args.no_compile)
+        if args.json:
+            print(json.dumps(rows))
+        return
     compile = not args.no_compile
     precision = resolve_precision("auto", device, compile)
     data = get_data(args.data_dir)

@@ -1,0 +1,49 @@
+"""evaluate.py --report: the grid table, the published numbers beside ours, the CPU-benchmark summary."""
+import json
+
+import pytest
+
+import evaluate
+
+
+def fake_result(acc, tail=30.0, split="test"):
+    return {"acc_mean": acc, "acc_std": 0.5, "num_eval": 3, "epochs": 300, "head": acc + 5, "medium": acc,
+            "tail": tail, "split": split, "accs": [acc] * 3}
+
+
+def test_grid_report_and_summary(tmp_path):
+    accs = {("dm", 10): 50.0, ("dm", 200): 40.0, ("csdm", 10): 51.0, ("csdm", 200): 43.5, ("random", 10): 30.0,
+            ("random", 200): 28.0}
+    for (method, imbalance), acc in accs.items():
+        folder = tmp_path / "cifar10" / f"if{imbalance}" / "ipc10" / method
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(fake_result(acc, tail=acc - 3)))
+    table = evaluate.write_report(tmp_path, tmp_path / "summary.json").read_text()
+    assert "| method | IF 10 | IF 200 |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    ours = [row.split(" | ")[0].strip("| ") for row in rows[1:4]]
+    assert ours == ["random", "dm", "csdm"]  # the field's order, whatever the folders' order
+    assert "| csdm | 51.0 ± 0.5 | 43.5 ± 0.5 |" in table
+    assert "| LAD (published) | 58.1 | 52.2 |" in table  # published numbers beside ours, labelled
+    assert (tmp_path / "accuracy_vs_if.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"dm/if10", "dm/if200", "csdm/if10", "csdm/if200", "random/if10", "random/if200"}
+    assert summary["csdm/if200"] == {"acc_mean": 43.5, "acc_std": 0.5, "num_eval": 3, "tail": 40.5}
+
+
+def test_list_report_for_ablations(tmp_path):
+    for name, acc in (("csdm-gaussian", 41.0), ("csdm-cauchy", 39.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(dict(fake_result(acc, split="val"),
+                                                                      evaluated=f"{name}, IPC 10")))
+    table = evaluate.write_report(tmp_path).read_text()
+    assert "| csdm-cauchy | csdm-cauchy, IPC 10 | 39.00 ± 0.50 |" in table and "val split" in table
+
+
+def test_summary_needs_one_dataset_and_ipc(tmp_path):
+    for ipc in (10, 20):
+        folder = tmp_path / "cifar10" / "if10" / f"ipc{ipc}" / "dm"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(fake_result(40.0)))
+    with pytest.raises(evaluate.UsageError, match="--summary"):
+        evaluate.write_report(tmp_path, tmp_path / "s.json")
