@@ -43,7 +43,7 @@ from data_lt import LongTailedData, long_tailed_counts, load_long_tailed
 from distill import build_parser as distill_parser
 from distill import distill, initial_synthetic, resolve_device
 from evaluate import train_network
-from networks import ConvNet, autocast, reset_parameters_, resolve_precision
+from networks import ConvNet, autocast, in_micro_batches, micro_batch_size, reset_parameters_, resolve_precision
 from sdd import exact_mmd2, per_class_loss, sample_frequencies
 
 TARGETS = {  # (direction, bound) on this project's 2-core CPU
@@ -152,8 +152,8 @@ def scaling(device, repeats: int, n: int = 1024, dim: int = 2048, num_freqs: int
 
 
 def bare_extractor_seconds(device, precision: str, compile: bool, n_real: int, n_syn: int, repeats: int) -> float:
-    """The ConvNet alone on one iteration's images: no-grad forward of the real batch (chunks of 1024,
-    as distill.py), forward + backward to the synthetic pixels."""
+    """The ConvNet alone on one iteration's images: no-grad forward of the real batch, forward + backward
+    to the synthetic pixels, in distill.py's micro-batches."""
     net = ConvNet(3, 10).to(device).to(memory_format=torch.channels_last).requires_grad_(False)
 
     def embed(x):
@@ -164,12 +164,13 @@ def bare_extractor_seconds(device, precision: str, compile: bool, n_real: int, n
     real = torch.randn(n_real, 3, 32, 32, generator=g, device=device).contiguous(memory_format=torch.channels_last)
     syn = torch.randn(n_syn, 3, 32, 32, generator=g, device=device).contiguous(memory_format=torch.channels_last)
 
+    micro = micro_batch_size(device)
+
     def run():
         with torch.no_grad():
-            for part in real.split(1024):
-                embed(part)
+            in_micro_batches(embed, real, micro or 1024)
         s = syn.clone().requires_grad_(True)
-        embed(s).sum().backward()
+        in_micro_batches(embed, s, micro).sum().backward()
     return median_time(run, repeats, warmup=2)
 
 

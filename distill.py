@@ -59,8 +59,8 @@ from einops import rearrange
 from data_lt import (DSA_OPS, DSA_SLOTS, STREAM_INIT, STREAM_REAL_BATCH, LongTailedData, UsageError,
                      add_data_arguments, cache_dir, counter_seed, counter_uniform, draw_per_class, dsa_augment,
                      dsa_uniforms_siamese, load_from_args)
-from networks import (NORMS, POOLINGS, PRECISIONS, ConvNet, autocast, depth_for_size, reset_parameters_,
-                      resolve_precision)
+from networks import (NORMS, POOLINGS, PRECISIONS, ConvNet, autocast, depth_for_size, in_micro_batches,
+                      micro_batch_size, reset_parameters_, resolve_precision)
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
                  per_class_loss, sample_frequencies)
 
@@ -329,10 +329,10 @@ class RealBatchSampler:
         return self.index[order[keep]], position[keep]
 
 
-def embed_in_chunks(embed, images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def embed_in_chunks(embed, images: torch.Tensor, chunk: int | None = 1024) -> torch.Tensor:
     """embed(images) over row chunks, without building a graph (real images need no gradient)."""
     with torch.no_grad():
-        return torch.cat([embed(part.contiguous(memory_format=torch.channels_last)) for part in images.split(chunk)])
+        return in_micro_batches(embed, images.contiguous(memory_format=torch.channels_last), chunk or 1024)
 
 
 # ----------------------------------------------------------------------------------------
@@ -505,6 +505,8 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
             return net.embed(x).float()
 
     embed = torch.compile(embed) if args.compile else embed
+    # batch norm statistics would change with the micro-batches: keep whole batches then
+    micro = micro_batch_size(device, data.image_size) if args.norm != "batch" else None
     pool = None
     if args.extractor == "pool":
         pool = [{part: {name: value.to(device) for name, value in network[part].items()} for part in network}
@@ -569,10 +571,10 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
             real_class = train_labels[chunk_index]
             real = dsa_augment(data.normalise(train_images[chunk_index]),
                                dsa_uniforms_siamese(args.seed, iteration, real_class, chunk_position))
-            real_features = embed_in_chunks(embed, real)
+            real_features = embed_in_chunks(embed, real, micro)
             syn_aug = dsa_augment(decoded, dsa_uniforms_siamese(args.seed, iteration, syn_class[in_syn],
                                                                 syn_position[in_syn]))
-            syn_features = embed(syn_aug.contiguous(memory_format=torch.channels_last))
+            syn_features = in_micro_batches(embed, syn_aug.contiguous(memory_format=torch.channels_last), micro)
             if normalise_features:
                 real_features, syn_features = F.normalize(real_features, dim=1), F.normalize(syn_features, dim=1)
             real_labels, syn_labels = real_local[in_real] - first, syn_local[in_syn] - first

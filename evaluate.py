@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from data_lt import UsageError, add_data_arguments, counter_seed, dsa_augment, dsa_uniforms_per_sample, load_long_tailed
 from distill import (FORMAT_VERSION, Processes, environment, initial_synthetic, start_processes,
                      write_run_readme)
-from networks import NORMS, PRECISIONS, ConvNet, autocast, depth_for_size, reset_parameters_, resolve_precision
+from networks import (NORMS, PRECISIONS, ConvNet, autocast, depth_for_size, in_micro_batches, micro_batch_size,
+                      reset_parameters_, resolve_precision)
 
 STREAM_EVAL = 21
 
@@ -93,20 +94,26 @@ def train_network(net: ConvNet, images: torch.Tensor, labels: torch.Tensor, epoc
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2], gamma=0.1)
     device = images.device
+    has_batch_norm = any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
 
-    def forward_loss(x, y):
+    def summed_loss(x, y):
         with autocast(device, precision):
             logits = net(x)
-        return F.cross_entropy(logits.float(), y)
+        return F.cross_entropy(logits.float(), y, reduction="sum")
 
-    step_loss = torch.compile(forward_loss) if compile else forward_loss
+    summed_loss = torch.compile(summed_loss) if compile else summed_loss
+    micro = micro_batch_size(device, images.shape[-1]) or batch_size
     net.train()
     n = len(labels)
     for _ in range(epochs):
         permutation = torch.randperm(n, generator=generator, device=device)
         for batch in permutation.split(batch_size):
             x = dsa_augment(images[batch], dsa_uniforms_per_sample(len(batch), generator, device))
-            loss = step_loss(x.contiguous(memory_format=torch.channels_last), labels[batch])
+            x = x.contiguous(memory_format=torch.channels_last)
+            # the batch's mean loss, its forward in cache-sized micro-batches (same gradient: no batch norm
+            # statistics cross them unless --norm batch, where micro-batching is skipped)
+            parts = zip(x.split(micro), labels[batch].split(micro)) if not has_batch_norm else [(x, labels[batch])]
+            loss = sum(summed_loss(xp, yp) for xp, yp in parts) / len(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -128,10 +135,11 @@ def per_class_accuracy(net: ConvNet, images: torch.Tensor, labels: torch.Tensor,
             return net(x).argmax(1)
 
     predict = torch.compile(predict) if compile else predict
+    micro = micro_batch_size(images.device, images.shape[-1])
     correct = torch.zeros(num_classes, dtype=torch.float64)
     for start in range(0, len(labels), chunk):
         x = normalise(images[start:start + chunk]).contiguous(memory_format=torch.channels_last)
-        hit = (predict(x) == labels[start:start + chunk]).double().cpu()
+        hit = (in_micro_batches(predict, x, micro) == labels[start:start + chunk]).double().cpu()
         correct += torch.bincount(labels[start:start + chunk].cpu(), weights=hit, minlength=num_classes)
     return 100 * correct / torch.bincount(labels.cpu(), minlength=num_classes).clamp_min(1)
 
