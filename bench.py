@@ -115,8 +115,9 @@ def feature_shapes(data, batch_real=256, ipc=10):
 
 
 def loss_seconds(device, method: str, n_real: int, n_syn: int, num_classes: int, num_freqs: int, repeats: int,
-                 dim: int = 2048) -> float:
-    """Forward + backward of the matching loss alone on features of an iteration's shapes."""
+                 precision: str, dim: int = 2048) -> float:
+    """Forward + backward of the matching loss alone on features of an iteration's shapes, its
+    projection in the precision distill.py uses."""
     g = torch.Generator(device=device).manual_seed(0)
     real = F.normalize(torch.randn(n_real, dim, generator=g, device=device), dim=1)
     syn = F.normalize(torch.randn(n_syn, dim, generator=g, device=device), dim=1).requires_grad_(True)
@@ -126,7 +127,8 @@ def loss_seconds(device, method: str, n_real: int, n_syn: int, num_classes: int,
 
     def run():
         freqs = sample_frequencies(num_freqs, dim, generator=g, device=device)
-        loss = per_class_loss(method, real, real_labels, syn, syn_labels, num_classes, freqs=freqs, alpha=alpha)
+        loss = per_class_loss(method, real, real_labels, syn, syn_labels, num_classes, freqs=freqs, alpha=alpha,
+                              projection_dtype=torch.bfloat16 if precision == "bf16" else None)
         loss.sum().backward()
     return median_time(run, repeats)
 
@@ -355,7 +357,7 @@ def main(argv=None) -> None:
 
     log("loss share and scaling ...")
     n_real, n_syn = feature_shapes(data)
-    t_loss = loss_seconds(device, "csdm", n_real, n_syn, data.num_classes, 1024, args.repeats)
+    t_loss = loss_seconds(device, "csdm", n_real, n_syn, data.num_classes, 1024, args.repeats, precision)
     r.update(sdd_seconds=t_loss, sdd_share=t_loss / t_csdm)
     r["sdd_scaling"], r["mmd_scaling"] = scaling(device, args.repeats)
 

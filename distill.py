@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local GPU)")
     g.add_argument("--out", default="runs/distill", help="output folder")
     g.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
-                   help="bf16: the extractor under bfloat16 autocast, losses in float32; fp32: float32; "
+                   help="bf16: the extractor under bfloat16 autocast and the spectral projection w.x in "
+                        "bfloat16 (float32 accumulation), the rest of the losses in float32; fp32: float32; "
                         "auto: bf16 where it is fast (GPUs; CPUs with AMX when --compile)")
     g.add_argument("--compile", action="store_true", help="torch.compile the extractor (pays off past ~100 iterations)")
     g.add_argument("--ckpt-every", type=int, default=100, help="write checkpoint.pt every N iterations")
@@ -505,6 +506,8 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
             return net.embed(x).float()
 
     embed = torch.compile(embed) if args.compile else embed
+    # the spectral loss's projection w . x follows the network's precision (sdd.class_characteristic_functions)
+    projection_dtype = torch.bfloat16 if precision == "bf16" else None
     # batch norm statistics would change with the micro-batches: keep whole batches then
     micro = micro_batch_size(device, data.image_size) if args.norm != "batch" else None
     pool = None
@@ -582,7 +585,8 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
             if args.bandwidth_rule == "median":
                 bandwidth = args.bandwidth * class_median_distances(real_features, real_labels, last - first)
             loss = per_class_loss(args.method, real_features, real_labels, syn_features, syn_labels, last - first,
-                                  freqs=freqs, alpha=local_alpha[first:last], bandwidth=bandwidth).sum()
+                                  freqs=freqs, alpha=local_alpha[first:last], bandwidth=bandwidth,
+                                  projection_dtype=projection_dtype).sum()
             loss.backward()
             loss_value = loss_value + loss.detach()
         optimizer.step()

@@ -155,17 +155,24 @@ def class_means(values: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
 
 
 def class_characteristic_functions(feats, labels, freqs, num_classes, inverse_bandwidth=None,
-                                   chunk_size: int = 8192):
+                                   chunk_size: int = 8192, projection_dtype: torch.dtype | None = None):
     """phi_c(w_m / sigma_c) = mean_{j: y_j = c} exp(i w_m . x_j / sigma_c) for all classes: (re, im), each (C, M).
 
     inverse_bandwidth: 1 / sigma_c per class (C,), or None for sigma = 1. Rows are processed in
-    chunks of chunk_size so that the (rows, M) projection stays bounded."""
+    chunks of chunk_size so that the (rows, M) projection stays bounded. projection_dtype=torch.bfloat16
+    computes the product w . x in bfloat16 with float32 accumulation (5-6x faster on AMX CPUs and
+    tensor cores; for unit-norm x and w ~ N(0, I) the phase error is ~3e-3 rad, far below the
+    Monte-Carlo error of M frequencies); cos, sin and the means stay in feats' dtype."""
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(feats.dtype)
     re = torch.zeros(num_classes, freqs.shape[0], dtype=feats.dtype, device=feats.device)
     im = torch.zeros_like(re)
     for start in range(0, len(feats), chunk_size):
         chunk_labels = labels[start:start + chunk_size]
-        projection = feats[start:start + chunk_size] @ freqs.T  # (chunk, M)
+        rows = feats[start:start + chunk_size]
+        if projection_dtype is None:
+            projection = rows @ freqs.T  # (chunk, M)
+        else:
+            projection = (rows.to(projection_dtype) @ freqs.to(projection_dtype).T).to(feats.dtype)
         if inverse_bandwidth is not None:
             projection = projection * inverse_bandwidth[chunk_labels][:, None]
         re = re.index_add(0, chunk_labels, torch.cos(projection))
@@ -207,7 +214,8 @@ def exact_mmd2(real, real_labels, syn, syn_labels, num_classes, bandwidth):
 
 def per_class_loss(method: str, real: torch.Tensor, real_labels: torch.Tensor, syn: torch.Tensor,
                    syn_labels: torch.Tensor, num_classes: int, freqs: torch.Tensor | None = None,
-                   alpha: torch.Tensor | None = None, bandwidth=1.0) -> torch.Tensor:
+                   alpha: torch.Tensor | None = None, bandwidth=1.0,
+                   projection_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The matching loss of every class at once, (C,); the total loss is its sum.
 
     real (N, d) and syn (S, d) are features with integer class labels; classes may hold
@@ -215,7 +223,8 @@ def per_class_loss(method: str, real: torch.Tensor, real_labels: torch.Tensor, s
     freqs (M, d) for the spectral methods; alpha (C,) the amplitude weight per class
     (default 1/2 for all); bandwidth sigma, a number or one per class (C,): the spectral
     methods use the frequencies w / sigma_c (freqs drawn for sigma = 1 then give the kernel
-    of bandwidth sigma_c), mmd the Gaussian kernel of bandwidth sigma_c."""
+    of bandwidth sigma_c), mmd the Gaussian kernel of bandwidth sigma_c. projection_dtype: see
+    class_characteristic_functions (None: feats' dtype)."""
     if method == "dm":
         return ((class_means(real, real_labels, num_classes)
                  - class_means(syn, syn_labels, num_classes)) ** 2).sum(1)
@@ -230,8 +239,10 @@ def per_class_loss(method: str, real: torch.Tensor, real_labels: torch.Tensor, s
     if not (isinstance(bandwidth, (int, float)) and bandwidth == 1):
         inverse = 1 / torch.as_tensor(bandwidth, dtype=syn.dtype, device=syn.device).expand(num_classes)
     with torch.no_grad():
-        re_r, im_r = class_characteristic_functions(real, real_labels, freqs, num_classes, inverse)
-    re_s, im_s = class_characteristic_functions(syn, syn_labels, freqs, num_classes, inverse)
+        re_r, im_r = class_characteristic_functions(real, real_labels, freqs, num_classes, inverse,
+                                                    projection_dtype=projection_dtype)
+    re_s, im_s = class_characteristic_functions(syn, syn_labels, freqs, num_classes, inverse,
+                                                projection_dtype=projection_dtype)
     amplitude, phase = amplitude_phase(re_s, im_s, re_r, im_r)  # (C, M) each
     if method == "ncfm":
         return torch.sqrt((alpha * amplitude + (1 - alpha) * phase).clamp_min(1e-12)).mean(1)
