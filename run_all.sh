@@ -54,15 +54,20 @@ while [[ $# -gt 0 ]]; do
 done
 
 for m in $METHODS; do
-  case "$m" in random|dm|mmd|ncfm|sdm|csdm|full) ;; *) fail "--methods: unknown method '$m'; use random dm mmd ncfm sdm csdm full" ;; esac
+  case "$m" in
+    random|dm|mmd|ncfm|sdm|csdm|full) ;;
+    *) fail "--methods: unknown method '$m'; use random dm mmd ncfm sdm csdm full" ;;
+  esac
 done
 for d in $DATASETS; do
   case "$d" in cifar10|cifar100) ;; *) fail "--datasets: '$d' is not cifar10 or cifar100" ;; esac
 done
-[[ -z "$DATA_DIR" || -d "$DATA_DIR" ]] || fail "--data-dir: $DATA_DIR does not exist; give the data folder or omit it to download"
+[[ -z "$DATA_DIR" || -d "$DATA_DIR" ]] ||
+  fail "--data-dir: $DATA_DIR does not exist; give the data folder or omit it to download"
 [[ "$SEED" =~ ^[0-9]+$ ]] || fail "--seed: '$SEED' is not a non-negative integer"
 case "$MODE:$ABLATION" in
-  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|grid:|cpu-bench:) ;;
+  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline) ;;
+  grid:|cpu-bench:) ;;
   *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced or pipeline" ;;
 esac
 if [[ "$MODE" != grid && -z "$DATA_DIR" ]]; then
@@ -134,7 +139,10 @@ case "$MODE" in
     DISTILL_BUDGET=(--iterations 300 --batch-real 64 --compile)
     EVAL_BUDGET=(--num-eval 2 --epochs 300 --compile --split val)
     dir="$OUT/ablations/$ABLATION"
-    variant() { local name=$1 method=$2 imbalance=$3; shift 3; run_one "$dir/$name" "$method" cifar10 "$imbalance" 10 "$@"; }
+    variant() {
+      local name=$1 method=$2 imbalance=$3; shift 3
+      run_one "$dir/$name" "$method" cifar10 "$imbalance" 10 "$@"
+    }
     case "$ABLATION" in
       kernel)
         for kernel in gaussian laplacian cauchy; do
