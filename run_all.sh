@@ -166,15 +166,20 @@ case "$MODE" in
       balanced)
         for method in dm sdm csdm; do variant "$method-IF1" "$method" 1; done ;;
       pipeline)
-        for method in dm csdm; do
-          variant "$method-default" "$method" 200
-          variant "$method-adam" "$method" 200 --optimizer adam
-          variant "$method-pool" "$method" 200 --extractor pool
-          variant "$method-factor2" "$method" 200 --factor 2
-        done
-        variant csdm-median csdm 200 --bandwidth-rule median
-        variant csdm-sigma2 csdm 200 --bandwidth 2
-        variant csdm-no-l2 csdm 200 --feature-norm none ;;
+        # one thing added at a time to the plain DM loop (random extractor, factor 1, fixed sigma, L2
+        # features), with each method's own optimiser: dm SGD, csdm Adam
+        base=(--extractor random --factor 1 --bandwidth-rule fixed --bandwidth 1 --feature-norm l2)
+        variant dm-base dm 200 "${base[@]}" --optimizer sgd
+        variant dm-adam dm 200 "${base[@]}" --optimizer adam
+        variant dm-pool dm 200 "${base[@]}" --optimizer sgd --extractor pool
+        variant dm-factor2 dm 200 "${base[@]}" --optimizer sgd --factor 2
+        variant csdm-base csdm 200 "${base[@]}" --optimizer adam
+        variant csdm-sgd csdm 200 "${base[@]}" --optimizer sgd --lr-img 1
+        variant csdm-factor2 csdm 200 "${base[@]}" --optimizer adam --factor 2
+        variant csdm-pool csdm 200 "${base[@]}" --optimizer adam --extractor pool
+        variant csdm-median csdm 200 "${base[@]}" --optimizer adam --bandwidth-rule median
+        variant csdm-sigma2 csdm 200 "${base[@]}" --optimizer adam --bandwidth 2
+        variant csdm-no-l2 csdm 200 "${base[@]}" --optimizer adam --feature-norm none ;;
     esac
     "$PYTHON" evaluate.py --report "$dir" ;;
 esac
