@@ -103,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: per method, {DEFAULT_OPTIMIZER})")
     g.add_argument("--lr-img", type=float, default=None,
                    help="learning rate on pixels (default: per method and optimiser, DEFAULT_LR_IMG in distill.py)")
-    g.add_argument("--factor", type=int, default=1,
+    g.add_argument("--factor", type=int, default=2,
                    help="multi-formation (NCFM, IDC): each synthetic image holds factor x factor tiles, each "
-                        "decoded to a full-size training image, so the set has IPC x factor^2 images per class")
+                        "decoded to a full-size training image, so the set has IPC x factor^2 images per class "
+                        "(default 2, chosen on the validation split; 1: one image per stored image, as DM)")
     g.add_argument("--extractor", default="random", choices=("random", "pool"),
                    help="feature extractor per iteration: a fresh random ConvNet (DM), or one of a pool of "
                         "ConvNets trained briefly on the long-tailed set, blended with its initialisation (NCFM)")
