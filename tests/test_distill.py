@@ -56,16 +56,17 @@ def test_outputs_describe_the_run(tmp_path, tiny_data):
     result = distill(tiny_args(tmp_path, "--method", "csdm"), tiny_data, torch.device("cpu"), log=lambda m: None)
     write_outputs(result, tmp_path)
     synthetic = torch.load(tmp_path / "synthetic.pt", weights_only=True)
-    assert synthetic["images"].dtype == torch.float32 and synthetic["images"].shape == (12, 3, 16, 16)
+    # the default multi-formation factor 2: 3 stored images per class, each decoded to 4 training images
+    assert synthetic["images"].dtype == torch.float32 and synthetic["images"].shape == (48, 3, 16, 16)
     assert synthetic["labels"].dtype == torch.int64
-    assert synthetic["labels"].tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert synthetic["labels"].tolist() == [0] * 12 + [1] * 12 + [2] * 12 + [3] * 12
     assert synthetic["class_counts"] == tiny_data.class_counts and synthetic["class_names"] == tiny_data.class_names
     assert synthetic["mean"] == list(tiny_data.mean) and synthetic["config"]["method"] == "csdm"
     assert json.loads((tmp_path / "config.json").read_text())["ipc"] == 3
     assert len((tmp_path / "loss.csv").read_text().splitlines()) == 1 + 3
     from PIL import Image
     width, height = Image.open(tmp_path / "synthetic.png").size
-    assert (width, height) == (1 + 3 * 17, 1 + 4 * 17)  # 3 images per row, one row per class, 1-px padding
+    assert (width, height) == (1 + 3 * 17, 1 + 4 * 17)  # 3 stored images per row, one row per class, 1-px padding
 
 
 def test_class_chunks_give_the_same_synthetic_set(tiny_data, tmp_path):

@@ -66,7 +66,7 @@ def test_a_64px_image_folder_end_to_end_with_depth_4(tmp_path):
         "--imbalance-factor", 5, "--n-max", 8, "--ipc", 2, "--iterations", 2, "--batch-real", 4, "--width", 8,
         "--num-freqs", 16, "--device", "cpu", "--out", out)
     synthetic = torch.load(out / "synthetic.pt", weights_only=True)
-    assert synthetic["images"].shape == (6, 3, 64, 64)
+    assert synthetic["images"].shape == (24, 3, 64, 64)  # IPC 2 x 3 classes x 4 tiles (factor 2)
     assert synthetic["config"]["depth"] == 4 and synthetic["class_counts"] == [8, 3, 1]
     run([sys.executable], "evaluate.py", "--syn", out / "synthetic.pt", "--num-eval", 1, "--epochs", 1,
         "--device", "cpu")

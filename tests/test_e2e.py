@@ -29,9 +29,10 @@ def test_distill_writes_every_output(distilled):
     out, stdout = distilled
     assert "airplane:4980" in stdout and "truck:25" in stdout  # per-class counts printed at the start
     synthetic = torch.load(out / "synthetic.pt", weights_only=True)
-    assert synthetic["images"].shape == (20, 3, 32, 32) and synthetic["images"].dtype == torch.float32
+    # factor 2 (the default): 2 stored images per class, 8 decoded training images
+    assert synthetic["images"].shape == (80, 3, 32, 32) and synthetic["images"].dtype == torch.float32
     assert torch.isfinite(synthetic["images"]).all()
-    assert synthetic["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    assert synthetic["labels"].tolist() == [c for c in range(10) for _ in range(8)]
     assert synthetic["class_names"][9] == "truck" and synthetic["class_counts"][-1] == 25
     assert synthetic["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
     assert synthetic["config"]["method"] == "csdm" and synthetic["config"]["iterations"] == 4
