@@ -14,7 +14,8 @@ random, which changes no timing. Every timing is the median of --repeats runs af
   sdd_scaling          loss time at 4N samples over N (N = 1024, d = 2048): SDD, linear, ~4
   mmd_scaling          the same for the exact Gaussian MMD^2, quadratic, ~16
   extractor_efficiency images through the extractor per second in distillation over the bare ConvNet
-                       (no-grad forward of the real batch, forward + backward of the synthetic one)
+                       (no-grad forward of the real batch, forward + backward of the synthetic one decoded to
+                       factor^2 images per stored image)
   eval_speedup         a plain evaluation loop (DataLoader, DSA with per-sample parameters built as the
                        DC/DSA code builds them, NCHW, float32) over the project's train_network, 100 epochs
                        of a ConvNet on an IPC-10 set; eval_speedup_fp32 without bf16
@@ -110,8 +111,11 @@ def iteration_seconds(data, device, method: str, num_freqs: int, compile: bool, 
 
 
 def feature_shapes(data, batch_real=256, ipc=10):
+    """(real, synthetic) images through the extractor in one iteration at distill.py's default factor f:
+    each stored synthetic image decodes to f^2 training images."""
+    factor = distill_parser().get_default("factor")
     n_real = sum(min(batch_real, n) for n in data.class_counts)
-    return n_real, ipc * data.num_classes
+    return n_real, ipc * data.num_classes * factor ** 2
 
 
 def loss_seconds(device, method: str, n_real: int, n_syn: int, num_classes: int, num_freqs: int, repeats: int,

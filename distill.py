@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pool-size", type=int, default=4, help="--extractor pool: networks in the pool")
     g.add_argument("--pool-epochs", type=int, default=3, help="--extractor pool: training epochs of each network")
     g.add_argument("--class-chunk", type=int, default=0,
-                   help="classes embedded and matched together (0: as many as keep about 4096 images in a chunk); "
-                        "bounds memory for many classes, the result is the same")
+                   help="classes embedded and matched together (0: as many as keep about 4096 images, at most "
+                        "1024 of them synthetic, in a chunk); bounds memory for many classes, the result is the same")
     g = p.add_argument_group("loss")
     g.add_argument("--kernel", default="gaussian", choices=KERNELS, help="universal kernel of the spectral methods")
     g.add_argument("--num-freqs", type=int, default=1024, help="frequencies M drawn per iteration")
@@ -333,6 +333,13 @@ class RealBatchSampler:
         return self.index[order[keep]], position[keep]
 
 
+def chunk_classes(batch_real: int, decoded_per_class: int, images: int = 4096, with_grad: int = 1024) -> int:
+    """Classes per chunk when --class-chunk is 0: at most `images` images through the extractor and at most
+    `with_grad` decoded synthetic images (whose activations stay alive for the backward pass; the real
+    ones run without a graph) in one chunk, and at least one class."""
+    return max(1, min(images // (batch_real + decoded_per_class), with_grad // decoded_per_class))
+
+
 def embed_in_chunks(embed, images: torch.Tensor, chunk: int | None = 1024) -> torch.Tensor:
     """embed(images) over row chunks, without building a graph (real images need no gradient)."""
     with torch.no_grad():
@@ -524,7 +531,7 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     sampler = RealBatchSampler(train_labels, num_classes, args.batch_real, args.seed, classes.to(device))
     local_of_class_device = local_of_class.to(device)
     normalise_features = args.method != "dm" and args.feature_norm == "l2"
-    per_chunk = args.class_chunk or max(1, 4096 // (args.batch_real + args.ipc * tiles))
+    per_chunk = args.class_chunk or chunk_classes(args.batch_real, args.ipc * tiles)
     chunks = [(a, min(a + per_chunk, len(classes))) for a in range(0, len(classes), per_chunk)]
     if class_aware(args):
         log("alpha (amplitude weight) per class: " + " ".join(f"{a:.2f}" for a in alpha.tolist()))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_data
-from distill import RealBatchSampler, build_parser, decode, distill, initial_synthetic, write_outputs
+from distill import RealBatchSampler, build_parser, chunk_classes, decode, distill, initial_synthetic, write_outputs
 
 
 def tiny_args(out, *extra):
@@ -76,6 +76,18 @@ def test_class_chunks_give_the_same_synthetic_set(tiny_data, tmp_path):
                       torch.device("cpu"), log=lambda m: None)
     assert torch.allclose(whole["images"], chunked["images"], atol=1e-5)
     assert whole["history"][-1][1] == pytest.approx(chunked["history"][-1][1], rel=1e-5)
+
+
+def test_default_class_chunk_bounds_the_images_alive_for_backward():
+    # IPC 50 at factor 2 (200 decoded images per class), batch-real 256: 5 classes, 1000 synthetic images
+    assert chunk_classes(256, 200) == 5
+    assert chunk_classes(64, 40) == 25  # IPC 10, factor 2: the 1024-synthetic-image cap decides
+    assert chunk_classes(1024, 10) == 3  # NCFM's batch-real 1024: the 4096-image cap decides
+    assert chunk_classes(64, 5000) == 1  # never fewer than one class
+    for batch_real in (16, 64, 256, 1024):
+        for decoded in (1, 4, 40, 200, 800):
+            classes = chunk_classes(batch_real, decoded)
+            assert classes == 1 or (classes * decoded <= 1024 and classes * (batch_real + decoded) <= 4096)
 
 
 def test_multi_formation(tiny_data, tmp_path):
