@@ -22,7 +22,8 @@ random, which changes no timing. Every timing is the median of --repeats runs af
   peak_rss_gb          peak resident memory of a child process distilling CIFAR-10-LT at IPC 50 for
                        20 iterations with distill.py's defaults (and peak GPU memory on a GPU)
   extractor_gflops     the extractor's achieved GFLOP/s (analytic convolution FLOPs) and its share
-                       of the matmul peak measured here in the same precision
+                       of the matmul peak measured here in the same precision (forward + backward mix of an
+                       iteration; extractor_forward_gflops: no-grad forward alone)
 """
 from __future__ import annotations
 
@@ -157,9 +158,10 @@ def scaling(device, repeats: int, n: int = 1024, dim: int = 2048, num_freqs: int
     return timed("sdd", 4 * n) / timed("sdd", n), timed("mmd", 4 * n) / timed("mmd", n)
 
 
-def bare_extractor_seconds(device, precision: str, compile: bool, n_real: int, n_syn: int, repeats: int) -> float:
+def bare_extractor_seconds(device, precision: str, compile: bool, n_real: int, n_syn: int, repeats: int,
+                           forward_only: bool = False) -> float:
     """The ConvNet alone on one iteration's images: no-grad forward of the real batch, forward + backward
-    to the synthetic pixels, in distill.py's micro-batches."""
+    to the synthetic pixels, in distill.py's micro-batches (forward_only: no-grad forward of both)."""
     net = ConvNet(3, 10).to(device).to(memory_format=torch.channels_last).requires_grad_(False)
 
     def embed(x):
@@ -175,6 +177,9 @@ def bare_extractor_seconds(device, precision: str, compile: bool, n_real: int, n
     def run():
         with torch.no_grad():
             in_micro_batches(embed, real, micro or 1024)
+            if forward_only:
+                in_micro_batches(embed, syn, micro or 1024)
+                return
         s = syn.clone().requires_grad_(True)
         in_micro_batches(embed, s, micro).sum().backward()
     return median_time(run, repeats, warmup=2)
@@ -372,8 +377,11 @@ def main(argv=None) -> None:
              extractor_efficiency=t_bare / t_csdm)
     flops = conv_flops() * (n_real + 2 * n_syn)  # backward to the input costs about one more forward
     r["extractor_gflops"] = flops / t_bare / 1e9
+    t_forward = bare_extractor_seconds(device, precision, compile, n_real, n_syn, args.repeats, forward_only=True)
+    r["extractor_forward_gflops"] = conv_flops() * (n_real + n_syn) / t_forward / 1e9
     r["matmul_peak_gflops"] = matmul_peak_gflops(device, precision, args.repeats)
     r["extractor_peak_share"] = r["extractor_gflops"] / r["matmul_peak_gflops"]
+    r["extractor_forward_peak_share"] = r["extractor_forward_gflops"] / r["matmul_peak_gflops"]
 
     log(f"evaluation loops ({args.eval_epochs} epochs each) ...")
     syn_images, syn_labels = initial_synthetic(data, 10, 0)

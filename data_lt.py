@@ -178,10 +178,10 @@ class LongTailedData:
         return self.train_images.shape[-1]
 
     def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """x = (u / 255 - mean) / std, per channel; float32 on the images' device."""
+        """x = (u / 255 - mean) / std = (u - 255 mean) / (255 std), per channel; float32 on the images' device."""
         mean = torch.tensor(self.mean, device=images_uint8.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=images_uint8.device).view(1, -1, 1, 1)
-        return (images_uint8.float() / 255 - mean) / std
+        return images_uint8.float().sub_(255 * mean).div_(255 * std)
 
     def denormalise(self, images: torch.Tensor) -> torch.Tensor:
         """Back to [0, 1] pixel values (clamped), for saving pictures."""
@@ -485,51 +485,62 @@ def dsa_augment(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     n, _, h, w = x.shape
     op = (u[:, 0] * len(DSA_OPS)).long().clamp_max(len(DSA_OPS) - 1)
     is_op = {name: (op == i) for i, name in enumerate(DSA_OPS)}
+    column = lambda t: t.view(-1, 1, 1, 1)
+    # each sample undergoes one operation: compute each on its own samples only, then write them back at once
+    indices, outputs = [], []
 
     # color: brightness, saturation, contrast
-    column = lambda t: t.view(n, 1, 1, 1)
-    colored = x + (column(u[:, 1]) - 0.5) * DSA_BRIGHTNESS
-    channel_mean = colored.mean(dim=1, keepdim=True)
-    colored = (colored - channel_mean) * column(u[:, 2] * DSA_SATURATION) + channel_mean
-    image_mean = colored.mean(dim=(1, 2, 3), keepdim=True)
-    colored = (colored - image_mean) * column(u[:, 3] + DSA_CONTRAST) + image_mean
-    x = torch.where(column(is_op["color"]), colored, x)
+    index = torch.nonzero(is_op["color"]).squeeze(1)
+    if len(index):
+        v = u[index]
+        colored = x[index] + (column(v[:, 1]) - 0.5) * DSA_BRIGHTNESS
+        channel_mean = colored.mean(dim=1, keepdim=True)
+        colored = (colored - channel_mean) * column(v[:, 2] * DSA_SATURATION) + channel_mean
+        image_mean = colored.mean(dim=(1, 2, 3), keepdim=True)
+        indices.append(index)
+        outputs.append((colored - image_mean) * column(v[:, 3] + DSA_CONTRAST) + image_mean)
 
     # cutout: zero a square centred at a random offset (clipped at the border)
-    size_h, size_w = int(h * DSA_CUTOUT + 0.5), int(w * DSA_CUTOUT + 0.5)
-    centre_y = (u[:, 6] * (h + 1 - size_h % 2)).long().clamp_max(h - size_h % 2)
-    centre_x = (u[:, 7] * (w + 1 - size_w % 2)).long().clamp_max(w - size_w % 2)
-    rows = torch.arange(h, device=x.device)[None, :] - (centre_y - size_h // 2)[:, None]  # (N, H)
-    cols = torch.arange(w, device=x.device)[None, :] - (centre_x - size_w // 2)[:, None]  # (N, W)
-    inside = ((rows >= 0) & (rows < size_h))[:, :, None] & ((cols >= 0) & (cols < size_w))[:, None, :]
-    x = x * (~(inside & is_op["cutout"].view(n, 1, 1))).unsqueeze(1).to(x.dtype)
+    index = torch.nonzero(is_op["cutout"]).squeeze(1)
+    if len(index):
+        v = u[index]
+        size_h, size_w = int(h * DSA_CUTOUT + 0.5), int(w * DSA_CUTOUT + 0.5)
+        centre_y = (v[:, 6] * (h + 1 - size_h % 2)).long().clamp_max(h - size_h % 2)
+        centre_x = (v[:, 7] * (w + 1 - size_w % 2)).long().clamp_max(w - size_w % 2)
+        rows = torch.arange(h, device=x.device)[None, :] - (centre_y - size_h // 2)[:, None]  # (n, H)
+        cols = torch.arange(w, device=x.device)[None, :] - (centre_x - size_w // 2)[:, None]  # (n, W)
+        inside = ((rows >= 0) & (rows < size_h))[:, :, None] & ((cols >= 0) & (cols < size_w))[:, None, :]
+        indices.append(index)
+        outputs.append(x[index] * (~inside).unsqueeze(1).to(x.dtype))
 
     # geometric: crop (shift), flip, scale, rotate as one affine map of output to input coordinates
-    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    pad_h, pad_w = int(h * DSA_CROP_PAD + 0.5), int(w * DSA_CROP_PAD + 0.5)
-    shift_y = (u[:, 4] * (2 * pad_h + 1)).floor().clamp_max(2 * pad_h) - pad_h
-    shift_x = (u[:, 5] * (2 * pad_w + 1)).floor().clamp_max(2 * pad_w) - pad_w
-    crop, flip = is_op["crop"], is_op["flip"] & (u[:, 8] < DSA_FLIP)
-    theta[:, 0, 2] = torch.where(crop, 2 * shift_x / w, 0.0)
-    theta[:, 1, 2] = torch.where(crop, 2 * shift_y / h, 0.0)
-    theta[:, 0, 0] = torch.where(flip, -1.0, theta[:, 0, 0])
-    scale_lo = 1.0 / DSA_SCALE
-    scale_x = u[:, 9] * (DSA_SCALE - scale_lo) + scale_lo
-    scale_y = u[:, 10] * (DSA_SCALE - scale_lo) + scale_lo
-    theta[:, 0, 0] = torch.where(is_op["scale"], scale_x, theta[:, 0, 0])
-    theta[:, 1, 1] = torch.where(is_op["scale"], scale_y, theta[:, 1, 1])
-    angle = (u[:, 11] - 0.5) * 2 * math.radians(DSA_ROTATE_DEG)
-    rotate = is_op["rotate"]
-    rotation = torch.stack([torch.cos(angle), -torch.sin(angle), torch.sin(angle), torch.cos(angle)], 1).view(n, 2, 2)
-    theta[:, :, :2] = torch.where(rotate.view(n, 1, 1), rotation, theta[:, :, :2])
-    geometric = is_op["crop"] | flip | is_op["scale"] | is_op["rotate"]
-    if bool(geometric.any()):
-        index = torch.nonzero(geometric).squeeze(1)
-        grid = F.affine_grid(theta[index], [len(index), x.shape[1], h, w], align_corners=False)
-        warped = F.grid_sample(x[index], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        x = x.index_copy(0, index, warped)
-    return x
+    flip = is_op["flip"] & (u[:, 8] < DSA_FLIP)
+    index = torch.nonzero(is_op["crop"] | flip | is_op["scale"] | is_op["rotate"]).squeeze(1)
+    if len(index):
+        v, kind = u[index], op[index]
+        m = len(index)
+        crop, flip = kind == DSA_OPS.index("crop"), kind == DSA_OPS.index("flip")
+        scale, rotate = kind == DSA_OPS.index("scale"), kind == DSA_OPS.index("rotate")
+        theta = torch.zeros(m, 2, 3, device=x.device, dtype=x.dtype)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+        pad_h, pad_w = int(h * DSA_CROP_PAD + 0.5), int(w * DSA_CROP_PAD + 0.5)
+        shift_y = (v[:, 4] * (2 * pad_h + 1)).floor().clamp_max(2 * pad_h) - pad_h
+        shift_x = (v[:, 5] * (2 * pad_w + 1)).floor().clamp_max(2 * pad_w) - pad_w
+        theta[:, 0, 2] = torch.where(crop, 2 * shift_x / w, 0.0)
+        theta[:, 1, 2] = torch.where(crop, 2 * shift_y / h, 0.0)
+        theta[:, 0, 0] = torch.where(flip, -1.0, theta[:, 0, 0])
+        scale_lo = 1.0 / DSA_SCALE
+        theta[:, 0, 0] = torch.where(scale, v[:, 9] * (DSA_SCALE - scale_lo) + scale_lo, theta[:, 0, 0])
+        theta[:, 1, 1] = torch.where(scale, v[:, 10] * (DSA_SCALE - scale_lo) + scale_lo, theta[:, 1, 1])
+        angle = (v[:, 11] - 0.5) * 2 * math.radians(DSA_ROTATE_DEG)
+        rotation = torch.stack([torch.cos(angle), -torch.sin(angle), torch.sin(angle), torch.cos(angle)], 1)
+        theta[:, :, :2] = torch.where(rotate.view(m, 1, 1), rotation.view(m, 2, 2), theta[:, :, :2])
+        grid = F.affine_grid(theta, [m, x.shape[1], h, w], align_corners=False)
+        indices.append(index)
+        outputs.append(F.grid_sample(x[index], grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    if not indices:
+        return x
+    return x.index_copy(0, torch.cat(indices), torch.cat(outputs))
 
 
 def dsa_uniforms_per_sample(n: int, generator: torch.Generator, device=None) -> torch.Tensor:

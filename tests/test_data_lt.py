@@ -228,3 +228,18 @@ def test_dsa_draws_every_op_and_passes_gradients():
     out = dsa_augment(x, dsa_uniforms_siamese(0, 3, torch.arange(64) % 4, torch.arange(64) // 4))
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_dsa_batch_equals_each_sample_alone():
+    """Each operation runs on its own samples only: a mixed batch gives every sample what it gets alone,
+    and its gradient."""
+    x = images(48, seed=3).requires_grad_(True)
+    u = torch.rand(48, DSA_SLOTS, generator=torch.Generator().manual_seed(4))
+    u[:, 0] = (torch.arange(48) % len(DSA_OPS) + 0.5) / len(DSA_OPS)  # every operation, interleaved
+    batched = dsa_augment(x, u)
+    alone = torch.cat([dsa_augment(x[i:i + 1], u[i:i + 1]) for i in range(48)])
+    assert torch.allclose(batched, alone, atol=1e-6)
+    weights = torch.randn(batched.shape, generator=torch.Generator().manual_seed(5))
+    grad_batched, = torch.autograd.grad((batched * weights).sum(), x)
+    grad_alone, = torch.autograd.grad((alone * weights).sum(), x)
+    assert torch.allclose(grad_batched, grad_alone, atol=1e-6)
