@@ -62,7 +62,7 @@ from data_lt import (DSA_OPS, DSA_SLOTS, STREAM_INIT, STREAM_REAL_BATCH, LongTai
 from networks import (NORMS, POOLINGS, PRECISIONS, ConvNet, autocast, depth_for_size, in_micro_batches,
                       micro_batch_size, reset_parameters_, resolve_precision)
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
-                 per_class_loss, sample_frequencies)
+                 kernel_metric_p, per_class_loss, sample_frequencies)
 
 FORMAT_VERSION = 1
 STREAM_NETWORK, STREAM_FREQS, STREAM_POOL = 11, 12, 13
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel bandwidth sigma (with --bandwidth-rule median: a multiple of the median distance)")
     g.add_argument("--bandwidth-rule", default="fixed", choices=("fixed", "median"),
                    help="fixed sigma, or per class sigma_c = bandwidth x median pairwise distance of the "
-                        "iteration's real features of class c")
+                        "iteration's real features of class c, in the kernel's metric (L1 for laplacian, else L2)")
     g.add_argument("--feature-norm", default="l2", choices=("l2", "none"),
                    help="L2-normalise features before the spectral and mmd losses (dm always uses raw features)")
     g.add_argument("--alpha-head", type=float, default=ALPHA_HEAD, help="csdm: amplitude weight of the head class")
@@ -593,7 +593,8 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
             real_labels, syn_labels = real_local[in_real] - first, syn_local[in_syn] - first
             bandwidth = args.bandwidth
             if args.bandwidth_rule == "median":
-                bandwidth = args.bandwidth * class_median_distances(real_features, real_labels, last - first)
+                bandwidth = args.bandwidth * class_median_distances(real_features, real_labels, last - first,
+                                                                    p=kernel_metric_p(args.kernel))
             loss = per_class_loss(args.method, real_features, real_labels, syn_features, syn_labels, last - first,
                                   freqs=freqs, alpha=local_alpha[first:last], bandwidth=bandwidth,
                                   projection_dtype=projection_dtype).sum()

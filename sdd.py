@@ -121,22 +121,29 @@ def class_weights(counts, a_head: float = ALPHA_HEAD, a_tail: float = ALPHA_TAIL
     return (a_tail + (a_head - a_tail) * position).float()
 
 
-def median_distance(x: torch.Tensor, max_samples: int = 1024) -> torch.Tensor:
-    """Median pairwise Euclidean distance among (up to the first max_samples) rows of x:
-    the median heuristic for a kernel bandwidth."""
+def kernel_metric_p(kernel: str) -> float:
+    """The p of the distance ||delta||_p that a kernel's bandwidth scales: 1 for the Laplacian
+    exp(-||delta||_1 / sigma), 2 for the Gaussian and for the Cauchy product kernel (which is
+    exp(-||delta||^2 / sigma^2) to first order for small per-coordinate differences)."""
+    return 1.0 if kernel == "laplacian" else 2.0
+
+
+def median_distance(x: torch.Tensor, max_samples: int = 1024, p: float = 2.0) -> torch.Tensor:
+    """Median pairwise distance ||x_i - x_j||_p among (up to the first max_samples) rows of x:
+    the median heuristic for a kernel bandwidth (p from kernel_metric_p)."""
     x = x[:max_samples]
-    distances = torch.cdist(x, x)
+    distances = torch.cdist(x, x, p=p)
     upper = torch.triu_indices(len(x), len(x), offset=1, device=x.device)
     return distances[upper[0], upper[1]].median()
 
 
 def class_median_distances(feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                           max_per_class: int = 256) -> torch.Tensor:
-    """Per class, the median pairwise distance among (up to max_per_class of) its rows, (C,).
-    A class with a single row gets the median over the other classes."""
+                           max_per_class: int = 256, p: float = 2.0) -> torch.Tensor:
+    """Per class, the median pairwise distance ||x_i - x_j||_p among (up to max_per_class of) its
+    rows, (C,). A class with a single row gets the median over the other classes."""
     padded, weights = pad_by_class(feats, labels, num_classes)
     padded, valid = padded[:, :max_per_class], weights[:, :max_per_class] > 0
-    distances = torch.cdist(padded, padded)  # (C, B, B)
+    distances = torch.cdist(padded, padded, p=p)  # (C, B, B)
     upper = torch.ones(distances.shape[1:], dtype=torch.bool, device=feats.device).triu(1)
     pairs = valid[:, :, None] & valid[:, None, :] & upper
     medians = distances.masked_fill(~pairs, float("nan")).flatten(1).nanmedian(1).values

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sdd import (KERNELS, amplitude_phase, characteristic_function, class_median_distances, class_weights, exact_mmd2,
-                 kernel_matrix, median_distance, per_class_loss, sample_frequencies, spectral_distance)
+                 kernel_matrix, kernel_metric_p, median_distance, per_class_loss, sample_frequencies, spectral_distance)
 
 
 def brute_mmd2(x, y, kernel, bandwidth=1.0):
@@ -135,6 +135,13 @@ def test_class_median_distances():
     for c in range(3):
         assert medians[c] == median_distance(real[real_labels == c])
     assert medians[3] == medians[:3].median()
+    # the Laplacian's bandwidth scales the L1 distance: its median rule measures in L1
+    assert kernel_metric_p("laplacian") == 1 and kernel_metric_p("gaussian") == kernel_metric_p("cauchy") == 2
+    l1 = class_median_distances(single, labels, 4, p=1)
+    for c in range(3):
+        x = real[real_labels == c]
+        i, j = torch.triu_indices(len(x), len(x), 1)
+        assert l1[c] == (x[i] - x[j]).abs().sum(1).median() == median_distance(x, p=1)
 
 
 def test_median_distance():
