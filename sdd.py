@@ -138,9 +138,12 @@ def median_distance(x: torch.Tensor, max_samples: int = 1024, p: float = 2.0) ->
 
 
 def class_median_distances(feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                           max_per_class: int = 256, p: float = 2.0) -> torch.Tensor:
+                           max_per_class: int | None = None, p: float = 2.0) -> torch.Tensor:
     """Per class, the median pairwise distance ||x_i - x_j||_p among (up to max_per_class of) its
-    rows, (C,). A class with a single row gets the median over the other classes."""
+    rows, (C,). A class with a single row gets the median over the other classes. max_per_class
+    defaults to 256 for p = 2, whose distances cdist computes as one matrix product, and to 64 for
+    other p, whose O(B^2 d) elementwise cost would otherwise exceed the whole iteration's."""
+    max_per_class = max_per_class or (256 if p == 2 else 64)
     padded, weights = pad_by_class(feats, labels, num_classes)
     padded, valid = padded[:, :max_per_class], weights[:, :max_per_class] > 0
     distances = torch.cdist(padded, padded, p=p)  # (C, B, B)
