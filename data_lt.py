@@ -482,7 +482,7 @@ def dsa_augment(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     [1/1.2, 1.2]; rotate = angle in [-15, 15] degrees. The geometric
     operations are one affine warp (bilinear, zero padding) for the batch.
     """
-    n, _, h, w = x.shape
+    _, _, h, w = x.shape
     op = (u[:, 0] * len(DSA_OPS)).long().clamp_max(len(DSA_OPS) - 1)
     is_op = {name: (op == i) for i, name in enumerate(DSA_OPS)}
     column = lambda t: t.view(-1, 1, 1, 1)
@@ -517,10 +517,8 @@ def dsa_augment(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     flip = is_op["flip"] & (u[:, 8] < DSA_FLIP)
     index = torch.nonzero(is_op["crop"] | flip | is_op["scale"] | is_op["rotate"]).squeeze(1)
     if len(index):
-        v, kind = u[index], op[index]
-        m = len(index)
-        crop, flip = kind == DSA_OPS.index("crop"), kind == DSA_OPS.index("flip")
-        scale, rotate = kind == DSA_OPS.index("scale"), kind == DSA_OPS.index("rotate")
+        v, m = u[index], len(index)
+        crop, flip, scale, rotate = is_op["crop"][index], flip[index], is_op["scale"][index], is_op["rotate"][index]
         theta = torch.zeros(m, 2, 3, device=x.device, dtype=x.dtype)
         theta[:, 0, 0] = theta[:, 1, 1] = 1.0
         pad_h, pad_w = int(h * DSA_CROP_PAD + 0.5), int(w * DSA_CROP_PAD + 0.5)

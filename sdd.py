@@ -142,7 +142,8 @@ def class_median_distances(feats: torch.Tensor, labels: torch.Tensor, num_classe
     """Per class, the median pairwise distance ||x_i - x_j||_p among (up to max_per_class of) its
     rows, (C,). A class with a single row gets the median over the other classes. max_per_class
     defaults to 256 for p = 2, whose distances cdist computes as one matrix product, and to 64 for
-    other p, whose O(B^2 d) elementwise cost would otherwise exceed the whole iteration's."""
+    other p, computed elementwise in O(B^2 d): for 10 classes of 2048-d features on the 2-core CPU
+    of BENCHMARKS.md, 0.32 s at 256 rows (about a whole iteration) against 0.02 s at 64."""
     max_per_class = max_per_class or (256 if p == 2 else 64)
     padded, weights = pad_by_class(feats, labels, num_classes)
     padded, valid = padded[:, :max_per_class], weights[:, :max_per_class] > 0
