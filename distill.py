@@ -249,6 +249,16 @@ class Processes:
             out[part_rows] = part_values
         return out
 
+    def finish(self, clean: bool) -> None:
+        """Leave the torchrun job. After a clean run every process first waits at a barrier, so that no
+        process tears its connections down while another still works (writes the outputs, or is in a
+        collective); after an error the group is destroyed at once, as a barrier could wait forever."""
+        if self.world == 1 or not dist.is_initialized():
+            return
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
 
 def start_processes(device_name: str) -> tuple[Processes, torch.device]:
     """Join the torchrun job if there is one (NCCL on GPUs, gloo on CPU)."""
@@ -792,7 +802,7 @@ def write_outputs(result: dict, out: Path, run_info: dict | None = None) -> None
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    processes = Processes()
+    processes, clean = Processes(), False
     try:
         check_options(args)
         processes, device = start_processes(args.device)
@@ -815,6 +825,7 @@ def main(argv=None) -> None:
             finished = checkpoint is None or checkpoint["iteration"] >= args.iterations
             if finished and (out / "synthetic.pt").exists():
                 log(f"--resume: {out} holds a finished run of {args.iterations} iterations; nothing to do")
+                clean = True
                 return
             log(f"resuming from iteration {checkpoint['iteration']}" if checkpoint else
                 f"--resume: no checkpoint in {out}; starting from the beginning")
@@ -844,12 +855,12 @@ def main(argv=None) -> None:
                             session_seconds=round(time.time() - start, 1))
             write_outputs(result, out, run_info)
             log(f"wrote {out / 'synthetic.pt'} ({len(result['labels'])} images)")
+        clean = True
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if processes.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        processes.finish(clean)
 
 
 if __name__ == "__main__":

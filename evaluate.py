@@ -393,7 +393,7 @@ def check_matches(synthetic: dict, data, path: str) -> None:
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    processes = Processes()
+    processes, clean = Processes(), False
     try:
         for option, value in {"--num-eval": args.num_eval, "--epochs": args.epochs,
                               "--batch-size": args.batch_size, "--ipc": args.ipc}.items():
@@ -440,27 +440,31 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         result = evaluate(images, labels, data, args, width, depth, norm, pooling, device, log=log,
                           processes=processes)
-        if not processes.main:
-            return
-        result.update(evaluated=what, dataset=data.name, seconds=round(time.perf_counter() - start, 1),
-                      config={key: value for key, value in vars(args).items()},
-                      environment=dict(environment(), device=str(device), processes=processes.world))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        try:
-            plot_per_class(result, out / "per_class.png")
-        except ImportError:  # matplotlib missing: the picture is a convenience
-            pass
-        write_run_readme(out)
-        print(f"{what}: {args.split} acc {result['acc_mean']:.2f} +- {result['acc_std']:.2f}  "
-              f"head {result['head']:.2f} medium {result['medium']:.2f} tail {result['tail']:.2f}  "
-              f"({args.num_eval} x {args.epochs} epochs) -> {out / 'results.json'}", flush=True)
+        if processes.main:
+            write_result(result, out, what, data, args, device, processes, start)
+        clean = True
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if processes.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        processes.finish(clean)
+
+
+def write_result(result: dict, out: Path, what: str, data, args, device, processes, start: float) -> None:
+    """Write results.json, the per-class chart and the run README, and print the one-line summary."""
+    result.update(evaluated=what, dataset=data.name, seconds=round(time.perf_counter() - start, 1),
+                  config={key: value for key, value in vars(args).items()},
+                  environment=dict(environment(), device=str(device), processes=processes.world))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        plot_per_class(result, out / "per_class.png")
+    except ImportError:  # matplotlib missing: the picture is a convenience
+        pass
+    write_run_readme(out)
+    print(f"{what}: {args.split} acc {result['acc_mean']:.2f} +- {result['acc_std']:.2f}  "
+          f"head {result['head']:.2f} medium {result['medium']:.2f} tail {result['tail']:.2f}  "
+          f"({args.num_eval} x {args.epochs} epochs) -> {out / 'results.json'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """torchrun (gloo on CPU): the result does not depend on the number of processes; 64-px image folders."""
 import json
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def run(prefix, script, *argv):
-    done = subprocess.run([*prefix, str(ROOT / script), *map(str, argv)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # C++ stack traces on: a crash inside a collective or at teardown then says where it happened
+    env = dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="1")
+    done = subprocess.run([*prefix, str(ROOT / script), *map(str, argv)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return done.stdout
 
 
