@@ -24,7 +24,7 @@ options:
   --methods LIST       among random dm mmd ncfm sdm csdm full (default: all)
   --quick              CPU budget: 200 iterations, batch-real 64, 2 networks x 300 epochs
   --cpu-bench          the CPU benchmark of the README (writes results/cpu_bench.json)
-  --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline (validation split)
+  --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget (validation split)
   --data-dir DIR       data folder passed to distill.py / evaluate.py (default: download)
   --out DIR            results folder (default: results)
   --device DEV         auto, cpu, cuda, cuda:N (default: auto)
@@ -66,9 +66,9 @@ done
   fail "--data-dir: $DATA_DIR does not exist; give the data folder or omit it to download"
 [[ "$SEED" =~ ^[0-9]+$ ]] || fail "--seed: '$SEED' is not a non-negative integer"
 case "$MODE:$ABLATION" in
-  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline) ;;
+  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget) ;;
   grid:|cpu-bench:) ;;
-  *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced or pipeline" ;;
+  *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline or budget" ;;
 esac
 if [[ "$MODE" != grid && -z "$DATA_DIR" ]]; then
   fail "--data-dir: the CPU benchmark and the ablations read a local CIFAR-10 copy; pass --data-dir DIR"
@@ -167,6 +167,11 @@ case "$MODE" in
         for m in 64 256 1024 4096; do variant "csdm-M$m" csdm 200 --num-freqs "$m"; done ;;
       balanced)
         for method in dm sdm csdm; do variant "$method-IF1" "$method" 1; done ;;
+      budget)
+        # does csdm's lead over dm grow with the number of iterations? (the later --iterations wins)
+        for iterations in 300 1000; do
+          for method in dm csdm; do variant "$method-it$iterations" "$method" 200 --iterations "$iterations"; done
+        done ;;
       pipeline)
         # one thing added at a time to the plain DM loop (random extractor, factor 1, fixed sigma, L2
         # features), with each method's own optimiser: dm SGD, csdm Adam
