@@ -168,9 +168,19 @@ case "$MODE" in
       balanced)
         for method in dm sdm csdm; do variant "$method-IF1" "$method" 1; done ;;
       budget)
-        # does csdm's lead over dm grow with the number of iterations? (the later --iterations wins)
-        for iterations in 300 1000; do
-          for method in dm csdm; do variant "$method-it$iterations" "$method" 200 --iterations "$iterations"; done
+        # does csdm's lead over dm grow with the number of iterations? (the later --iterations wins) A longer
+        # budget continues the shorter run's checkpoint: nothing in the loop depends on the total, and a
+        # resumed run is the run it continues (tests/test_resume.py)
+        shorter=""
+        for iterations in 300 1000 3000; do
+          for method in dm csdm; do
+            run="$dir/$method-it$iterations"
+            if [[ -n "$shorter" && ! -e "$run" && -f "$dir/$method-it$shorter/checkpoint.pt" ]]; then
+              mkdir -p "$run" && cp "$dir/$method-it$shorter/checkpoint.pt" "$run/"
+            fi
+            variant "$method-it$iterations" "$method" 200 --iterations "$iterations"
+          done
+          shorter=$iterations
         done ;;
       pipeline)
         # one thing added at a time to the plain DM loop (random extractor, factor 1, fixed sigma, L2
