@@ -63,6 +63,18 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(folder_data, tmp_path):
     assert (interrupted / "loss.csv").read_text().count("\n") == 61  # the history continued
 
 
+def test_a_finished_run_extended_with_more_iterations_equals_a_longer_run(folder_data, tmp_path):
+    """run_all.sh --ablation budget continues a shorter run's last checkpoint to a longer budget."""
+    run(command(folder_data, tmp_path / "straight", iterations=12))
+    run(command(folder_data, tmp_path / "extended", iterations=6))
+    done = run(command(folder_data, tmp_path / "extended", "--resume", iterations=12))
+    assert "resuming from iteration 6" in done.stdout
+    a = torch.load(tmp_path / "straight" / "synthetic.pt", weights_only=True)
+    b = torch.load(tmp_path / "extended" / "synthetic.pt", weights_only=True)
+    assert torch.equal(a["images"], b["images"])
+    assert (tmp_path / "extended" / "loss.csv").read_text().count("\n") == 13
+
+
 def test_resume_refuses_other_options_and_broken_checkpoints(folder_data, tmp_path):
     out = tmp_path / "run"
     run(command(folder_data, out, iterations=4))
