@@ -172,7 +172,7 @@ case "$MODE" in
         # budget continues the shorter run's checkpoint: nothing in the loop depends on the total, and a
         # resumed run is the run it continues (tests/test_resume.py)
         shorter=""
-        for iterations in 300 1000 3000; do
+        for iterations in 300 1000 3000 6000; do
           for method in dm csdm; do
             run="$dir/$method-it$iterations"
             if [[ -n "$shorter" && ! -e "$run" && -f "$dir/$method-it$shorter/checkpoint.pt" ]]; then
