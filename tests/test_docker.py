@@ -2,6 +2,7 @@
 import os
 import re
 import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -46,3 +47,46 @@ def test_run_all_rejects_bad_options():
                          (["--seed", "-1"], "--seed"), (["--datasets", "mnist"], "--datasets")):
         done = subprocess.run(["bash", str(ROOT / "run_all.sh"), *argv], capture_output=True, text=True)
         assert done.returncode == 2 and option in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+FAKE_PYTHON = '''#!{python}
+"""Stands in for the interpreter: logs each call; distill.py writes a checkpoint naming its iteration count,
+evaluate.py --syn writes results.json."""
+import pathlib, sys
+script, argv = pathlib.Path(sys.argv[1]).name, sys.argv[2:]
+with open({log!r}, "a") as log:
+    log.write(script + " " + " ".join(argv) + "\\n")
+def value(option):
+    return argv[len(argv) - 1 - argv[::-1].index(option) + 1]  # the last one wins, as in argparse
+if script == "distill.py":
+    out = pathlib.Path(value("--out"))
+    out.mkdir(parents=True, exist_ok=True)
+    before = (out / "checkpoint.pt").read_text() if "--resume" in argv else "none"
+    (out / "checkpoint.pt").write_text(value("--iterations"))
+    (out / "continued_from").write_text(before)
+elif script == "evaluate.py" and "--syn" in argv:
+    (pathlib.Path(value("--syn")).parent / "results.json").write_text("{{}}")
+'''
+
+
+def test_budget_ablation_continues_each_shorter_run(tmp_path):
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    done = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--ablation", "budget", "--data-dir", str(tmp_path),
+                           "--out", str(tmp_path / "results")], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=str(fake)))
+    assert done.returncode == 0, done.stderr
+    runs = tmp_path / "results" / "ablations" / "budget"
+    for method in ("dm", "csdm"):
+        assert (runs / f"{method}-it300" / "continued_from").read_text() == "none"
+        for shorter, longer in ((300, 1000), (1000, 3000), (3000, 6000)):
+            assert (runs / f"{method}-it{longer}" / "continued_from").read_text() == str(shorter)
+            assert (runs / f"{method}-it{longer}" / "checkpoint.pt").read_text() == str(longer)
+    distills = [line for line in log.read_text().splitlines() if line.startswith("distill.py")]
+    assert len(distills) == 8 and all("--val-per-class 100" in line for line in distills)
+    # a second call finds every run done and distils nothing
+    subprocess.run(["bash", str(ROOT / "run_all.sh"), "--ablation", "budget", "--data-dir", str(tmp_path),
+                    "--out", str(tmp_path / "results")], capture_output=True, text=True, check=True,
+                   env=dict(os.environ, PYTHON=str(fake)))
+    assert sum(line.startswith("distill.py") for line in log.read_text().splitlines()) == 8
