@@ -15,6 +15,12 @@ spectrum; it embeds both batches, computes the matching loss of every class in
 one call (sdd.per_class_loss), sums it over classes and takes one optimiser
 step on the synthetic pixels.
 
+With --extractor pool the extractor is one of a pool of briefly trained ConvNets
+blended with its initialisation (NCFM), and --calibration lambda adds NCFM's
+cross-entropy calibration term: the same pool network, fully trained, classifies
+the augmented synthetic images, and the loss gains
+lambda * sum_c mean_{i in c} CE(f_trained(x_i), c).
+
 Methods: csdm (class-aware SDD), sdm (SDD, alpha = 1/2), ncfm (NCFM's square-root
 CF loss), mmd (exact Gaussian MMD^2), dm (mean matching).
 
@@ -78,6 +84,8 @@ DEFAULT_LR_IMG = {("sgd", "dm"): 1.0, ("sgd", "mmd"): 500.0, ("sgd", "sdm"): 500
 # not what it computes (--iterations may grow: nothing depends on the total)
 RUN_OPTIONS = {"iterations", "device", "out", "log_every", "ckpt_every", "resume", "overwrite", "data_dir",
                "class_chunk", "compile"}
+# options added after checkpoints were first written, with the value that older checkpoints ran with
+ADDED_OPTIONS = {"calibration": 0.0}
 RUN_FILES = ("synthetic.pt", "checkpoint.pt", "config.json", "results.json")
 
 
@@ -112,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ConvNets trained briefly on the long-tailed set, blended with its initialisation (NCFM)")
     g.add_argument("--pool-size", type=int, default=4, help="--extractor pool: networks in the pool")
     g.add_argument("--pool-epochs", type=int, default=3, help="--extractor pool: training epochs of each network")
+    g.add_argument("--calibration", type=float, default=0.0,
+                   help="--extractor pool: weight of NCFM's cross-entropy calibration term (the iteration's pool "
+                        "network, trained, classifies the synthetic images); 0: off")
     g.add_argument("--class-chunk", type=int, default=0,
                    help="classes embedded and matched together (0: as many as keep about 4096 images, at most "
                         "1024 of them synthetic, in a chunk); bounds memory for many classes, the result is the same")
@@ -175,6 +186,10 @@ def check_options(args) -> None:
     if args.method == "mmd" and args.kernel != "gaussian":
         raise UsageError("--kernel: the exact mmd baseline uses the gaussian kernel; drop --kernel or pick a "
                          "spectral method (csdm, sdm, ncfm)")
+    if not args.calibration >= 0:
+        raise UsageError(f"--calibration must be >= 0 (got {args.calibration})")
+    if args.calibration > 0 and args.extractor != "pool":
+        raise UsageError("--calibration needs trained classifiers: add --extractor pool, or drop --calibration")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them")
 
@@ -388,7 +403,7 @@ def load_checkpoint(out: Path, config: dict) -> dict | None:
     if version != FORMAT_VERSION:
         raise UsageError(f"--resume: {path} has checkpoint format {version}, this code writes {FORMAT_VERSION}; "
                          f"finish it with the version that wrote it, or start again with --overwrite")
-    theirs, ours = comparable_config(checkpoint["config"]), comparable_config(config)
+    theirs, ours = ADDED_OPTIONS | comparable_config(checkpoint["config"]), comparable_config(config)
     differences = [f"--{key.replace('_', '-')} {theirs.get(key)} (checkpoint) vs {ours.get(key)} (now)"
                    for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
     if differences:
@@ -530,10 +545,17 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     projection_dtype = torch.bfloat16 if precision == "bf16" else None
     # batch norm statistics would change with the micro-batches: keep whole batches then
     micro = micro_batch_size(device, data.image_size) if args.norm != "batch" else None
-    pool = None
+    pool, calibrator = None, None
     if args.extractor == "pool":
         pool = [{part: {name: value.to(device) for name, value in network[part].items()} for part in network}
                 for network in extractor_pool(args, data, depth, device, processes, log)]
+    if args.calibration > 0:  # the pool network of the iteration, trained, as a classifier
+        calibrator = ConvNet(data.channels, num_classes, args.width, depth, args.norm, args.pooling, data.image_size)
+        calibrator = calibrator.to(device).to(memory_format=torch.channels_last).requires_grad_(False)
+
+    def classify(x):
+        with autocast(device, precision):
+            return calibrator(x).float()
     alpha = (class_weights(data.class_counts, args.alpha_head, args.alpha_tail) if class_aware(args)
              else torch.full((num_classes,), 0.5))
     local_alpha = alpha[classes].to(device)
@@ -572,6 +594,8 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
             with torch.no_grad():
                 for name, value in net.state_dict().items():
                     value.copy_(blend * network["init"][name] + (1 - blend) * network["trained"][name])
+                if calibrator is not None:
+                    calibrator.load_state_dict(network["trained"])
         freqs = None
         if args.method in SPECTRAL_METHODS:  # standard draws; the bandwidth scales them inside the loss
             freq_seed = counter_seed(args.seed, STREAM_FREQS, iteration)
@@ -608,6 +632,10 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
             loss = per_class_loss(args.method, real_features, real_labels, syn_features, syn_labels, last - first,
                                   freqs=freqs, alpha=local_alpha[first:last], bandwidth=bandwidth,
                                   projection_dtype=projection_dtype).sum()
+            if calibrator is not None:  # sum over classes of each class's mean cross-entropy
+                logits = in_micro_batches(classify, syn_aug.contiguous(memory_format=torch.channels_last), micro)
+                loss = loss + args.calibration * F.cross_entropy(logits, syn_class[in_syn], reduction="sum") / (
+                    args.ipc * tiles)
             loss.backward()
             loss_value = loss_value + loss.detach()
         optimizer.step()

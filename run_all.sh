@@ -196,7 +196,11 @@ case "$MODE" in
         variant csdm-pool csdm 200 "${base[@]}" --optimizer adam --extractor pool
         variant csdm-median csdm 200 "${base[@]}" --optimizer adam --bandwidth-rule median
         variant csdm-sigma2 csdm 200 "${base[@]}" --optimizer adam --bandwidth 2
-        variant csdm-no-l2 csdm 200 "${base[@]}" --optimizer adam --feature-norm none ;;
+        variant csdm-no-l2 csdm 200 "${base[@]}" --optimizer adam --feature-norm none
+        # NCFM's cross-entropy calibration term rides on the pool: compare with the -pool rows
+        variant dm-pool-calib dm 200 "${base[@]}" --optimizer sgd --extractor pool --calibration 1
+        variant csdm-pool-calib csdm 200 "${base[@]}" --optimizer adam --extractor pool --calibration 1
+        variant csdm-pool-calib0.1 csdm 200 "${base[@]}" --optimizer adam --extractor pool --calibration 0.1 ;;
     esac
     "$PYTHON" evaluate.py --report "$dir" ;;
 esac

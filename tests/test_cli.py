@@ -40,6 +40,8 @@ DISTILL_ERRORS = [
     (["--dataset", "folder", "--data-dir", "EMPTY"], "--data-dir"),
     (["--ipc", "ten"], "--ipc"),
     (["--device", "tpu"], "--device"),
+    (["--calibration", "1"], "--extractor pool"),
+    (["--calibration", "-1", "--extractor", "pool"], "--calibration"),
 ]
 
 

@@ -80,7 +80,11 @@ def test_resume_refuses_other_options_and_broken_checkpoints(folder_data, tmp_pa
     run(command(folder_data, out, iterations=4))
     done = run(command(folder_data, out, "--resume", "--lr-img", "3", iterations=6), code=2)
     assert "--lr-img 0.01 (checkpoint) vs 3.0 (now)" in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    # more iterations with the same options continue the run
+    # more iterations with the same options continue the run, also from a checkpoint written before an
+    # option was added (it ran with the option's off value)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    del checkpoint["config"]["calibration"]
+    torch.save(checkpoint, out / "checkpoint.pt")
     run(command(folder_data, out, "--resume", iterations=6))
     assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 6
     (out / "checkpoint.pt").write_bytes(b"\x80\x02garbage" * 10)
