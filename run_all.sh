@@ -24,7 +24,8 @@ options:
   --methods LIST       among random dm mmd ncfm sdm csdm full (default: all)
   --quick              CPU budget: 200 iterations, batch-real 64, 2 networks x 300 epochs
   --cpu-bench          the CPU benchmark of the README (writes results/cpu_bench.json)
-  --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget (validation split)
+  --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration
+                       (validation split)
   --data-dir DIR       data folder passed to distill.py / evaluate.py (default: download)
   --out DIR            results folder (default: results)
   --device DEV         auto, cpu, cuda, cuda:N (default: auto)
@@ -66,9 +67,9 @@ done
   fail "--data-dir: $DATA_DIR does not exist; give the data folder or omit it to download"
 [[ "$SEED" =~ ^[0-9]+$ ]] || fail "--seed: '$SEED' is not a non-negative integer"
 case "$MODE:$ABLATION" in
-  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget) ;;
+  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration) ;;
   grid:|cpu-bench:) ;;
-  *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline or budget" ;;
+  *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline, budget or calibration" ;;
 esac
 if [[ "$MODE" != grid && -z "$DATA_DIR" ]]; then
   fail "--data-dir: the CPU benchmark and the ablations read a local CIFAR-10 copy; pass --data-dir DIR"
@@ -196,11 +197,16 @@ case "$MODE" in
         variant csdm-pool csdm 200 "${base[@]}" --optimizer adam --extractor pool
         variant csdm-median csdm 200 "${base[@]}" --optimizer adam --bandwidth-rule median
         variant csdm-sigma2 csdm 200 "${base[@]}" --optimizer adam --bandwidth 2
-        variant csdm-no-l2 csdm 200 "${base[@]}" --optimizer adam --feature-norm none
-        # NCFM's cross-entropy calibration term rides on the pool: compare with the -pool rows
-        variant dm-pool-calib dm 200 "${base[@]}" --optimizer sgd --extractor pool --calibration 1
-        variant csdm-pool-calib csdm 200 "${base[@]}" --optimizer adam --extractor pool --calibration 1
-        variant csdm-pool-calib0.1 csdm 200 "${base[@]}" --optimizer adam --extractor pool --calibration 0.1 ;;
+        variant csdm-no-l2 csdm 200 "${base[@]}" --optimizer adam --feature-norm none ;;
+      calibration)
+        # NCFM's cross-entropy calibration term, which needs the pool's trained networks: the pipeline
+        # ablation's -pool rows with and without it
+        base=(--extractor pool --factor 1 --bandwidth-rule fixed --bandwidth 1 --feature-norm l2)
+        variant dm-pool dm 200 "${base[@]}" --optimizer sgd
+        variant dm-pool-calib dm 200 "${base[@]}" --optimizer sgd --calibration 1
+        variant csdm-pool csdm 200 "${base[@]}" --optimizer adam
+        variant csdm-pool-calib csdm 200 "${base[@]}" --optimizer adam --calibration 1
+        variant csdm-pool-calib0.1 csdm 200 "${base[@]}" --optimizer adam --calibration 0.1 ;;
     esac
     "$PYTHON" evaluate.py --report "$dir" ;;
 esac
