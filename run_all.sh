@@ -209,7 +209,12 @@ case "$MODE" in
         # the kernel losses are about 1e-2 per class against dm's ~10: smaller weights keep the same balance
         for weight in 0.1 0.01 0.002; do
           variant "csdm-pool-calib$weight" csdm 200 "${base[@]}" --optimizer adam --calibration "$weight"
-        done ;;
+        done
+        # at the default factor 2, with each method's best weight at factor 1
+        variant dm-factor2-pool-calib1 dm 200 "${base[@]}" --optimizer sgd --factor 2 --calibration 1
+        variant csdm-factor2-pool-calib0.01 csdm 200 "${base[@]}" --optimizer adam --factor 2 --calibration 0.01
+        variant dm-factor2-pool dm 200 "${base[@]}" --optimizer sgd --factor 2
+        variant csdm-factor2-pool csdm 200 "${base[@]}" --optimizer adam --factor 2 ;;
     esac
     "$PYTHON" evaluate.py --report "$dir" ;;
 esac
