@@ -553,9 +553,9 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
         calibrator = ConvNet(data.channels, num_classes, args.width, depth, args.norm, args.pooling, data.image_size)
         calibrator = calibrator.to(device).to(memory_format=torch.channels_last).requires_grad_(False)
 
-    def classify(x):
-        with autocast(device, precision):
-            return calibrator(x).float()
+        def classify(x):  # float32 logits, the network under bf16 autocast if asked (as embed)
+            with autocast(device, precision):
+                return calibrator(x).float()
     alpha = (class_weights(data.class_counts, args.alpha_head, args.alpha_tail) if class_aware(args)
              else torch.full((num_classes,), 0.5))
     local_alpha = alpha[classes].to(device)
