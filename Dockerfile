@@ -1,9 +1,25 @@
 # CSDM-LT: long-tailed dataset distillation, on a CUDA PyTorch image.
-#   docker build -t csdm .
-#   docker run --gpus all -v "$PWD/results:/workspace/csdm/results" csdm ./run_all.sh
+#
+#   docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t csdm .
+#   docker run --gpus all -v "$PWD/data:/workspace/csdm/data" -v "$PWD/results:/workspace/csdm/results" \
+#     -v csdm-cache:/workspace/cache csdm ./run_all.sh
+#
+# data/ holds the downloaded CIFAR (torchvision downloads there when no --data-dir is given), results/ the
+# runs, and the named volume csdm-cache the decoded splits (CSDM_CACHE_DIR) and torch.compile's kernels, so
+# a second container neither downloads, decodes nor compiles again. GIT_COMMIT names the commit in every run
+# record (the image has no .git). Tests of this file, without a Docker engine: tests/test_docker.py.
+#
 # The base image carries torch 2.7.1 and torchvision 0.22.1 (CUDA 12.6), inside requirements.txt's ranges,
 # so pip adds only what is missing.
 FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
+
+# run_all.sh passes --compile to every script: torch.compile needs a C/C++ compiler on first use (Inductor
+# builds C++ kernels on the CPU; on CUDA Triton builds its launcher with gcc), and the -runtime base has
+# none. build-essential (gcc, g++, libc headers; ~250 MB) rather than the -devel base, which adds the whole
+# CUDA toolkit (nvcc, headers, static libraries: several GB) that nothing here uses.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential \
+ && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /workspace/csdm
@@ -11,5 +27,16 @@ WORKDIR /workspace/csdm
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY data_lt.py networks.py sdd.py distill.py evaluate.py run_all.sh ./
+ENV CSDM_CACHE_DIR=/workspace/cache \
+    TORCHINDUCTOR_CACHE_DIR=/workspace/cache/torchinductor \
+    TRITON_CACHE_DIR=/workspace/cache/triton
+VOLUME ["/workspace/csdm/data", "/workspace/csdm/results", "/workspace/cache"]
+
+# every module (so a new one is never left out) and the script; last, so that a code change rebuilds
+# only this layer
+COPY *.py run_all.sh ./
+
+# late, so that a new commit does not invalidate the layers above
+ARG GIT_COMMIT=unknown
+ENV CSDM_GIT_COMMIT=$GIT_COMMIT
 CMD ["./run_all.sh"]

@@ -41,11 +41,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_lt import LongTailedData, long_tailed_counts, load_long_tailed
+from data_lt import LongTailedData, initial_synthetic, load_long_tailed, long_tailed_counts
 from distill import build_parser as distill_parser
-from distill import distill, initial_synthetic, resolve_device
-from evaluate import train_network
-from networks import ConvNet, autocast, in_micro_batches, micro_batch_size, reset_parameters_, resolve_precision
+from distill import distill
+from networks import (ConvNet, autocast, build_network, in_micro_batches, micro_batch_size, reset_parameters_,
+                      resolve_precision)
+from runs import resolve_device
+from training import PROTOCOLS, train_network
 from sdd import exact_mmd2, per_class_loss, sample_frequencies
 
 TARGETS = {  # (direction, bound) on this project's 2-core CPU
@@ -162,7 +164,7 @@ def bare_extractor_seconds(device, precision: str, compile: bool, n_real: int, n
                            forward_only: bool = False) -> float:
     """The ConvNet alone on one iteration's images: no-grad forward of the real batch, forward + backward
     to the synthetic pixels, in distill.py's micro-batches (forward_only: no-grad forward of both)."""
-    net = ConvNet(3, 10).to(device).to(memory_format=torch.channels_last).requires_grad_(False)
+    net = build_network("convnet", 3, 10, 32, device=device).requires_grad_(False)
 
     def embed(x):
         with autocast(device, precision):
@@ -265,8 +267,8 @@ def reference_training(images: torch.Tensor, labels: torch.Tensor, epochs: int) 
 
 def project_training(images, labels, epochs, device, precision, compile) -> None:
     g = torch.Generator(device=device).manual_seed(3)
-    net = reset_parameters_(ConvNet(3, 10).to(device).to(memory_format=torch.channels_last), g)
-    train_network(net, images.to(device), labels.to(device), epochs, 256, 0.01, g, precision=precision,
+    net = reset_parameters_(build_network("convnet", 3, 10, 32, device=device), g)
+    train_network(net, images.to(device), labels.to(device), g, PROTOCOLS["dm"], epochs, precision=precision,
                   compile=compile)
 
 

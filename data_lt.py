@@ -7,9 +7,11 @@ $ python data_lt.py --dataset folder --data-dir /data/tiny-imagenet --image-size
 Everything a job needs from the data lives here: the exponential long-tail
 profile (Cao et al. 2019), a seeded per-class subset of the training split, a
 balanced validation split carved from the images that subset leaves out, the
-balanced test split, the normalisation constants, the per-class draw of real
-images used by real initialisation and the `random` baseline, and DSA
-augmentation (Zhao & Bilen 2021) batched over samples.
+balanced test split, the normalisation constants, DSA augmentation (Zhao &
+Bilen 2021) batched over samples, and what distillation and the `random`
+baseline start from: the per-class draw of real images, the real
+initialisation with multi-formation (`initial_synthetic`, `decode`) and the
+real batch of each iteration (`RealBatchSampler`).
 
 Images stay uint8 (N, C, H, W) in memory; `LongTailedData.normalise` turns a
 gathered batch into float. Decoding a folder of JPEGs or reading IDX files is
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "folder")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -397,7 +400,7 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
 def load_long_tailed(dataset: str, data_dir: str | None = None, imbalance_factor: float = 100.0, seed: int = 0,
                      val_per_class: int = 0, n_max: int | None = None, image_size: int | None = None,
                      log=print) -> LongTailedData:
-    """Read a data set and build its long-tailed training subset (method.md section 5).
+    """Read a data set and build its long-tailed training subset (Cao et al. 2019's exponential profile).
 
     n_max defaults to the size of the largest training class; the per-class
     counts follow long_tailed_counts(n_max, C, IF), capped by what each class
@@ -465,7 +468,10 @@ def load_from_args(args, log=print) -> LongTailedData:
 # uniform draws; giving two samples the same row gives them the same transformation.
 
 DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
-DSA_SLOTS = 12  # op, brightness, saturation, contrast, crop x/y, cutout x/y, flip, scale x/y, rotation
+# the columns of a row of uniform draws u (N, DSA_SLOTS): which operation, then each operation's parameters
+(U_OP, U_BRIGHTNESS, U_SATURATION, U_CONTRAST, U_CROP_Y, U_CROP_X, U_CUTOUT_Y, U_CUTOUT_X, U_FLIP, U_SCALE_X,
+ U_SCALE_Y, U_ROTATE) = range(12)
+DSA_SLOTS = 12
 DSA_BRIGHTNESS, DSA_SATURATION, DSA_CONTRAST = 1.0, 2.0, 0.5
 DSA_CROP_PAD, DSA_CUTOUT, DSA_FLIP, DSA_SCALE, DSA_ROTATE_DEG = 0.125, 0.5, 0.5, 1.2, 15.0
 
@@ -473,8 +479,8 @@ DSA_CROP_PAD, DSA_CUTOUT, DSA_FLIP, DSA_SCALE, DSA_ROTATE_DEG = 0.125, 0.5, 0.5,
 def dsa_augment(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Apply one DSA operation per sample, as the DSA code does with aug_mode 'S'.
 
-    x: (N, C, H, W) float images; u: (N, DSA_SLOTS) uniforms in [0, 1). u[:, 0]
-    picks the operation among DSA_OPS; the other columns are its parameters:
+    x: (N, C, H, W) float images; u: (N, DSA_SLOTS) uniforms in [0, 1). u[:, U_OP]
+    picks the operation among DSA_OPS; the other columns (U_*) are its parameters:
     color = brightness x + (b - 1/2), saturation (x - mean_c)(2 s) + mean_c,
     contrast (x - mean)(c + 1/2) + mean; crop = integer shift in
     [-pad, pad] with zero fill; cutout = a zeroed square of half the side;
@@ -483,7 +489,7 @@ def dsa_augment(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     operations are one affine warp (bilinear, zero padding) for the batch.
     """
     _, _, h, w = x.shape
-    op = (u[:, 0] * len(DSA_OPS)).long().clamp_max(len(DSA_OPS) - 1)
+    op = (u[:, U_OP] * len(DSA_OPS)).long().clamp_max(len(DSA_OPS) - 1)
     is_op = {name: (op == i) for i, name in enumerate(DSA_OPS)}
     column = lambda t: t.view(-1, 1, 1, 1)
     # each sample undergoes one operation: compute each on its own samples only, then write them back at once
@@ -493,20 +499,20 @@ def dsa_augment(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     index = torch.nonzero(is_op["color"]).squeeze(1)
     if len(index):
         v = u[index]
-        colored = x[index] + (column(v[:, 1]) - 0.5) * DSA_BRIGHTNESS
+        colored = x[index] + (column(v[:, U_BRIGHTNESS]) - 0.5) * DSA_BRIGHTNESS
         channel_mean = colored.mean(dim=1, keepdim=True)
-        colored = (colored - channel_mean) * column(v[:, 2] * DSA_SATURATION) + channel_mean
+        colored = (colored - channel_mean) * column(v[:, U_SATURATION] * DSA_SATURATION) + channel_mean
         image_mean = colored.mean(dim=(1, 2, 3), keepdim=True)
         indices.append(index)
-        outputs.append((colored - image_mean) * column(v[:, 3] + DSA_CONTRAST) + image_mean)
+        outputs.append((colored - image_mean) * column(v[:, U_CONTRAST] + DSA_CONTRAST) + image_mean)
 
     # cutout: zero a square centred at a random offset (clipped at the border)
     index = torch.nonzero(is_op["cutout"]).squeeze(1)
     if len(index):
         v = u[index]
         size_h, size_w = int(h * DSA_CUTOUT + 0.5), int(w * DSA_CUTOUT + 0.5)
-        centre_y = (v[:, 6] * (h + 1 - size_h % 2)).long().clamp_max(h - size_h % 2)
-        centre_x = (v[:, 7] * (w + 1 - size_w % 2)).long().clamp_max(w - size_w % 2)
+        centre_y = (v[:, U_CUTOUT_Y] * (h + 1 - size_h % 2)).long().clamp_max(h - size_h % 2)
+        centre_x = (v[:, U_CUTOUT_X] * (w + 1 - size_w % 2)).long().clamp_max(w - size_w % 2)
         rows = torch.arange(h, device=x.device)[None, :] - (centre_y - size_h // 2)[:, None]  # (n, H)
         cols = torch.arange(w, device=x.device)[None, :] - (centre_x - size_w // 2)[:, None]  # (n, W)
         inside = ((rows >= 0) & (rows < size_h))[:, :, None] & ((cols >= 0) & (cols < size_w))[:, None, :]
@@ -514,7 +520,7 @@ def dsa_augment(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         outputs.append(x[index] * (~inside).unsqueeze(1).to(x.dtype))
 
     # geometric: crop (shift), flip, scale, rotate as one affine map of output to input coordinates
-    flip = is_op["flip"] & (u[:, 8] < DSA_FLIP)
+    flip = is_op["flip"] & (u[:, U_FLIP] < DSA_FLIP)
     index = torch.nonzero(is_op["crop"] | flip | is_op["scale"] | is_op["rotate"]).squeeze(1)
     if len(index):
         v, m = u[index], len(index)
@@ -522,15 +528,15 @@ def dsa_augment(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         theta = torch.zeros(m, 2, 3, device=x.device, dtype=x.dtype)
         theta[:, 0, 0] = theta[:, 1, 1] = 1.0
         pad_h, pad_w = int(h * DSA_CROP_PAD + 0.5), int(w * DSA_CROP_PAD + 0.5)
-        shift_y = (v[:, 4] * (2 * pad_h + 1)).floor().clamp_max(2 * pad_h) - pad_h
-        shift_x = (v[:, 5] * (2 * pad_w + 1)).floor().clamp_max(2 * pad_w) - pad_w
+        shift_y = (v[:, U_CROP_Y] * (2 * pad_h + 1)).floor().clamp_max(2 * pad_h) - pad_h
+        shift_x = (v[:, U_CROP_X] * (2 * pad_w + 1)).floor().clamp_max(2 * pad_w) - pad_w
         theta[:, 0, 2] = torch.where(crop, 2 * shift_x / w, 0.0)
         theta[:, 1, 2] = torch.where(crop, 2 * shift_y / h, 0.0)
         theta[:, 0, 0] = torch.where(flip, -1.0, theta[:, 0, 0])
         scale_lo = 1.0 / DSA_SCALE
-        theta[:, 0, 0] = torch.where(scale, v[:, 9] * (DSA_SCALE - scale_lo) + scale_lo, theta[:, 0, 0])
-        theta[:, 1, 1] = torch.where(scale, v[:, 10] * (DSA_SCALE - scale_lo) + scale_lo, theta[:, 1, 1])
-        angle = (v[:, 11] - 0.5) * 2 * math.radians(DSA_ROTATE_DEG)
+        theta[:, 0, 0] = torch.where(scale, v[:, U_SCALE_X] * (DSA_SCALE - scale_lo) + scale_lo, theta[:, 0, 0])
+        theta[:, 1, 1] = torch.where(scale, v[:, U_SCALE_Y] * (DSA_SCALE - scale_lo) + scale_lo, theta[:, 1, 1])
+        angle = (v[:, U_ROTATE] - 0.5) * 2 * math.radians(DSA_ROTATE_DEG)
         rotation = torch.stack([torch.cos(angle), -torch.sin(angle), torch.sin(angle), torch.cos(angle)], 1)
         theta[:, :, :2] = torch.where(rotate.view(m, 1, 1), rotation.view(m, 2, 2), theta[:, :, :2])
         grid = F.affine_grid(theta, [m, x.shape[1], h, w], align_corners=False)
@@ -545,17 +551,102 @@ def dsa_uniforms_per_sample(n: int, generator: torch.Generator, device=None) -> 
     """Uniform draws for a training minibatch as the DSA code draws them without a
     seed: one operation for the whole batch, parameters per sample. (n, DSA_SLOTS)."""
     u = torch.rand(n, DSA_SLOTS, generator=generator, device=device)
-    u[:, 0] = u[0, 0]
+    u[:, U_OP] = u[0, U_OP]
     return u
 
 
-def dsa_uniforms_siamese(seed: int, step: int, classes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Counter-based draws for siamese DSA: the sample at `position` of class `class`
-    gets the same row in the real and the synthetic batch of iteration `step`; the
-    operation is shared by the whole class. (N, DSA_SLOTS) on the inputs' device."""
+DSA_PAIRINGS = ("position", "class")
+
+
+def dsa_uniforms_siamese(seed: int, step: int, classes: torch.Tensor, positions: torch.Tensor,
+                         pairing: str = "position") -> torch.Tensor:
+    """Counter-based draws for siamese DSA in iteration `step`, (N, DSA_SLOTS) on the inputs' device.
+
+    pairing "position": the sample at `position` of class `class` gets the same row in the real and
+    the synthetic batch; the operation (U_OP) is shared by the whole class, its parameters differ by
+    position. pairing "class": one row per class and iteration for all its real and synthetic samples,
+    as DM's code draws it (one seeded transformation for a class's whole batch)."""
+    if pairing not in DSA_PAIRINGS:
+        raise ValueError(f"pairing must be one of {DSA_PAIRINGS}, got {pairing!r}")
     slots = torch.arange(DSA_SLOTS, device=classes.device)[None, :]
-    position = torch.where(slots == 0, 0, positions[:, None])
+    position = torch.where(slots == U_OP, 0, positions[:, None]) if pairing == "position" else 0
     return counter_uniform(seed, STREAM_DSA, step, classes[:, None], position, slots, device=classes.device)
+
+
+# ----------------------------------------------------------------------------------------
+# The starting synthetic set (real initialisation, multi-formation) and the real batches of an iteration
+
+def initial_synthetic(data: LongTailedData, ipc: int, seed: int, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real initialisation: ipc normalised real images per class, (C * ipc, ch, H, W), and labels.
+
+    With factor f, each synthetic image is f x f real images of its class, each shrunk to H/f
+    and tiled (multi-formation); decode() turns it back into f^2 training images. Slots beyond a
+    class's n_c real images repeat them under a seeded geometric DSA transformation (crop shift,
+    forced flip, scale or rotation), so that no two start identical."""
+    index, repeat = draw_per_class(data.train_labels, ipc * factor ** 2, data.num_classes, seed)
+    images = data.normalise(data.train_images[index])
+    labels = data.train_labels[index]
+    if bool(repeat.any()):
+        slots = torch.nonzero(repeat).squeeze(1)
+        images[slots] = dsa_augment(images[slots], geometric_uniforms(seed, slots))
+    if factor == 1:
+        return images, labels
+    size = data.image_size
+    tiles = F.interpolate(images, size=(size // factor, size // factor), mode="bilinear", antialias=True,
+                          align_corners=False)
+    packed = rearrange(tiles, "(n fh fw) c h w -> n c (fh h) (fw w)", fh=factor, fw=factor)
+    return F.pad(packed, (0, size - packed.shape[-1], 0, size - packed.shape[-2])), labels[::factor ** 2]
+
+
+def geometric_uniforms(seed: int, slots: torch.Tensor) -> torch.Tensor:
+    """DSA draws (len(slots), DSA_SLOTS) that pick a geometric operation (crop, flip, scale or rotate)
+    for each slot, seeded by (seed, slot); the flip always flips."""
+    u = counter_uniform(seed, STREAM_INIT, slots[:, None], torch.arange(DSA_SLOTS)[None, :])
+    geometric = torch.tensor([DSA_OPS.index(op) for op in ("crop", "flip", "scale", "rotate")])
+    op = geometric[(u[:, U_OP] * len(geometric)).long().clamp_max(len(geometric) - 1)]
+    u[:, U_OP] = (op.float() + 0.5) / len(DSA_OPS)
+    u[:, U_FLIP] = 0.0
+    return u
+
+
+def decode(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """Multi-formation decoding: (N, c, H, W) -> (N * factor^2, c, H, W), each tile upsampled to H x W."""
+    if factor == 1:
+        return images
+    size = images.shape[-1]
+    tile = size // factor
+    tiles = rearrange(images[..., :tile * factor, :tile * factor], "n c (fh h) (fw w) -> (n fh fw) c h w",
+                      fh=factor, fw=factor)
+    return F.interpolate(tiles, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class RealBatchSampler:
+    """Every iteration, up to batch_real images of each of `classes`, drawn without replacement.
+
+    The draw is a function of (seed, iteration, image) only: image j's random key is
+    counter_uniform(seed, stream, iteration, j) for its index j in the whole training
+    set, and each class takes its batch_real smallest keys. So a class's batch does not
+    depend on which other classes this process handles."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, batch_real: int, seed: int,
+                 classes: torch.Tensor | None = None):
+        mine = torch.ones(num_classes, dtype=torch.bool, device=labels.device)
+        if classes is not None:
+            mine = torch.zeros_like(mine)
+            mine[classes.to(labels.device)] = True
+        self.index = torch.nonzero(mine[labels]).squeeze(1)  # global indices of this process's images
+        self.labels = labels[self.index]
+        self.batch_real, self.seed = batch_real, seed
+        counts = torch.bincount(self.labels, minlength=num_classes)
+        self.starts = torch.cumsum(counts, 0) - counts
+
+    def sample(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices into the training set, position of each within its class batch)."""
+        keys = counter_uniform(self.seed, STREAM_REAL_BATCH, iteration, self.index, device=self.index.device)
+        order = torch.argsort(self.labels.double() + keys.double(), stable=True)
+        position = torch.arange(len(order), device=order.device) - self.starts[self.labels[order]]
+        keep = position < self.batch_real
+        return self.index[order[keep]], position[keep]
 
 
 # ----------------------------------------------------------------------------------------

@@ -5,41 +5,39 @@ $ python distill.py --method dm --dataset cifar10 --data-dir data/cifar10 --iter
       --device cpu --out runs/dm
 $ python distill.py ... --out runs/csdm --resume               # continue a stopped run
 $ torchrun --nproc_per_node=4 distill.py --method csdm ...      # classes sharded across 4 processes
+$ python distill.py --method dm --factor 1 --optimizer sgd --lr-img 1 --dsa-pairing class \
+      --batch-real 256 --iterations 20000 --out runs/dm-paper   # DM exactly as its paper ran it
 
-The DM loop (Zhao & Bilen, WACV 2023), method.md section 6: the synthetic images
-start from real images of their class; every iteration draws a fresh randomly
-initialised ConvNet, a batch of up to --batch-real real images of every class,
-one siamese DSA transformation per class and sample position shared by the
-real and the synthetic batch, and --num-freqs frequencies from the kernel's
-spectrum; it embeds both batches, computes the matching loss of every class in
-one call (sdd.per_class_loss), sums it over classes and takes one optimiser
-step on the synthetic pixels.
+The DM loop (Zhao & Bilen, "Dataset Condensation with Distribution Matching", WACV 2023), in the
+project's words in docs/method.md: the synthetic images start from real images of their class; every
+iteration draws a fresh randomly initialised ConvNet, a batch of up to --batch-real real images of every
+class, siamese DSA transformations shared by the real and the synthetic images of a class
+(--dsa-pairing), and --num-freqs frequencies from the kernel's spectrum; it embeds both batches,
+computes the matching loss of every class in one call (sdd.per_class_loss), sums it over classes and
+takes one optimiser step on the synthetic pixels. distill() reads as those steps.
 
-With --extractor pool the extractor is one of a pool of briefly trained ConvNets
-blended with its initialisation (NCFM), and --calibration lambda adds NCFM's
-cross-entropy calibration term: the same pool network, fully trained, classifies
-the augmented synthetic images, and the loss gains
+With --extractor pool the extractor is one of a pool of briefly trained ConvNets blended with its
+initialisation (NCFM), and --calibration lambda adds NCFM's cross-entropy calibration term: the same
+pool network, fully trained, classifies the augmented synthetic images, and the loss gains
 lambda * sum_c mean_{i in c} CE(f_trained(x_i), c).
 
-Methods: csdm (class-aware SDD), sdm (SDD, alpha = 1/2), ncfm (NCFM's square-root
-CF loss), mmd (exact Gaussian MMD^2), dm (mean matching).
+Methods: csdm (class-aware SDD), sdm (SDD, alpha = 1/2), ncfm (NCFM's square-root CF loss), mmd (exact
+Gaussian MMD^2), dm (mean matching).
 
-The output folder holds synthetic.pt (images, labels, mean, std, class_names,
-class_counts, config), synthetic.png (one row per class), init.png (the real
-initialisation), init_vs_final.png, loss.csv and loss.png, config.json, run.json
-(command line, commit, versions, device, wall time) and a README.md of the run.
-Read synthetic.pt with torch.load(path, weights_only=True).
+The output folder holds synthetic.pt (images, labels, mean, std, class_names, class_counts, config),
+synthetic.png (one row per class), init.png (the real initialisation), init_vs_final.png, loss.csv and
+loss.png, config.json, run.json (command line, commit, versions, device, wall time) and a README.md of
+the run. Read synthetic.pt with torch.load(path, weights_only=True).
 
-A checkpoint (checkpoint.pt: images, optimiser state, iteration, the generators'
-state, config) is written atomically every --ckpt-every iterations and when the
-run is stopped by SIGINT or SIGTERM; --resume continues from it and ends with the
-same synthetic set as an uninterrupted run.
+A checkpoint (checkpoint.pt: images, optimiser state, iteration, loss history, config) is written
+atomically every --ckpt-every iterations and when the run is stopped by SIGINT or SIGTERM; --resume
+continues from it and ends with the same synthetic set as an uninterrupted run (every random draw is a
+function of the seed and the iteration: there is no generator state to save).
 
-When a class has fewer real images than --ipc (IPC 50 at IF 200), its first n_c
-synthetic images are its n_c real images and each further one repeats one of
-them under a seeded geometric DSA transformation (shift, flip, scale or rotation),
-so that no two start identical. When it has fewer than --batch-real, every
-iteration uses all of them.
+When a class has fewer real images than --ipc (IPC 50 at IF 200), its first n_c synthetic images are
+its n_c real images and each further one repeats one of them under a seeded geometric DSA
+transformation, so that no two start identical. When it has fewer than --batch-real, every iteration
+uses all of them.
 """
 from __future__ import annotations
 
@@ -47,30 +45,28 @@ import argparse
 import csv
 import hashlib
 import json
-import os
-import platform
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from einops import rearrange
 
-from data_lt import (DSA_OPS, DSA_SLOTS, STREAM_INIT, STREAM_REAL_BATCH, LongTailedData, UsageError,
-                     add_data_arguments, cache_dir, counter_seed, counter_uniform, draw_per_class, dsa_augment,
-                     dsa_uniforms_siamese, load_from_args)
-from networks import (NORMS, POOLINGS, PRECISIONS, ConvNet, autocast, depth_for_size, in_micro_batches,
+from data_lt import (DSA_PAIRINGS, LongTailedData, RealBatchSampler, UsageError, add_data_arguments, cache_dir,
+                     counter_seed, counter_uniform, decode, dsa_augment, dsa_uniforms_siamese, initial_synthetic,
+                     load_from_args)
+from networks import (NORMS, POOLINGS, PRECISIONS, autocast, build_network, depth_for_size, in_micro_batches,
                       micro_batch_size, reset_parameters_, resolve_precision)
+from runs import (FORMAT_VERSION, OneLineParser, Processes, Progress, atomic_save, check_positive, compile_or_eager,
+                  environment, plot_loss, plot_side_by_side, resolve_device, run_script, save_grid, start_processes,
+                  write_run_readme)
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
                  kernel_metric_p, per_class_loss, sample_frequencies)
+from training import PROTOCOLS, train_network
 
-FORMAT_VERSION = 1
 STREAM_NETWORK, STREAM_FREQS, STREAM_POOL = 11, 12, 13
 # Optimiser and learning rate on pixels per method, picked on the validation split (README, "How the
 # defaults were chosen"). dm: the DM paper's SGD, lr 1, momentum 0.5. The kernel losses (sdm, csdm, ncfm,
@@ -85,20 +81,15 @@ DEFAULT_LR_IMG = {("sgd", "dm"): 1.0, ("sgd", "mmd"): 500.0, ("sgd", "sdm"): 500
 RUN_OPTIONS = {"iterations", "device", "out", "log_every", "ckpt_every", "resume", "overwrite", "data_dir",
                "class_chunk", "compile"}
 # options added after checkpoints were first written, with the value that older checkpoints ran with
-ADDED_OPTIONS = {"calibration": 0.0}
+ADDED_OPTIONS = {"calibration": 0.0, "dsa_pairing": "position"}
 RUN_FILES = ("synthetic.pt", "checkpoint.pt", "config.json", "results.json")
 
 
 # ----------------------------------------------------------------------------------------
 # Options
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="distill.py", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="distill.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", default="csdm", choices=METHODS, help="matching loss")
     add_data_arguments(p)
@@ -123,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration", type=float, default=0.0,
                    help="--extractor pool: weight of NCFM's cross-entropy calibration term (the iteration's pool "
                         "network, trained, classifies the synthetic images); 0: off")
+    g.add_argument("--dsa-pairing", default="position", choices=DSA_PAIRINGS,
+                   help="siamese DSA: position: the real and synthetic images at the same position of a class share "
+                        "a transformation (one operation per class, parameters per position); class: one "
+                        "transformation per class and iteration for all its real and synthetic images, as DM's code")
     g.add_argument("--class-chunk", type=int, default=0,
                    help="classes embedded and matched together (0: as many as keep about 4096 images, at most "
                         "1024 of them synthetic, in a chunk); bounds memory for many classes, the result is the same")
@@ -163,13 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_options(args) -> None:
     """Reject impossible values with the option's name and the fix."""
-    positive = {"--ipc": args.ipc, "--iterations": args.iterations, "--batch-real": args.batch_real,
-                "--num-freqs": args.num_freqs, "--width": args.width, "--log-every": args.log_every,
-                "--ckpt-every": args.ckpt_every, "--factor": args.factor, "--pool-size": args.pool_size,
-                "--pool-epochs": args.pool_epochs}
-    for option, value in positive.items():
-        if value < 1:
-            raise UsageError(f"{option} must be >= 1 (got {value})")
+    check_positive({"--ipc": args.ipc, "--iterations": args.iterations, "--batch-real": args.batch_real,
+                    "--num-freqs": args.num_freqs, "--width": args.width, "--log-every": args.log_every,
+                    "--ckpt-every": args.ckpt_every, "--factor": args.factor, "--pool-size": args.pool_size,
+                    "--pool-epochs": args.pool_epochs})
     if args.class_chunk < 0:
         raise UsageError(f"--class-chunk must be >= 0 (got {args.class_chunk}); 0 picks it from the batch size")
     if args.depth is not None and args.depth < 1:
@@ -199,21 +191,6 @@ def class_aware(args) -> bool:
     return args.method == "csdm" or args.class_aware
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available, else cpu; anything else must exist on this machine."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device: '{name}' is not a device; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
 def check_out_folder(args) -> None:
     """Refuse to write into another run's folder unless told to resume it or replace it."""
     out = Path(args.out)
@@ -225,165 +202,17 @@ def check_out_folder(args) -> None:
                          f"--overwrite to replace it, or another --out")
 
 
-# ----------------------------------------------------------------------------------------
-# Processes: one, or several under torchrun, each owning a subset of the classes
-
-@dataclass
-class Processes:
-    """This process's place in the job. Classes are dealt round-robin (c % world == rank), which
-    spreads head and tail classes evenly. world == 1 is the plain single-process run."""
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def classes(self, num_classes: int) -> torch.Tensor:
-        return torch.arange(self.rank, num_classes, self.world)
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum a small tensor over processes (identity for one process)."""
-        if self.world > 1:
-            values = values.clone()
-            dist.all_reduce(values)
-        return values
-
-    def gather_rows(self, rows: torch.Tensor, values: torch.Tensor, total: int) -> torch.Tensor | None:
-        """Assemble per-process row blocks into one (total, ...) tensor on the main process."""
-        if self.world == 1:
-            out = values.new_empty((total,) + values.shape[1:])
-            out[rows] = values
-            return out
-        parts = [None] * self.world
-        dist.all_gather_object(parts, (rows.cpu(), values.detach().cpu()))
-        if not self.main:
-            return None
-        out = parts[0][1].new_empty((total,) + parts[0][1].shape[1:])
-        for part_rows, part_values in parts:
-            out[part_rows] = part_values
-        return out
-
-    def finish(self, clean: bool) -> None:
-        """Leave the torchrun job. After a clean run every process first waits at a barrier, so that no
-        process tears its connections down while another still works (writes the outputs, or is in a
-        collective); after an error the group is destroyed at once, as a barrier could wait forever."""
-        if self.world == 1 or not dist.is_initialized():
-            return
-        if clean:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def start_processes(device_name: str) -> tuple[Processes, torch.device]:
-    """Join the torchrun job if there is one (NCCL on GPUs, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Processes(), resolve_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank, world), device
-
-
-# ----------------------------------------------------------------------------------------
-# Synthetic set and real batches
-
-def initial_synthetic(data: LongTailedData, ipc: int, seed: int, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real initialisation: ipc normalised real images per class, (C * ipc, ch, H, W), and labels.
-
-    With factor f, each synthetic image is f x f real images of its class, each shrunk to H/f
-    and tiled (multi-formation). Slots beyond a class's n_c real images repeat them under a
-    seeded geometric DSA transformation (crop shift, forced flip, scale or rotation)."""
-    index, repeat = draw_per_class(data.train_labels, ipc * factor ** 2, data.num_classes, seed)
-    images = data.normalise(data.train_images[index])
-    labels = data.train_labels[index]
-    if bool(repeat.any()):
-        slots = torch.nonzero(repeat).squeeze(1)
-        u = counter_uniform(seed, STREAM_INIT, slots[:, None], torch.arange(DSA_SLOTS)[None, :])
-        geometric = torch.tensor([DSA_OPS.index(op) for op in ("crop", "flip", "scale", "rotate")])
-        op = geometric[(u[:, 0] * len(geometric)).long().clamp_max(len(geometric) - 1)]
-        u[:, 0] = (op.float() + 0.5) / len(DSA_OPS)
-        u[:, 8] = 0.0  # the flip operation always flips
-        images[slots] = dsa_augment(images[slots], u)
-    if factor == 1:
-        return images, labels
-    size = data.image_size
-    tiles = F.interpolate(images, size=(size // factor, size // factor), mode="bilinear", antialias=True,
-                          align_corners=False)
-    packed = rearrange(tiles, "(n fh fw) c h w -> n c (fh h) (fw w)", fh=factor, fw=factor)
-    return F.pad(packed, (0, size - packed.shape[-1], 0, size - packed.shape[-2])), labels[::factor ** 2]
-
-
-def decode(images: torch.Tensor, factor: int) -> torch.Tensor:
-    """Multi-formation decoding: (N, c, H, W) -> (N * factor^2, c, H, W), each tile upsampled to H x W."""
-    if factor == 1:
-        return images
-    size = images.shape[-1]
-    tile = size // factor
-    tiles = rearrange(images[..., :tile * factor, :tile * factor], "n c (fh h) (fw w) -> (n fh fw) c h w",
-                      fh=factor, fw=factor)
-    return F.interpolate(tiles, size=(size, size), mode="bilinear", align_corners=False)
-
-
-class RealBatchSampler:
-    """Every iteration, up to batch_real images of each of `classes`, drawn without replacement.
-
-    The draw is a function of (seed, iteration, image) only: image j's random key is
-    counter_uniform(seed, stream, iteration, j) for its index j in the whole training
-    set, and each class takes its batch_real smallest keys. So a class's batch does not
-    depend on which other classes this process handles."""
-
-    def __init__(self, labels: torch.Tensor, num_classes: int, batch_real: int, seed: int,
-                 classes: torch.Tensor | None = None):
-        mine = torch.ones(num_classes, dtype=torch.bool, device=labels.device)
-        if classes is not None:
-            mine = torch.zeros_like(mine)
-            mine[classes.to(labels.device)] = True
-        self.index = torch.nonzero(mine[labels]).squeeze(1)  # global indices of this process's images
-        self.labels = labels[self.index]
-        self.batch_real, self.seed = batch_real, seed
-        counts = torch.bincount(self.labels, minlength=num_classes)
-        self.starts = torch.cumsum(counts, 0) - counts
-
-    def sample(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices into the training set, position of each within its class batch)."""
-        keys = counter_uniform(self.seed, STREAM_REAL_BATCH, iteration, self.index, device=self.index.device)
-        order = torch.argsort(self.labels.double() + keys.double(), stable=True)
-        position = torch.arange(len(order), device=order.device) - self.starts[self.labels[order]]
-        keep = position < self.batch_real
-        return self.index[order[keep]], position[keep]
-
-
-def chunk_classes(batch_real: int, decoded_per_class: int, images: int = 4096, with_grad: int = 1024) -> int:
-    """Classes per chunk when --class-chunk is 0: at most `images` images through the extractor and at most
-    `with_grad` decoded synthetic images (whose activations stay alive for the backward pass; the real
-    ones run without a graph) in one chunk, and at least one class."""
-    return max(1, min(images // (batch_real + decoded_per_class), with_grad // decoded_per_class))
-
-
-def embed_in_chunks(embed, images: torch.Tensor, chunk: int | None = 1024) -> torch.Tensor:
-    """embed(images) over row chunks, without building a graph (real images need no gradient)."""
-    with torch.no_grad():
-        return in_micro_batches(embed, images.contiguous(memory_format=torch.channels_last), chunk or 1024)
+def resolved_config(args, data: LongTailedData) -> dict:
+    """The options with every default that depends on the method or the data filled in."""
+    optimizer_name = args.optimizer or DEFAULT_OPTIMIZER[args.method]
+    device = resolve_device(args.device)
+    return dict(vars(args), depth=args.depth or depth_for_size(data.image_size), optimizer=optimizer_name,
+                lr_img=args.lr_img or DEFAULT_LR_IMG[optimizer_name, args.method],
+                precision=resolve_precision(args.precision, device, args.compile), format_version=FORMAT_VERSION)
 
 
 # ----------------------------------------------------------------------------------------
 # Checkpoints
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash
-    mid-write leaves the previous file in place."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def comparable_config(config: dict) -> dict:
     return {key: value for key, value in config.items() if key not in RUN_OPTIONS}
@@ -429,7 +258,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, torch.T
 
 
 # ----------------------------------------------------------------------------------------
-# The loop
+# Stopping, diverging, the extractor pool
 
 class StopRequest:
     """Set by SIGINT / SIGTERM; the loop checks it after every iteration."""
@@ -464,8 +293,6 @@ def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device,
     """NCFM's pool: --pool-size ConvNets, each trained --pool-epochs epochs on the long-tailed set
     (the evaluation protocol's SGD and DSA), kept with its initialisation. Trained once, cached,
     and split across processes under torchrun."""
-    from evaluate import train_network  # the training loop of the evaluation protocol (lazy: evaluate imports us)
-
     precision = resolve_precision(args.precision, device, args.compile)
     path = pool_file(args, data, depth, precision)
     if path.exists():
@@ -479,22 +306,236 @@ def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device,
     mine = []
     for k in range(processes.rank, args.pool_size, processes.world):
         generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_POOL, k))
-        net = ConvNet(data.channels, data.num_classes, args.width, depth, args.norm, args.pooling, data.image_size)
-        net = reset_parameters_(net.to(device).to(memory_format=torch.channels_last), generator)
+        net = reset_parameters_(convnet(args, data, depth, device), generator)
         init = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
-        train_network(net, images, labels, args.pool_epochs, 256, 0.01, generator, precision=precision,
+        train_network(net, images, labels, generator, PROTOCOLS["dm"], args.pool_epochs, precision=precision,
                       compile=args.compile)
         trained = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
         mine.append((k, {"init": init, "trained": trained}))
         log(f"  pool network {k + 1}/{args.pool_size} trained")
-    if processes.world > 1:
-        parts = [None] * processes.world
-        dist.all_gather_object(parts, mine)
-        mine = [entry for part in parts for entry in part]
+    mine = processes.gather_objects(mine)
     networks = [network for _, network in sorted(mine, key=lambda entry: entry[0])]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"networks": networks}, path)
     return networks
+
+
+# ----------------------------------------------------------------------------------------
+# The loop's parts: this process's share of the set, the extractor, the matching loss
+
+def convnet(args, data: LongTailedData, depth: int, device: torch.device):
+    return build_network("convnet", data.channels, data.num_classes, data.image_size, args.width, depth, args.norm,
+                         args.pooling, device)
+
+
+@dataclass
+class Shard:
+    """This process's classes and its rows of the synthetic set (all of them for one process).
+    Stored rows hold factor^2 decoded images each; `local` numbers this process's classes 0..K-1."""
+    classes: torch.Tensor         # (K,) global classes
+    rows: torch.Tensor            # (R,) rows of the stored set
+    row_local: torch.Tensor       # (R,) local class of each row
+    syn_local: torch.Tensor       # (R * tiles,) local class of each decoded image
+    syn_class: torch.Tensor       # (R * tiles,) global class of each decoded image
+    syn_position: torch.Tensor    # (R * tiles,) position of each decoded image within its class
+    local_of_class: torch.Tensor  # (C,) local class of each global class, -1 for other processes' classes
+
+    @classmethod
+    def of(cls, processes: Processes, labels: torch.Tensor, num_classes: int, ipc: int, tiles: int, device):
+        classes = processes.classes(num_classes)
+        rows = torch.nonzero(torch.isin(labels, classes)).squeeze(1)
+        local_of_class = torch.full((num_classes,), -1, dtype=torch.long)
+        local_of_class[classes] = torch.arange(len(classes))
+        row_local = local_of_class[labels[rows]]
+        position = ((rows % ipc)[:, None] * tiles + torch.arange(tiles)).flatten()
+        return cls(classes, rows, row_local.to(device), row_local.repeat_interleave(tiles).to(device),
+                   labels[rows].repeat_interleave(tiles).to(device), position.to(device), local_of_class.to(device))
+
+
+class Extractor:
+    """The iteration's feature extractor, as float32 features f(x) (the network under bf16 autocast if
+    asked): a fresh random ConvNet (DM), or a pool network blended with its initialisation,
+    theta = l theta_init + (1 - l) theta_trained, l ~ U(0, 1) (NCFM). With --calibration the pool
+    network, trained, is also the iteration's classifier."""
+
+    def __init__(self, args, data: LongTailedData, config: dict, device, processes: Processes, log):
+        self.args, self.device, self.precision = args, device, config["precision"]
+        self.net = convnet(args, data, config["depth"], device).requires_grad_(False)
+        self.embed = compile_or_eager(self._embed, args.compile)
+        self.pool = None
+        if args.extractor == "pool":
+            self.pool = [{part: {name: value.to(device) for name, value in network[part].items()} for part in network}
+                         for network in extractor_pool(args, data, config["depth"], device, processes, log)]
+        self.calibrator = None
+        if args.calibration > 0:
+            self.calibrator = convnet(args, data, config["depth"], device).requires_grad_(False)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.net.feature_dim
+
+    def _embed(self, x):
+        with autocast(self.device, self.precision):
+            return self.net.embed(x).float()
+
+    def classify(self, x):
+        """The calibrator's float32 logits (autocast as embed)."""
+        with autocast(self.device, self.precision):
+            return self.calibrator(x).float()
+
+    @torch.no_grad()
+    def draw(self, iteration: int) -> None:
+        """Set the networks for `iteration`, from (seed, iteration) alone."""
+        seed = self.args.seed
+        if self.pool is None:
+            generator = torch.Generator(device=self.device).manual_seed(counter_seed(seed, STREAM_NETWORK, iteration))
+            reset_parameters_(self.net, generator)
+            return
+        pick, blend = counter_uniform(seed, STREAM_POOL, iteration, torch.arange(2)).tolist()
+        network = self.pool[min(int(pick * len(self.pool)), len(self.pool) - 1)]
+        for name, value in self.net.state_dict().items():
+            value.copy_(blend * network["init"][name] + (1 - blend) * network["trained"][name])
+        if self.calibrator is not None:
+            self.calibrator.load_state_dict(network["trained"])
+
+
+def draw_frequencies(args, iteration: int, dim: int, device) -> torch.Tensor | None:
+    """The iteration's M standard spectral draws (M, dim) of the kernel; the bandwidth scales them inside
+    the loss. None for the losses without frequencies (dm, mmd)."""
+    if args.method not in SPECTRAL_METHODS:
+        return None
+    generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_FREQS, iteration))
+    return sample_frequencies(args.num_freqs, dim, args.kernel, 1.0, generator=generator, device=device)
+
+
+def chunk_classes(batch_real: int, decoded_per_class: int, images: int = 4096, with_grad: int = 1024) -> int:
+    """Classes per chunk when --class-chunk is 0: at most `images` images through the extractor and at most
+    `with_grad` decoded synthetic images (whose activations stay alive for the backward pass; the real
+    ones run without a graph) in one chunk, and at least one class."""
+    return max(1, min(images // (batch_real + decoded_per_class), with_grad // decoded_per_class))
+
+
+def embed_in_chunks(embed, images: torch.Tensor, chunk: int | None = 1024) -> torch.Tensor:
+    """embed(images) over row chunks, without building a graph (real images need no gradient)."""
+    with torch.no_grad():
+        return in_micro_batches(embed, images.contiguous(memory_format=torch.channels_last), chunk or 1024)
+
+
+class Matcher:
+    """The matching loss of an iteration, sum_c L_c(real features of c, synthetic features of c), with its
+    gradient accumulated into the synthetic pixels chunk of classes by chunk of classes: per-class losses
+    are independent, so the chunked backward passes add up to the gradient of the whole sum while only
+    one chunk's activations are alive at a time."""
+
+    def __init__(self, args, data: LongTailedData, shard: Shard, alpha: torch.Tensor, config: dict, device):
+        self.args, self.data, self.shard, self.device = args, data, shard, device
+        self.tiles = args.factor ** 2
+        self.local_alpha = alpha[shard.classes].to(device)
+        self.train_images, self.train_labels = data.train_images.to(device), data.train_labels.to(device)
+        self.sampler = RealBatchSampler(self.train_labels, data.num_classes, args.batch_real, args.seed,
+                                        shard.classes.to(device))
+        self.normalise_features = args.method != "dm" and args.feature_norm == "l2"
+        # the spectral loss's projection w . x follows the network's precision (sdd.class_characteristic_functions)
+        self.projection_dtype = torch.bfloat16 if config["precision"] == "bf16" else None
+        # batch norm statistics would change with the micro-batches: keep whole batches then
+        self.micro = micro_batch_size(device, data.image_size) if args.norm != "batch" else None
+        per_chunk = args.class_chunk or chunk_classes(args.batch_real, args.ipc * self.tiles)
+        self.chunks = [(a, min(a + per_chunk, len(shard.classes))) for a in range(0, len(shard.classes), per_chunk)]
+
+    def backward(self, syn: torch.Tensor, iteration: int, extractor: Extractor, freqs) -> torch.Tensor:
+        """Accumulate d loss / d syn into syn.grad; returns the loss (detached)."""
+        index, position = self.sampler.sample(iteration)
+        real_local = self.shard.local_of_class[self.train_labels[index]]
+        total = torch.zeros((), device=self.device)
+        for first, last in self.chunks:
+            in_real = (real_local >= first) & (real_local < last)
+            loss = self.chunk_loss(syn, iteration, extractor, freqs, first, last, index[in_real], position[in_real])
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
+    def chunk_loss(self, syn, iteration, extractor, freqs, first, last, index, position) -> torch.Tensor:
+        """The summed loss of local classes first..last-1 on their real images `index` (at `position` in
+        their class batch) and their synthetic images."""
+        args, shard = self.args, self.shard
+        in_rows = (shard.row_local >= first) & (shard.row_local < last)
+        in_syn = in_rows.repeat_interleave(self.tiles)
+        real_class, syn_class = self.train_labels[index], shard.syn_class[in_syn]
+        real = dsa_augment(self.data.normalise(self.train_images[index]),
+                           dsa_uniforms_siamese(args.seed, iteration, real_class, position, args.dsa_pairing))
+        decoded = decode(syn if len(self.chunks) == 1 else syn[in_rows], args.factor)
+        syn_aug = dsa_augment(decoded, dsa_uniforms_siamese(args.seed, iteration, syn_class,
+                                                            shard.syn_position[in_syn], args.dsa_pairing))
+        syn_aug = syn_aug.contiguous(memory_format=torch.channels_last)
+        real_features = embed_in_chunks(extractor.embed, real, self.micro)
+        syn_features = in_micro_batches(extractor.embed, syn_aug, self.micro)
+        if self.normalise_features:
+            real_features, syn_features = F.normalize(real_features, dim=1), F.normalize(syn_features, dim=1)
+        real_labels, syn_labels = shard.local_of_class[real_class] - first, shard.syn_local[in_syn] - first
+        bandwidth = args.bandwidth
+        if args.bandwidth_rule == "median":
+            bandwidth = args.bandwidth * class_median_distances(real_features, real_labels, last - first,
+                                                                p=kernel_metric_p(args.kernel))
+        loss = per_class_loss(args.method, real_features, real_labels, syn_features, syn_labels, last - first,
+                              freqs=freqs, alpha=self.local_alpha[first:last], bandwidth=bandwidth,
+                              projection_dtype=self.projection_dtype).sum()
+        if extractor.calibrator is not None:  # sum over classes of each class's mean cross-entropy
+            logits = in_micro_batches(extractor.classify, syn_aug, self.micro)
+            loss = loss + args.calibration * F.cross_entropy(logits, syn_class, reduction="sum") / (
+                args.ipc * self.tiles)
+        return loss
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+
+@dataclass
+class LoopState:
+    """Where the loop stands: the stored synthetic images of this process, their optimiser, the history."""
+    syn: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    start_iteration: int
+    history: list
+    elapsed_before: float
+
+
+def starting_state(args, config: dict, init_images, shard: Shard, checkpoint: dict | None, device) -> LoopState:
+    """The real initialisation, or the checkpoint's images and optimiser state; this process's rows."""
+    images = checkpoint["images"] if checkpoint is not None else init_images
+    syn = images[shard.rows].clone().to(device).requires_grad_(True)
+    optimizer = (torch.optim.SGD([syn], lr=config["lr_img"], momentum=0.5) if config["optimizer"] == "sgd"
+                 else torch.optim.Adam([syn], lr=config["lr_img"]))
+    if checkpoint is None:
+        return LoopState(syn, optimizer, 0, [], 0.0)
+    restore_optimizer(optimizer, checkpoint["optimizer"], shard.rows)
+    return LoopState(syn, optimizer, checkpoint["iteration"], [tuple(h) for h in checkpoint["history"]],
+                     checkpoint["elapsed"])
+
+
+def save_checkpoint(state: LoopState, shard: Shard, total_rows: int, iteration: int, elapsed: float, config: dict,
+                    processes: Processes, out: Path) -> None:
+    """checkpoint.pt after `iteration` iterations: the whole set and optimiser state (gathered), the history."""
+    images = processes.gather_rows(shard.rows, state.syn.detach().cpu(), total_rows)
+    optimizer = {key: (processes.gather_rows(shard.rows, value.cpu(), total_rows) if value.dim() > 0 else value.cpu())
+                 for key, value in optimizer_rows(state.optimizer).items()}
+    if processes.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_save({"format_version": FORMAT_VERSION, "iteration": iteration, "images": images,
+                     "optimizer": optimizer, "history": state.history, "elapsed": elapsed, "config": config},
+                    out / "checkpoint.pt")
+
+
+def check_finite(loss: torch.Tensor, syn: torch.Tensor, stop, processes: Processes, iteration: int) -> tuple:
+    """(loss summed over processes, signal number or 0), raising Diverged if any process saw a non-finite
+    loss or image. One collective per iteration carries all three."""
+    finite = torch.isfinite(loss) & torch.isfinite(syn.detach()).all()
+    total = processes.sum(torch.stack([loss.float(), (~finite).float(),
+                                       torch.tensor(float(stop.signal_number if stop else 0), device=loss.device)]))
+    value, bad, signalled = total.tolist()
+    if bad:
+        raise Diverged(f"the loss or the images became non-finite at iteration {iteration} (loss {value}); "
+                       f"lower --lr-img")
+    return value, int(signalled)
 
 
 def distill(args, data: LongTailedData, device: torch.device, log=print, processes: Processes | None = None,
@@ -504,304 +545,49 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     Writes checkpoint.pt into args.out every args.ckpt_every iterations. If `stop` is set by a
     signal, writes a checkpoint and returns early with result["stopped"] = signal number."""
     processes = processes or Processes()
-    num_classes = data.num_classes
     config = resolved_config(args, data)
-    depth, lr_img, optimizer_name, factor = config["depth"], config["lr_img"], config["optimizer"], args.factor
-    precision = config["precision"]
-
-    init_images, all_labels = initial_synthetic(data, args.ipc, args.seed, factor)
-    # this process's classes and their rows of the synthetic set (all of them for one process)
-    classes = processes.classes(num_classes)
-    rows = torch.nonzero(torch.isin(all_labels, classes)).squeeze(1)
-    local_of_class = torch.full((num_classes,), -1, dtype=torch.long)
-    local_of_class[classes] = torch.arange(len(classes))
-    start_iteration, history, elapsed_before = 0, [], 0.0
-    images = init_images
-    if checkpoint is not None:
-        images = checkpoint["images"]
-        start_iteration, history = checkpoint["iteration"], [tuple(h) for h in checkpoint["history"]]
-        elapsed_before = checkpoint["elapsed"]
-    syn = images[rows].clone().to(device).requires_grad_(True)
-    optimizer = (torch.optim.SGD([syn], lr=lr_img, momentum=0.5) if optimizer_name == "sgd"
-                 else torch.optim.Adam([syn], lr=lr_img))
-    if checkpoint is not None:
-        restore_optimizer(optimizer, checkpoint["optimizer"], rows)
-    # decoded synthetic images (factor^2 per stored image): local class, global class, position in class
-    tiles = factor ** 2
-    syn_row_local = local_of_class[all_labels[rows]].to(device)
-    syn_local = syn_row_local.repeat_interleave(tiles)
-    syn_class = all_labels[rows].repeat_interleave(tiles).to(device)
-    syn_position = ((rows % args.ipc)[:, None] * tiles + torch.arange(tiles)).flatten().to(device)
-
-    net = ConvNet(data.channels, num_classes, args.width, depth, args.norm, args.pooling, data.image_size)
-    net = net.to(device).to(memory_format=torch.channels_last).requires_grad_(False)
-
-    def embed(x):  # float32 features, the network under bf16 autocast if asked
-        with autocast(device, precision):
-            return net.embed(x).float()
-
-    embed = torch.compile(embed) if args.compile else embed
-    # the spectral loss's projection w . x follows the network's precision (sdd.class_characteristic_functions)
-    projection_dtype = torch.bfloat16 if precision == "bf16" else None
-    # batch norm statistics would change with the micro-batches: keep whole batches then
-    micro = micro_batch_size(device, data.image_size) if args.norm != "batch" else None
-    pool, calibrator = None, None
-    if args.extractor == "pool":
-        pool = [{part: {name: value.to(device) for name, value in network[part].items()} for part in network}
-                for network in extractor_pool(args, data, depth, device, processes, log)]
-    if args.calibration > 0:  # the pool network of the iteration, trained, as a classifier
-        calibrator = ConvNet(data.channels, num_classes, args.width, depth, args.norm, args.pooling, data.image_size)
-        calibrator = calibrator.to(device).to(memory_format=torch.channels_last).requires_grad_(False)
-
-        def classify(x):  # float32 logits, the network under bf16 autocast if asked (as embed)
-            with autocast(device, precision):
-                return calibrator(x).float()
+    init_images, all_labels = initial_synthetic(data, args.ipc, args.seed, args.factor)
+    shard = Shard.of(processes, all_labels, data.num_classes, args.ipc, args.factor ** 2, device)
+    state = starting_state(args, config, init_images, shard, checkpoint, device)
+    extractor = Extractor(args, data, config, device, processes, log)
     alpha = (class_weights(data.class_counts, args.alpha_head, args.alpha_tail) if class_aware(args)
-             else torch.full((num_classes,), 0.5))
-    local_alpha = alpha[classes].to(device)
-    train_images, train_labels = data.train_images.to(device), data.train_labels.to(device)
-    sampler = RealBatchSampler(train_labels, num_classes, args.batch_real, args.seed, classes.to(device))
-    local_of_class_device = local_of_class.to(device)
-    normalise_features = args.method != "dm" and args.feature_norm == "l2"
-    per_chunk = args.class_chunk or chunk_classes(args.batch_real, args.ipc * tiles)
-    chunks = [(a, min(a + per_chunk, len(classes))) for a in range(0, len(classes), per_chunk)]
+             else torch.full((data.num_classes,), 0.5))
     if class_aware(args):
         log("alpha (amplitude weight) per class: " + " ".join(f"{a:.2f}" for a in alpha.tolist()))
-
-    def save_checkpoint(iteration: int, elapsed: float) -> None:
-        full_images = processes.gather_rows(rows, syn.detach().cpu(), len(all_labels))
-        state = {key: (processes.gather_rows(rows, value.cpu(), len(all_labels)) if value.dim() > 0 else value.cpu())
-                 for key, value in optimizer_rows(optimizer).items()}
-        if processes.main:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            atomic_save({"format_version": FORMAT_VERSION, "iteration": iteration, "images": full_images,
-                         "optimizer": state, "history": history, "elapsed": elapsed, "config": config,
-                         # the counter-based generators have no state beyond the seed and the iteration
-                         "rng": {"seed": args.seed, "next_iteration": iteration,
-                                 "torch_cpu": torch.get_rng_state()}},
-                        Path(args.out) / "checkpoint.pt")
-
-    progress = Progress(args.iterations, start_iteration, args.log_every, log, enabled=processes.main)
-    start = time.perf_counter()
-    stopped = 0
-    for iteration in range(start_iteration, args.iterations):
-        generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_NETWORK, iteration))
-        if pool is None:
-            reset_parameters_(net, generator)
-        else:  # NCFM: a pool network blended with its initialisation, l ~ U(0, 1)
-            pick, blend = counter_uniform(args.seed, STREAM_POOL, iteration, torch.arange(2)).tolist()
-            network = pool[min(int(pick * len(pool)), len(pool) - 1)]
-            with torch.no_grad():
-                for name, value in net.state_dict().items():
-                    value.copy_(blend * network["init"][name] + (1 - blend) * network["trained"][name])
-                if calibrator is not None:
-                    calibrator.load_state_dict(network["trained"])
-        freqs = None
-        if args.method in SPECTRAL_METHODS:  # standard draws; the bandwidth scales them inside the loss
-            freq_seed = counter_seed(args.seed, STREAM_FREQS, iteration)
-            freq_generator = torch.Generator(device=device).manual_seed(freq_seed)
-            freqs = sample_frequencies(args.num_freqs, net.feature_dim, args.kernel, 1.0,
-                                       generator=freq_generator, device=device)
-
-        index, position = sampler.sample(iteration)
-        real_local = local_of_class_device[train_labels[index]]
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = torch.zeros((), device=device)
-        # classes in chunks: per-class losses are independent, so chunked backward passes add up to the
-        # gradient of the whole sum while only one chunk's activations are alive at a time
-        for first, last in chunks:
-            in_real = (real_local >= first) & (real_local < last)
-            in_rows = (syn_row_local >= first) & (syn_row_local < last)
-            in_syn = in_rows.repeat_interleave(tiles)
-            decoded = decode(syn if len(chunks) == 1 else syn[in_rows], factor)
-            chunk_index, chunk_position = index[in_real], position[in_real]
-            real_class = train_labels[chunk_index]
-            real = dsa_augment(data.normalise(train_images[chunk_index]),
-                               dsa_uniforms_siamese(args.seed, iteration, real_class, chunk_position))
-            real_features = embed_in_chunks(embed, real, micro)
-            syn_aug = dsa_augment(decoded, dsa_uniforms_siamese(args.seed, iteration, syn_class[in_syn],
-                                                                syn_position[in_syn]))
-            syn_features = in_micro_batches(embed, syn_aug.contiguous(memory_format=torch.channels_last), micro)
-            if normalise_features:
-                real_features, syn_features = F.normalize(real_features, dim=1), F.normalize(syn_features, dim=1)
-            real_labels, syn_labels = real_local[in_real] - first, syn_local[in_syn] - first
-            bandwidth = args.bandwidth
-            if args.bandwidth_rule == "median":
-                bandwidth = args.bandwidth * class_median_distances(real_features, real_labels, last - first,
-                                                                    p=kernel_metric_p(args.kernel))
-            loss = per_class_loss(args.method, real_features, real_labels, syn_features, syn_labels, last - first,
-                                  freqs=freqs, alpha=local_alpha[first:last], bandwidth=bandwidth,
-                                  projection_dtype=projection_dtype).sum()
-            if calibrator is not None:  # sum over classes of each class's mean cross-entropy
-                logits = in_micro_batches(classify, syn_aug.contiguous(memory_format=torch.channels_last), micro)
-                loss = loss + args.calibration * F.cross_entropy(logits, syn_class[in_syn], reduction="sum") / (
-                    args.ipc * tiles)
-            loss.backward()
-            loss_value = loss_value + loss.detach()
-        optimizer.step()
-
-        finite = torch.isfinite(loss_value) & torch.isfinite(syn.detach()).all()
-        total = processes.sum(torch.stack([loss_value.float(), (~finite).float(),
-                                           torch.tensor(float(stop.signal_number if stop else 0), device=device)]))
-        value, bad, signalled = total.tolist()
-        if bad:
-            raise Diverged(f"the loss or the images became non-finite at iteration {iteration} (loss {value}); "
-                           f"lower --lr-img")
-        elapsed = elapsed_before + time.perf_counter() - start
-        history.append((iteration, value, elapsed))
+    matcher = Matcher(args, data, shard, alpha, config, device)
+    checkpoint_at = lambda done, elapsed: save_checkpoint(state, shard, len(all_labels), done, elapsed, config,
+                                                          processes, Path(args.out))
+    progress = Progress(args.iterations, state.start_iteration, args.log_every, log, enabled=processes.main)
+    start, stopped = time.perf_counter(), 0
+    for iteration in range(state.start_iteration, args.iterations):
+        extractor.draw(iteration)
+        freqs = draw_frequencies(args, iteration, extractor.feature_dim, device)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss = matcher.backward(state.syn, iteration, extractor, freqs)
+        state.optimizer.step()
+        value, signalled = check_finite(loss, state.syn, stop, processes, iteration)
+        elapsed = state.elapsed_before + time.perf_counter() - start
+        state.history.append((iteration, value, elapsed))
         progress.update(iteration + 1, value, elapsed)
+        if signalled or (iteration + 1) % args.ckpt_every == 0 or iteration + 1 == args.iterations:
+            checkpoint_at(iteration + 1, elapsed)  # the last one lets --resume extend --iterations
         if signalled:
-            save_checkpoint(iteration + 1, elapsed)
-            stopped = int(stop.signal_number) if stop and stop.signal_number else signal.SIGTERM
+            stopped = (stop.signal_number if stop else 0) or signal.SIGTERM  # the sum names no one signal
             break
-        if (iteration + 1) % args.ckpt_every == 0 or iteration + 1 == args.iterations:
-            save_checkpoint(iteration + 1, elapsed)  # the last one lets --resume extend --iterations
     progress.close()
-
-    packed = processes.gather_rows(rows, syn.detach().cpu().float(), len(all_labels))
+    packed = processes.gather_rows(shard.rows, state.syn.detach().cpu().float(), len(all_labels))
     return {
-        "images": decode(packed, factor) if packed is not None else None,
-        "labels": all_labels.repeat_interleave(tiles), "packed_images": packed, "init_images": init_images,
-        "mean": list(data.mean), "std": list(data.std),
+        "images": decode(packed, args.factor) if packed is not None else None,
+        "labels": all_labels.repeat_interleave(args.factor ** 2), "packed_images": packed,
+        "init_images": init_images, "mean": list(data.mean), "std": list(data.std),
         "class_names": list(data.class_names), "class_counts": list(data.class_counts),
-        "alpha": alpha.tolist(), "config": config, "history": history, "stopped": stopped,
-        "iterations_done": history[-1][0] + 1 if history else start_iteration,
+        "alpha": alpha.tolist(), "config": config, "history": state.history, "stopped": stopped,
+        "iterations_done": state.history[-1][0] + 1 if state.history else state.start_iteration,
     }
-
-
-def resolved_config(args, data: LongTailedData) -> dict:
-    """The options with every default that depends on the method or the data filled in."""
-    optimizer_name = args.optimizer or DEFAULT_OPTIMIZER[args.method]
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    return dict(vars(args), depth=args.depth or depth_for_size(data.image_size), optimizer=optimizer_name,
-                lr_img=args.lr_img or DEFAULT_LR_IMG[optimizer_name, args.method],
-                precision=resolve_precision(args.precision, device, args.compile), format_version=FORMAT_VERSION)
-
-
-class Progress:
-    """A tqdm bar on a terminal; plain lines every log_every iterations otherwise (CI, log files)."""
-
-    def __init__(self, total: int, initial: int, log_every: int, log, enabled: bool = True):
-        self.total, self.log_every, self.log, self.enabled = total, log_every, log, enabled
-        self.bar = None
-        self.initial = initial
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="it", dynamic_ncols=True)
-
-    def update(self, done: int, loss: float, elapsed: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.5g}")
-        elif done % self.log_every == 0 or done == self.total:
-            rate = (done - self.initial) / max(elapsed, 1e-9)
-            left = (self.total - done) / max(rate, 1e-9)
-            self.log(f"iter {done:6d}/{self.total}  loss {loss:.5f}  {rate:.2f} it/s  {elapsed:.0f}s  "
-                     f"~{left:.0f}s left")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ----------------------------------------------------------------------------------------
 # Outputs: the synthetic set, pictures, and a folder that explains itself
-
-def environment() -> dict:
-    """Command line, code version, libraries and hardware, for run.json."""
-    root = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        commit = (commit + ("+dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    import numpy
-    import torchvision
-    info = {"command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + sys.argv[1:]),
-            "commit": commit, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def save_grid(images: torch.Tensor, mean, std, ipc: int, path: Path) -> None:
-    """One row per class, ipc images per row, in [0, 1] pixel space."""
-    from torchvision.utils import save_image
-    mean = torch.tensor(mean).view(1, -1, 1, 1)
-    std = torch.tensor(std).view(1, -1, 1, 1)
-    save_image((images * std + mean).clamp(0, 1), str(path), nrow=ipc, padding=1)
-
-
-def plot_side_by_side(left: Path, right: Path, path: Path, titles=("initialisation", "distilled")) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5.5))
-    for axis, image, title in zip(axes, (left, right), titles):
-        axis.imshow(Image.open(image), interpolation="nearest")
-        axis.set_title(title)
-        axis.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_loss(history, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axis = plt.subplots(figsize=(6, 3.5))
-    iterations = [h[0] + 1 for h in history]
-    axis.plot(iterations, [h[1] for h in history], lw=0.8)
-    axis.set_xlabel("iteration")
-    axis.set_ylabel("matching loss (sum over classes)")
-    axis.set_yscale("log")
-    axis.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_run_readme(out: Path) -> None:
-    """README.md of a run folder, assembled from what the folder holds (called by distill.py and evaluate.py)."""
-    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
-    what = (f"{config['method']} on {config['dataset']}-LT, IF {config['imbalance_factor']:g}, IPC {config['ipc']}"
-            if config else (results or {}).get("evaluated", "run"))
-    lines = [f"# {what}", ""]
-    if run:
-        lines += ["```", run.get("command", ""), "```", "",
-                  f"commit {run.get('commit')}; torch {run.get('torch')}; {run.get('gpu', run.get('machine'))}; "
-                  f"device {run.get('device', '?')}"]
-        if "wall_seconds" in run:
-            lines.append(f"; distillation {run['iterations_done']} iterations in {run['wall_seconds']:.0f} s")
-        lines.append("")
-    if results:
-        lines += [f"**{results['split']} accuracy {results['acc_mean']:.2f} +- {results['acc_std']:.2f} %** "
-                  f"(final epoch, {results['num_eval']} networks x {results['epochs']} epochs); "
-                  f"head {results['head']:.2f}, medium {results['medium']:.2f}, tail {results['tail']:.2f}", ""]
-        if (out / "per_class.png").exists():
-            lines += ["![per-class accuracy](per_class.png)", ""]
-    for picture, caption in (("init_vs_final.png", "initialisation and distilled images, one row per class"),
-                             ("loss.png", "matching loss")):
-        if (out / picture).exists():
-            lines += [f"![{caption}]({picture})", ""]
-    if config:
-        keys = ("method", "kernel", "num_freqs", "bandwidth", "bandwidth_rule", "alpha_head", "alpha_tail",
-                "iterations", "batch_real", "optimizer", "lr_img", "seed")
-        lines += ["| option | value |", "|---|---|"] + [f"| {k} | {config.get(k)} |" for k in keys] + [""]
-        lines += ["All options: config.json. Versions and machine: run.json.", ""]
-    (out / "README.md").write_text("\n".join(lines))
-
 
 def write_outputs(result: dict, out: Path, run_info: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -826,69 +612,95 @@ def write_outputs(result: dict, out: Path, run_info: dict | None = None) -> None
         pass
     write_run_readme(out)
 
+# ----------------------------------------------------------------------------------------
+# The job: every input checked before anything is written or deleted
+
+def prepare_out_folder(args, data: LongTailedData, processes: Processes, log) -> dict | None:
+    """Check --out against --resume / --overwrite and read the checkpoint to continue; only then, with
+    everything checked, clear the old run's files for --overwrite. Returns the checkpoint (or None);
+    raises Finished when --resume finds nothing left to do."""
+    out = Path(args.out)
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(out, resolved_config(args, data))
+        finished = checkpoint is None or checkpoint["iteration"] >= args.iterations
+        if finished and (out / "synthetic.pt").exists():
+            raise Finished(f"--resume: {out} holds a finished run of {args.iterations} iterations; nothing to do")
+        log(f"resuming from iteration {checkpoint['iteration']}" if checkpoint else
+            f"--resume: no checkpoint in {out}; starting from the beginning")
+    if args.overwrite and processes.main:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    processes.barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    return checkpoint
+
+
+class Finished(Exception):
+    """--resume on a run that is already complete."""
+
+
+def report_stop(prog: str, result: dict, out: Path) -> None:
+    """The one line after a signal: where the run stands and the command that continues it."""
+    command = " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in ("--resume", "--overwrite"))
+    print(f"{prog}: stopped by signal {result['stopped']} after {result['iterations_done']} of "
+          f"{result['config']['iterations']} iterations; checkpoint written to {out / 'checkpoint.pt'}; "
+          f"continue with: python distill.py {command} --resume", file=sys.stderr, flush=True)
+
+
+def job(args, holder) -> None:
+    check_options(args)
+    processes, device = start_processes(args.device)
+    holder[0] = processes
+    check_out_folder(args)
+    log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
+    torch.manual_seed(args.seed)  # nothing should draw from the global generator; pin it anyway
+    out = Path(args.out)
+    log(f"distill.py: {args.method} on {args.dataset}, IF {args.imbalance_factor:g}, IPC {args.ipc}, "
+        f"{args.iterations} iterations, device {device} ({resolve_precision(args.precision, device, args.compile)})"
+        + (f", {processes.world} processes" if processes.world > 1 else ""))
+    data = load_from_args(args, log=log)
+    try:
+        checkpoint = prepare_out_folder(args, data, processes, log)
+    except Finished as done:
+        log(str(done))
+        return
+    stop = StopRequest()
+    stop.install()
+    start = time.time()
+    try:
+        result = distill(args, data, device, log=log, processes=processes, stop=stop, checkpoint=checkpoint)
+    except Diverged as error:
+        print(f"distill.py: error: {error}; {last_checkpoint(out)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if result["stopped"]:
+        if processes.main:
+            report_stop("distill.py", result, out)
+        sys.exit(128 + result["stopped"])
+    if processes.main:
+        run_info = dict(environment(), device=str(device), processes=processes.world,
+                        wall_seconds=round(result["history"][-1][2] if result["history"] else 0.0, 1),
+                        iterations_done=result["iterations_done"],
+                        finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),
+                        session_seconds=round(time.time() - start, 1))
+        write_outputs(result, out, run_info)
+        log(f"wrote {out / 'synthetic.pt'} ({len(result['labels'])} images)")
+
+
+def last_checkpoint(out: Path) -> str:
+    """Which good checkpoint a diverged run leaves, and after how many iterations."""
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        return "no checkpoint was written yet"
+    try:
+        done = torch.load(path, map_location="cpu", weights_only=True)["iteration"]
+        return f"the last good checkpoint is {path}, after {done} iterations"
+    except Exception:
+        return f"the last checkpoint is {path}"
+
 
 def main(argv=None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    processes, clean = Processes(), False
-    try:
-        check_options(args)
-        processes, device = start_processes(args.device)
-        check_out_folder(args)
-        log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
-        torch.manual_seed(args.seed)  # nothing should draw from the global generator; pin it anyway
-        out = Path(args.out)
-        if args.overwrite and processes.main:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-        if processes.world > 1:
-            dist.barrier()
-        log(f"distill.py: {args.method} on {args.dataset}, IF {args.imbalance_factor:g}, IPC {args.ipc}, "
-            f"{args.iterations} iterations, device {device} ({resolve_precision(args.precision, device, args.compile)})"
-            + (f", {processes.world} processes" if processes.world > 1 else ""))
-        data = load_from_args(args, log=log)
-        checkpoint = None
-        if args.resume:
-            checkpoint = load_checkpoint(out, resolved_config(args, data))
-            finished = checkpoint is None or checkpoint["iteration"] >= args.iterations
-            if finished and (out / "synthetic.pt").exists():
-                log(f"--resume: {out} holds a finished run of {args.iterations} iterations; nothing to do")
-                clean = True
-                return
-            log(f"resuming from iteration {checkpoint['iteration']}" if checkpoint else
-                f"--resume: no checkpoint in {out}; starting from the beginning")
-        out.mkdir(parents=True, exist_ok=True)
-        stop = StopRequest()
-        stop.install()
-        start = time.time()
-        try:
-            result = distill(args, data, device, log=log, processes=processes, stop=stop, checkpoint=checkpoint)
-        except Diverged as error:
-            last = out / "checkpoint.pt"
-            where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            print(f"{parser.prog}: error: {error}; {where}", file=sys.stderr, flush=True)
-            sys.exit(1)
-        if result["stopped"]:
-            if processes.main:
-                print(f"{parser.prog}: stopped by signal {result['stopped']} after iteration "
-                      f"{result['iterations_done']}; checkpoint written to {out / 'checkpoint.pt'}; continue with: "
-                      f"python distill.py {' '.join(shlex.quote(a) for a in sys.argv[1:] if a != '--resume')} --resume",
-                      file=sys.stderr, flush=True)
-            sys.exit(128 + result["stopped"])
-        if processes.main:
-            run_info = dict(environment(), device=str(device), processes=processes.world,
-                            wall_seconds=round(result["history"][-1][2] if result["history"] else 0.0, 1),
-                            iterations_done=result["iterations_done"],
-                            finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),
-                            session_seconds=round(time.time() - start, 1))
-            write_outputs(result, out, run_info)
-            log(f"wrote {out / 'synthetic.pt'} ({len(result['labels'])} images)")
-        clean = True
-    except UsageError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        processes.finish(clean)
+    run_script(build_parser(), job, argv)
 
 
 if __name__ == "__main__":

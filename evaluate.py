@@ -1,27 +1,35 @@
-"""Train fresh ConvNets on a synthetic set (or a baseline) and report their final-epoch test accuracy.
+"""Train fresh networks on a synthetic set (or a baseline) and report their final-epoch test accuracy.
 
-$ python evaluate.py --syn runs/csdm/synthetic.pt                        # 5 networks x 1000 epochs
+$ python evaluate.py --syn runs/csdm/synthetic.pt                        # 5 networks x 1000 epochs, DM protocol
 $ python evaluate.py --syn runs/csdm/synthetic.pt --num-eval 2 --epochs 300 --device cpu
-$ python evaluate.py --baseline random --dataset cifar10 --imbalance-factor 200 --ipc 10 --out runs/random
+$ python evaluate.py --syn runs/csdm/synthetic.pt --protocol ncfm        # NCFM's evaluation (2000 epochs, AdamW)
+$ python evaluate.py --syn runs/csdm/synthetic.pt --model resnet18       # cross-architecture
+$ python evaluate.py --baseline random --dataset cifar10 --imbalance-factor 200 --ipc 10 --factor 2 --out runs/random
 $ python evaluate.py --baseline full --dataset cifar10 --imbalance-factor 200 --epochs 200 --out runs/full
 $ torchrun --nproc_per_node=5 evaluate.py --syn runs/csdm/synthetic.pt    # one network per process
 
-The field's protocol (method.md section 6): a ConvNet trained from scratch with
-SGD (lr 0.01, momentum 0.9, weight decay 5e-4), batch 256, lr x0.1 at half the
-epochs, DSA on every batch; tested once, after the last epoch, on the balanced
-test split (or, with --split val, on the validation split used to choose
-hyperparameters). Nothing is chosen on the test set. The mean and std are over
---num-eval networks, each seeded from --seed and its index.
+Each network is trained from scratch under a protocol of training.py (--protocol dm: SGD, batch 256,
+1000 epochs, DSA, as DC / DSA / DM; --protocol ncfm: NCFM's AdamW, CutMix and random-resized-crop
+evaluation) and tested once after its last epoch on the balanced test split (or, with --split val,
+on the validation split used to choose hyperparameters). That final-epoch accuracy is the result;
+nothing is chosen on the test set. Where a protocol also tests during training (ncfm, every tenth of
+it), the best of those tests is recorded beside it as `best_*`, labelled, because the published
+figures report it. The mean and std are over --num-eval networks, each seeded from --seed and its index.
 
-results.json: acc_mean, acc_std (percent), accs (one per network), per_class
-(mean over networks, class order), head / medium / tail (mean accuracy of the
-first, middle and last third of the classes in long-tail order: for 10 classes
-3 / 4 / 3), and the configuration; per_class.png shows the per-class accuracy beside
-the class counts, and the run folder's README.md is updated with the numbers.
+--baseline random trains on real images drawn exactly as distill.py's starting set at the same
+--ipc and --factor (IPC x factor^2 real images per class, each stored image holding factor x factor
+tiles, decoded): the fair baseline of a distilled set is the random set at its factor.
+
+results.json: acc_mean, acc_std (percent), accs (one per network), per_class (mean over networks,
+class order), head / medium / tail (mean accuracy of the first, middle and last third of the classes
+in long-tail order: for 10 classes 3 / 4 / 3), best_acc_mean / best_accs (best over the protocol's
+evaluations), the protocol's settings, the model, and the configuration; per_class.png shows the
+per-class accuracy beside the class counts, and the run folder's README.md is updated with the numbers.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -29,44 +37,41 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from data_lt import UsageError, add_data_arguments, counter_seed, dsa_augment, dsa_uniforms_per_sample, load_long_tailed
-from distill import (FORMAT_VERSION, Processes, environment, initial_synthetic, start_processes,
-                     write_run_readme)
-from networks import (NORMS, PRECISIONS, ConvNet, autocast, depth_for_size, in_micro_batches, micro_batch_size,
-                      reset_parameters_, resolve_precision)
+from data_lt import UsageError, add_data_arguments, counter_seed, decode, initial_synthetic, load_long_tailed
+from networks import MODELS, NORMS, PRECISIONS, build_network, depth_for_size, reset_parameters_, resolve_precision
+from runs import (FORMAT_VERSION, OneLineParser, Processes, check_positive, environment, pyplot, run_script,
+                  start_processes, write_run_readme)
+from training import PROTOCOLS, long_tail_groups, per_class_accuracy, train_network
 
 STREAM_EVAL = 21
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--syn", default=None, help="synthetic.pt written by distill.py")
     what.add_argument("--baseline", default=None, choices=("random", "full"),
-                      help="random: --ipc real images per class of the long-tailed set; full: the whole set")
-    what.add_argument("--report", default=None, metavar="DIR",
-                      help="write DIR/table.md (and a plot) from the results.json files under DIR: "
-                           "DIR/<dataset>/if<IF>/ipc<IPC>/<method>/ as a grid, else one row per subfolder")
-    p.add_argument("--summary", default=None, metavar="JSON",
-                   help="--report: also write {'<method>/if<IF>': {acc_mean, acc_std, num_eval, tail}} here "
-                        "(one data set and IPC)")
+                      help="random: real images drawn as distill.py's starting set (--ipc, --factor); "
+                           "full: the whole long-tailed set")
+    what.add_argument("--report", default=None, metavar="DIR", help="the same as `python report.py DIR`")
+    p.add_argument("--summary", default=None, metavar="JSON", help="--report: see report.py --help")
     add_data_arguments(p)
-    p.add_argument("--ipc", type=int, default=10, help="--baseline random: images per class")
+    p.add_argument("--ipc", type=int, default=10, help="--baseline random: stored images per class")
+    p.add_argument("--factor", type=int, default=2,
+                   help="--baseline random: multi-formation factor of the set it is compared with (distill.py's "
+                        "default 2: IPC x 4 real images per class); 1: IPC real images per class")
     g = p.add_argument_group("training")
+    g.add_argument("--protocol", default="dm", choices=tuple(PROTOCOLS),
+                   help="evaluation protocol (training.py's PROTOCOLS): dm (SGD, 1000 epochs) or ncfm (AdamW, "
+                        "CutMix, random-resized crop, 2000 epochs)")
+    g.add_argument("--model", default="convnet", choices=MODELS, help="network trained on the set")
     g.add_argument("--num-eval", type=int, default=5, help="networks trained from scratch")
-    g.add_argument("--epochs", type=int, default=1000, help="epochs per network (lr x0.1 at half)")
-    g.add_argument("--batch-size", type=int, default=256, help="minibatch size")
-    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
-    g.add_argument("--norm", default=None, choices=NORMS, help="ConvNet normalisation (default: the distilled one)")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="epochs per network (default: the protocol's; the schedule scales with it)")
+    g.add_argument("--norm", default=None, choices=NORMS,
+                   help="normalisation (default: the distilled ConvNet's, or the model's own)")
     g.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
                    help="bf16: bfloat16 autocast; fp32: float32; auto: bf16 where it is fast (GPUs; CPUs with AMX "
                         "when --compile)")
@@ -82,128 +87,72 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------
-# Training one network and testing it
+# Training networks and testing them
 
-def train_network(net: ConvNet, images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int,
-                  lr: float, generator: torch.Generator, progress=None, precision: str = "fp32",
-                  compile: bool = False) -> ConvNet:
-    """SGD with momentum 0.9 and weight decay 5e-4, lr x0.1 after half the epochs, DSA on every batch.
-    The whole set stays on the device; batches are index slices of a seeded permutation.
-    precision bf16 runs the network under bfloat16 autocast; compile=True compiles the forward and
-    loss with torch.compile (DSA stays eager)."""
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2], gamma=0.1)
-    device = images.device
-    has_batch_norm = any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
-
-    def summed_loss(x, y):
-        with autocast(device, precision):
-            logits = net(x)
-        return F.cross_entropy(logits.float(), y, reduction="sum")
-
-    summed_loss = torch.compile(summed_loss) if compile else summed_loss
-    micro = micro_batch_size(device, images.shape[-1]) or batch_size
-    net.train()
-    n = len(labels)
-    for _ in range(epochs):
-        permutation = torch.randperm(n, generator=generator, device=device)
-        for batch in permutation.split(batch_size):
-            x = dsa_augment(images[batch], dsa_uniforms_per_sample(len(batch), generator, device))
-            x = x.contiguous(memory_format=torch.channels_last)
-            # the batch's mean loss, its forward in cache-sized micro-batches (same gradient: no batch norm
-            # statistics cross them unless --norm batch, where micro-batching is skipped)
-            parts = zip(x.split(micro), labels[batch].split(micro)) if not has_batch_norm else [(x, labels[batch])]
-            loss = sum(summed_loss(xp, yp) for xp, yp in parts) / len(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-    return net
+def test_split(data, split: str):
+    """(images, labels) of the split the networks are measured on."""
+    if split == "test":
+        return data.test_images, data.test_labels
+    if len(data.val_labels) == 0:
+        raise UsageError("--split val: this run has no validation split; distill with --val-per-class N "
+                         "(or pass --val-per-class N with a baseline)")
+    return data.val_images, data.val_labels
 
 
-@torch.no_grad()
-def per_class_accuracy(net: ConvNet, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                       normalise, chunk: int = 1000, precision: str = "fp32", compile: bool = False) -> torch.Tensor:
-    """Accuracy of each class in percent, (C,). images are uint8; normalise maps them to float."""
-    net.eval()
-
-    def predict(x):
-        with autocast(x.device, precision):
-            return net(x).argmax(1)
-
-    predict = torch.compile(predict) if compile else predict
-    micro = micro_batch_size(images.device, images.shape[-1])
-    correct = torch.zeros(num_classes, dtype=torch.float64)
-    for start in range(0, len(labels), chunk):
-        x = normalise(images[start:start + chunk]).contiguous(memory_format=torch.channels_last)
-        hit = (in_micro_batches(predict, x, micro) == labels[start:start + chunk]).double().cpu()
-        correct += torch.bincount(labels[start:start + chunk].cpu(), weights=hit, minlength=num_classes)
-    return 100 * correct / torch.bincount(labels.cpu(), minlength=num_classes).clamp_min(1)
-
-
-def long_tail_groups(class_counts: list[int]) -> dict[str, list[int]]:
-    """Classes in long-tail order (most images first) cut into head, medium and tail thirds:
-    round(C/3) classes each for head and tail, the rest medium."""
-    order = sorted(range(len(class_counts)), key=lambda c: (-class_counts[c], c))
-    third = max(1, round(len(order) / 3))
-    return {"head": order[:third], "medium": order[third:len(order) - third], "tail": order[len(order) - third:]}
-
-
-def evaluate(images, labels, data, args, width, depth, norm, pooling, device, log=print,
-             processes: Processes | None = None) -> dict | None:
-    """Train args.num_eval networks on (images, labels) and test each after its last epoch.
-    Under torchrun, network k is trained by process k % world; the main process returns the summary."""
+def evaluate(images, labels, data, args, network: dict, device, processes: Processes | None = None) -> dict | None:
+    """Train args.num_eval networks (build_network(**network)) on (images, labels) under args.protocol and
+    test each after its last epoch (and at the protocol's evaluation epochs, for best_*). Under torchrun,
+    network k is trained by process k % world; the main process returns the summary."""
     processes = processes or Processes()
+    protocol = PROTOCOLS[args.protocol]
+    epochs = args.epochs or protocol.epochs
     images, labels = images.to(device), labels.to(device)
-    if args.split == "val":
-        if len(data.val_labels) == 0:
-            raise UsageError("--split val: this run has no validation split; distill with --val-per-class N "
-                             "(or pass --val-per-class N with a baseline)")
-        test_images, test_labels = data.val_images, data.val_labels
-    else:
-        test_images, test_labels = data.test_images, data.test_labels
-    test_images, test_labels = test_images.to(device), test_labels.to(device)
+    test_images, test_labels = (t.to(device) for t in test_split(data, args.split))
     test_counts = torch.bincount(test_labels.cpu(), minlength=data.num_classes).double()
-    mine = []
     # one network object, redrawn for each evaluation: torch.compile then compiles once per process
-    net = ConvNet(data.channels, data.num_classes, width, depth, norm, pooling, data.image_size)
-    net = net.to(device).to(memory_format=torch.channels_last)
+    net = build_network(device=device, **network)
+
+    def accuracy():
+        per_class = per_class_accuracy(net, test_images, test_labels, data.num_classes, data.normalise,
+                                       precision=args.precision, compile=args.compile)
+        return float((per_class * test_counts).sum() / test_counts.sum()), per_class
+
+    mine = []
     for k in range(processes.rank, args.num_eval, processes.world):
-        start = time.perf_counter()
+        start, tests = time.perf_counter(), []
         generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_EVAL, k))
         reset_parameters_(net, generator)
         progress = None
         if processes.main and sys.stderr.isatty():
             from tqdm import tqdm
-            progress = tqdm(total=args.epochs, desc=f"network {k + 1}/{args.num_eval}", unit="epoch", leave=False)
-        train_network(net, images, labels, args.epochs, args.batch_size, args.lr, generator, progress,
-                      args.precision, args.compile)
+            progress = tqdm(total=epochs, desc=f"network {k + 1}/{args.num_eval}", unit="epoch", leave=False)
+        train_network(net, images, labels, generator, protocol, epochs, progress, args.precision, args.compile,
+                      on_evaluation=lambda epoch: tests.append((epoch, accuracy()[0])))
         if progress is not None:
             progress.close()
-        accuracy = per_class_accuracy(net, test_images, test_labels, data.num_classes, data.normalise,
-                                      precision=args.precision, compile=args.compile)
-        overall = float((accuracy * test_counts).sum() / test_counts.sum())
-        mine.append((k, overall, accuracy))
+        overall, per_class = accuracy()
+        mine.append((k, overall, per_class, tests))
         print(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
               f"({time.perf_counter() - start:.0f}s)", flush=True)
-    if processes.world > 1:
-        parts = [None] * processes.world
-        dist.all_gather_object(parts, mine)
-        mine = [entry for part in parts for entry in part]
-    if not processes.main:
-        return None
-    mine.sort(key=lambda entry: entry[0])
-    accs = [overall for _, overall, _ in mine]
-    per_class_mean = torch.stack([accuracy for _, _, accuracy in mine]).mean(0).tolist()
+    mine = processes.gather_objects(mine)
+    return summarise(sorted(mine, key=lambda entry: entry[0]), data, args, epochs) if processes.main else None
+
+
+def summarise(entries: list, data, args, epochs: int) -> dict:
+    """results.json's numbers from (index, final accuracy, per-class accuracy, [(epoch, accuracy)]) per network."""
+    accs = [overall for _, overall, _, _ in entries]
+    best = [max([accuracy for _, accuracy in tests] or [overall]) for _, overall, _, tests in entries]
+    per_class_mean = torch.stack([per_class for _, _, per_class, _ in entries]).mean(0).tolist()
     groups = long_tail_groups(data.class_counts)
     result = {
         "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)), "accs": accs,
-        "per_class": per_class_mean, "split": args.split, "num_eval": args.num_eval, "epochs": args.epochs,
-        "class_names": data.class_names, "class_counts": data.class_counts,
-        "groups": groups,
+        "best_acc_mean": float(np.mean(best)), "best_acc_std": float(np.std(best)), "best_accs": best,
+        "best_note": "best over the protocol's evaluation epochs, as the published figures report it; "
+                     "never used to choose anything",
+        "evaluation_epochs": [[epoch for epoch, _ in tests] for _, _, _, tests in entries][0],
+        "per_class": per_class_mean, "split": args.split, "num_eval": args.num_eval, "epochs": epochs,
+        "protocol": args.protocol, "protocol_settings": dataclasses.asdict(PROTOCOLS[args.protocol]),
+        "model": args.model, "class_names": data.class_names, "class_counts": data.class_counts, "groups": groups,
     }
     for name, classes in groups.items():
         result[name] = float(np.mean([per_class_mean[c] for c in classes])) if classes else float("nan")
@@ -212,9 +161,7 @@ def evaluate(images, labels, data, args, width, depth, norm, pooling, device, lo
 
 def plot_per_class(result: dict, path: Path) -> None:
     """Per-class accuracy as bars, the class's training count as a line on a log axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     names, counts = result["class_names"], result["class_counts"]
     fig, axis = plt.subplots(figsize=(max(6, 0.45 * len(names)), 3.8))
     axis.bar(range(len(names)), result["per_class"], color="tab:blue")
@@ -226,128 +173,6 @@ def plot_per_class(result: dict, path: Path) -> None:
     twin.set_yscale("log")
     twin.set_ylabel("training images (log)", color="tab:orange")
     axis.set_title(f"{result.get('evaluated', '')}: {result['acc_mean']:.2f} +- {result['acc_std']:.2f} %", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------
-# Reports: tables of many runs
-
-# method.md section 7: CIFAR-10-LT, ConvNet-3, test accuracy % at IPC 10 / 20 / 50 (the long-tailed
-# distillation paper, CVPR 2025; best-epoch accuracy, as those codebases report it)
-PUBLISHED_CIFAR10_LT = {
-    "random (published)": {10: (32.5, 39.6, 51.9), 50: (33.2, 42.0, 51.6), 100: (34.4, 41.4, 52.6),
-                           200: (32.5, 42.2, 49.9)},
-    "IDM (published)": {10: (54.8, 57.1, 60.1), 50: (51.9, 53.3, 56.1), 100: (49.8, 50.9, 53.1),
-                        200: (47.0, 48.1, 49.9)},
-    "DATM (published)": {10: (57.2, 60.4, 66.7), 50: (41.6, 43.4, 50.3), 100: (37.3, 38.9, 44.3),
-                         200: (None, 34.8, 40.1)},
-    "LAD (published)": {10: (58.1, 63.0, 70.5), 50: (54.2, 59.4, 65.8), 100: (53.4, 58.2, 64.0),
-                        200: (52.2, 56.6, 62.3)},
-    "full LT set (published)": {10: (76.7,) * 3, 50: (69.8,) * 3, 100: (66.2,) * 3, 200: (62.1,) * 3},
-}
-PUBLISHED_IPCS = (10, 20, 50)
-METHOD_ORDER = ("random", "dm", "mmd", "ncfm", "sdm", "csdm", "full")
-
-
-def collect_grid(root: Path) -> list[dict]:
-    """results.json files at root/<dataset>/if<IF>/ipc<IPC>/<method>/, as flat records."""
-    records = []
-    for path in sorted(root.glob("*/if*/ipc*/*/results.json")):
-        method, ipc, imbalance, dataset = path.parts[-2], path.parts[-3], path.parts[-4], path.parts[-5]
-        result = json.loads(path.read_text())
-        records.append(dict(dataset=dataset, imbalance=float(imbalance[2:]), ipc=int(ipc[3:]), method=method,
-                            **{k: result[k] for k in ("acc_mean", "acc_std", "num_eval", "epochs", "head", "tail",
-                                                      "split")}))
-    return records
-
-
-def _cell(record) -> str:
-    return f"{record['acc_mean']:.1f} ± {record['acc_std']:.1f}" if record else "-"
-
-
-def write_report(root: Path, summary: Path | None = None) -> Path:
-    """root/table.md (and root/accuracy_vs_if.png) from the runs under root."""
-    records = collect_grid(root)
-    lines = [f"# Results under {root}", ""]
-    if records:
-        for dataset in sorted({r["dataset"] for r in records}):
-            rows = [r for r in records if r["dataset"] == dataset]
-            ifs = sorted({r["imbalance"] for r in rows})
-            ipcs = sorted({r["ipc"] for r in rows})
-            methods = sorted({r["method"] for r in rows}, key=lambda m: (METHOD_ORDER + (m,)).index(m))
-            first = rows[0]
-            lines += [f"## {dataset}-LT, {first['split']} accuracy (%), final epoch, mean ± std over networks; "
-                      f"cells: IPC {' / '.join(map(str, ipcs))}", "",
-                      "| method | " + " | ".join(f"IF {i:g}" for i in ifs) + " |",
-                      "|---|" + "---|" * len(ifs)]
-            for method in methods:
-                cells = []
-                for imbalance in ifs:
-                    found = {r["ipc"]: r for r in rows if r["method"] == method and r["imbalance"] == imbalance}
-                    cells.append(" / ".join(_cell(found.get(ipc)) for ipc in ipcs))
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
-            if dataset == "cifar10":
-                lines += ["", "Published, for reference (method.md section 7; best epoch over training, not "
-                          "final epoch; other pipelines):", "",
-                          "| method | " + " | ".join(f"IF {i:g}" for i in ifs) + " |", "|---|" + "---|" * len(ifs)]
-                for name, table in PUBLISHED_CIFAR10_LT.items():
-                    cells = []
-                    for imbalance in ifs:
-                        values = table.get(int(imbalance))
-                        cells.append(" / ".join("-" if values is None or values[PUBLISHED_IPCS.index(ipc)] is None
-                                                else f"{values[PUBLISHED_IPCS.index(ipc)]:.1f}"
-                                                for ipc in ipcs if ipc in PUBLISHED_IPCS) or "-")
-                    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-            lines.append("")
-            lines += ["Tail third of the classes (%): " + "; ".join(
-                f"{r['method']} IF {r['imbalance']:g} IPC {r['ipc']} {r['tail']:.1f}" for r in rows), ""]
-        lines.append(f"Networks per cell: {sorted({r['num_eval'] for r in records})}, "
-                     f"epochs: {sorted({r['epochs'] for r in records})}.")
-        try:
-            plot_accuracy_vs_if(records, root / "accuracy_vs_if.png")
-            lines += ["", "![accuracy against imbalance factor](accuracy_vs_if.png)"]
-        except ImportError:
-            pass
-    else:  # one row per subfolder: ablations
-        lines += ["| run | evaluated | accuracy | head | medium | tail | networks x epochs |",
-                  "|---|---|---|---|---|---|---|"]
-        for path in sorted(root.glob("*/results.json")):
-            r = json.loads(path.read_text())
-            lines.append(f"| {path.parent.name} | {r.get('evaluated', '')} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
-                         f"| {r['head']:.1f} | {r['medium']:.1f} | {r['tail']:.1f} | {r['num_eval']} x {r['epochs']} |")
-            records.append(r)
-        lines += ["", f"Accuracy on the {records[0]['split'] if records else '?'} split, final epoch."]
-    table = root / "table.md"
-    table.write_text("\n".join(lines) + "\n")
-    if summary is not None:
-        grid = collect_grid(root)
-        if len({(r["dataset"], r["ipc"]) for r in grid}) != 1:
-            raise UsageError(f"--summary needs runs of one data set and one IPC under {root}")
-        summary.write_text(json.dumps({f"{r['method']}/if{r['imbalance']:g}": {
-            "acc_mean": r["acc_mean"], "acc_std": r["acc_std"], "num_eval": r["num_eval"], "tail": r["tail"]}
-            for r in grid}, indent=2) + "\n")
-    return table
-
-
-def plot_accuracy_vs_if(records: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = sorted({(r["dataset"], r["ipc"]) for r in records})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for axis, (dataset, ipc) in zip(axes[0], panels):
-        rows = [r for r in records if r["dataset"] == dataset and r["ipc"] == ipc]
-        for method in sorted({r["method"] for r in rows}, key=lambda m: (METHOD_ORDER + (m,)).index(m)):
-            points = sorted((r["imbalance"], r["acc_mean"], r["acc_std"]) for r in rows if r["method"] == method)
-            axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                          marker="o", capsize=3, label=method)
-        axis.set_xscale("log")
-        axis.set_xlabel("imbalance factor")
-        axis.set_ylabel("accuracy (%)")
-        axis.set_title(f"{dataset}-LT, IPC {ipc}")
-        axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -390,64 +215,78 @@ def check_matches(synthetic: dict, data, path: str) -> None:
                          f"differs from its image count; distill it again")
 
 
+# ----------------------------------------------------------------------------------------
+# The job
+
+def check_options(args) -> None:
+    check_positive({"--num-eval": args.num_eval, "--ipc": args.ipc, "--factor": args.factor}
+                   | ({"--epochs": args.epochs} if args.epochs is not None else {}))
+
+
+def synthetic_job(args, log) -> tuple:
+    """(images, labels, data, network, what, out) for --syn."""
+    synthetic = load_synthetic(args.syn)
+    config = synthetic["config"]
+    # the data the set was distilled from; only its location may be given anew
+    data = load_long_tailed(config["dataset"], args.data_dir or config["data_dir"], config["imbalance_factor"],
+                            config["seed"], config["val_per_class"], config["n_max"], config["image_size"], log=log)
+    check_matches(synthetic, data, args.syn)
+    network = network_options(args, data, config)
+    what = f"{config['method']}, IPC {config['ipc']} ({args.syn})"
+    out = Path(args.out) if args.out else Path(args.syn).parent
+    return synthetic["images"].float(), synthetic["labels"].long(), data, network, what, out
+
+
+def baseline_job(args, log) -> tuple:
+    """(images, labels, data, network, what, out) for --baseline random|full."""
+    data = load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, args.seed, args.val_per_class,
+                            args.n_max, args.image_size, log=log)
+    if args.baseline == "random":
+        packed, labels = initial_synthetic(data, args.ipc, args.seed, args.factor)
+        images, labels = decode(packed, args.factor), labels.repeat_interleave(args.factor ** 2)
+        what = (f"random, IPC {args.ipc}, factor {args.factor} ({args.ipc * args.factor ** 2} real images per "
+                f"class as distill.py's starting set, {len(labels) // data.num_classes} decoded)")
+    else:
+        images, labels = data.normalise(data.train_images), data.train_labels
+        what = f"full long-tailed set ({len(labels)} images)"
+    out = Path(args.out) if args.out else Path("runs") / f"baseline-{args.baseline}"
+    return images, labels, data, network_options(args, data, None), what, out
+
+
+def network_options(args, data, config: dict | None) -> dict:
+    """build_network's arguments: the distilled ConvNet's shape for --model convnet (the field's ConvNet-3
+    for baselines), the model's own defaults otherwise; --norm overrides the normalisation."""
+    network = dict(model=args.model, channels=data.channels, num_classes=data.num_classes, image_size=data.image_size)
+    if args.model == "convnet":
+        config = config or {"width": 128, "depth": depth_for_size(data.image_size), "pooling": "avg", "norm": "instance"}
+        network.update(width=config["width"], depth=config["depth"], pooling=config["pooling"], norm=config["norm"])
+    if args.norm:
+        network["norm"] = args.norm
+    return network
+
+
+def job(args, holder) -> None:
+    check_options(args)
+    if args.report is not None:
+        from report import main as report_main
+        report_main([args.report] + (["--summary", args.summary] if args.summary else []))
+        return
+    processes, device = start_processes(args.device)
+    holder[0] = processes
+    args.precision = resolve_precision(args.precision, device, args.compile)
+    log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
+    images, labels, data, network, what, out = (synthetic_job if args.syn else baseline_job)(args, log)
+    epochs = args.epochs or PROTOCOLS[args.protocol].epochs
+    log(f"evaluate.py: {what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x {epochs} epochs "
+        f"on {device} ({args.precision})" + (f", {processes.world} processes" if processes.world > 1 else ""))
+    start = time.perf_counter()
+    result = evaluate(images, labels, data, args, network, device, processes=processes)
+    if processes.main:
+        write_result(result, out, what, data, args, device, processes, start)
+
+
 def main(argv=None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    processes, clean = Processes(), False
-    try:
-        for option, value in {"--num-eval": args.num_eval, "--epochs": args.epochs,
-                              "--batch-size": args.batch_size, "--ipc": args.ipc}.items():
-            if value < 1:
-                raise UsageError(f"{option} must be >= 1 (got {value})")
-        if not args.lr > 0:
-            raise UsageError(f"--lr must be > 0 (got {args.lr})")
-        if args.report is not None:
-            root = Path(args.report)
-            if not root.is_dir():
-                raise UsageError(f"--report: {root} is not a folder of runs")
-            print(f"wrote {write_report(root, Path(args.summary) if args.summary else None)}")
-            return
-        processes, device = start_processes(args.device)
-        args.precision = resolve_precision(args.precision, device, args.compile)
-        log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
-        if args.syn is not None:
-            synthetic = load_synthetic(args.syn)
-            config = synthetic["config"]
-            # the data the set was distilled from; only its location may be given anew
-            data = load_long_tailed(config["dataset"], args.data_dir or config["data_dir"],
-                                    config["imbalance_factor"], config["seed"], config["val_per_class"],
-                                    config["n_max"], config["image_size"], log=log)
-            check_matches(synthetic, data, args.syn)
-            images, labels = synthetic["images"].float(), synthetic["labels"].long()
-            width, depth, pooling = config["width"], config["depth"], config["pooling"]
-            norm = args.norm or config["norm"]
-            what = f"{config['method']}, IPC {config['ipc']} ({args.syn})"
-            out = Path(args.out) if args.out else Path(args.syn).parent
-        else:
-            data = load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, args.seed,
-                                    args.val_per_class, args.n_max, args.image_size, log=log)
-            if args.baseline == "random":
-                images, labels = initial_synthetic(data, args.ipc, args.seed)
-                what = f"random, IPC {args.ipc}"
-            else:
-                images, labels = data.normalise(data.train_images), data.train_labels
-                what = f"full long-tailed set ({len(labels)} images)"
-            width, depth, pooling = 128, depth_for_size(data.image_size), "avg"
-            norm = args.norm or "instance"
-            out = Path(args.out) if args.out else Path("runs") / f"baseline-{args.baseline}"
-        log(f"evaluate.py: {what}, {args.num_eval} networks x {args.epochs} epochs on {device} ({args.precision})"
-            + (f", {processes.world} processes" if processes.world > 1 else ""))
-        start = time.perf_counter()
-        result = evaluate(images, labels, data, args, width, depth, norm, pooling, device, log=log,
-                          processes=processes)
-        if processes.main:
-            write_result(result, out, what, data, args, device, processes, start)
-        clean = True
-    except UsageError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        processes.finish(clean)
+    run_script(build_parser(), job, argv)
 
 
 def write_result(result: dict, out: Path, what: str, data, args, device, processes, start: float) -> None:
@@ -462,9 +301,12 @@ def write_result(result: dict, out: Path, what: str, data, args, device, process
     except ImportError:  # matplotlib missing: the picture is a convenience
         pass
     write_run_readme(out)
-    print(f"{what}: {args.split} acc {result['acc_mean']:.2f} +- {result['acc_std']:.2f}  "
+    best = (f"  (best of {len(result['evaluation_epochs'])} tests: {result['best_acc_mean']:.2f})"
+            if len(result["evaluation_epochs"]) > 1 else "")
+    print(f"{what}: {args.split} acc {result['acc_mean']:.2f} +- {result['acc_std']:.2f}{best}  "
           f"head {result['head']:.2f} medium {result['medium']:.2f} tail {result['tail']:.2f}  "
-          f"({args.num_eval} x {args.epochs} epochs) -> {out / 'results.json'}", flush=True)
+          f"({args.num_eval} x {result['epochs']} epochs, {args.protocol} protocol, {args.model}) "
+          f"-> {out / 'results.json'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,29 @@
-"""The ConvNet of the dataset-distillation field (DC / DSA / DM), as a feature extractor and a classifier.
+"""The networks of the dataset-distillation field (DC / DSA / DM): the ConvNet that distils and is
+evaluated, and the CIFAR-sized AlexNet, VGG-11 and ResNet-18 of its cross-architecture tables.
 
-$ python networks.py            # prints the layer shapes for 1 and 3 channels at 28/32/64/128 px
+$ python networks.py            # prints features, logits and parameter counts of every model at 28/32/64 px
 
-ConvNet(channels, num_classes, width=128, depth=3, norm="instance", pooling="avg", image_size=32):
-`depth` blocks of Conv3x3 (pad 1) -> norm -> ReLU -> pool 2x2, then a linear
-classifier on the flattened last block. `embed(x)` returns those flattened
-features: 128 * 4 * 4 = 2048 at 32 px and depth 3. As in the DC code, 28-px
-inputs get a first-layer padding of 3 so that they enter the next blocks at 32 px.
+build_network(model, channels, num_classes, image_size, ...) builds any of MODELS, on `device` and in
+channels_last memory format. Every network is `features` -> flatten -> linear `classifier`;
+`embed(x)` returns the flattened features, (N, feature_dim), and `forward(x)` the logits.
 
+convnet (default norm: instance): `depth` blocks of Conv3x3 (pad 1) -> norm -> ReLU -> pool 2x2,
+  then the linear classifier: 128 * 4 * 4 = 2048 features at 32 px and depth 3.
+alexnet (default norm: none, the DC code's AlexNet; "batch" gives its AlexNetBN): Conv5x5 128 ->
+  pool -> Conv5x5 192 -> pool -> Conv3x3 256 -> Conv3x3 192 -> Conv3x3 192 -> pool, each conv followed
+  by [norm] -> ReLU, max pooling 2x2, then adaptive average pooling to 4x4: 192 * 4 * 4 = 3072 features
+  (the pooling is the identity at 32 px).
+vgg11 (default norm: instance, the DC code's VGG11; "batch" gives its VGG11BN): Conv3x3 -> norm ->
+  ReLU layers of 64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M (M: max pool 2x2), then global
+  average pooling: 512 features (1x1 already at 32 px).
+resnet18 (default norm: instance, the DC code's ResNet18; "batch" gives its ResNet18BN): CIFAR stem
+  (Conv3x3 64, stride 1, no max pool) -> norm -> ReLU, four stages of two basic blocks
+  (64, 128, 256, 512 channels; stages 2-4 start with stride 2), global average pooling: 512 features.
+  A basic block is relu(norm(conv(relu(norm(conv(x))))) + shortcut(x)), the shortcut a strided 1x1
+  conv -> norm where the shape changes. Convolutions have a bias only when no norm follows.
+
+As in the DC code, 28-px inputs get a larger first-layer padding (3 for 3x3 kernels, 4 for AlexNet's
+5x5) so that they enter the next layers at 32 px; ResNet-18 takes them as they are (28 -> 4 px).
 Instance norm is GroupNorm with one group per channel (affine), as in the DC code;
 PyTorch's native kernel for it is fast on channels_last tensors (about 3x on CPU).
 """
@@ -19,6 +35,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
+MODELS = ("convnet", "alexnet", "vgg11", "resnet18")
+DEFAULT_NORMS = {"convnet": "instance", "alexnet": "none", "vgg11": "instance", "resnet18": "instance"}
 NORMS = ("instance", "batch", "none")
 POOLINGS = ("avg", "max", "none")
 PRECISIONS = ("fp32", "bf16")
@@ -91,7 +109,21 @@ def depth_for_size(image_size: int) -> int:
     return max(3, round(math.log2(max(image_size, 32))) - 2)
 
 
-class ConvNet(nn.Module):
+class _FeatureClassifier(nn.Module):
+    """features -> flatten -> classifier. Subclasses set features, feature_dim and classifier."""
+    features: nn.Module
+    classifier: nn.Linear
+    feature_dim: int
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened penultimate features, (N, feature_dim)."""
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class ConvNet(_FeatureClassifier):
     def __init__(self, channels: int = 3, num_classes: int = 10, width: int = 128, depth: int = 3,
                  norm: str = "instance", pooling: str = "avg", image_size: int = 32):
         super().__init__()
@@ -111,19 +143,113 @@ class ConvNet(nn.Module):
         self.feature_dim = width * size * size
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Flattened features of the last block, (N, feature_dim)."""
-        return self.features(x).flatten(1)
+
+def _conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, padding: int, norm: str) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding),
+            _norm_layer(norm, out_channels), nn.ReLU(inplace=True)]
+
+
+class AlexNet(_FeatureClassifier):
+    """The DC code's CIFAR-sized AlexNet (no norm by default); see the module docstring."""
+
+    def __init__(self, channels: int = 3, num_classes: int = 10, norm: str = "none", image_size: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            *_conv_norm_relu(channels, 128, 5, 4 if image_size == 28 else 2, norm), nn.MaxPool2d(2),
+            *_conv_norm_relu(128, 192, 5, 2, norm), nn.MaxPool2d(2),
+            *_conv_norm_relu(192, 256, 3, 1, norm),
+            *_conv_norm_relu(256, 192, 3, 1, norm),
+            *_conv_norm_relu(192, 192, 3, 1, norm), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4))
+        self.feature_dim = 192 * 4 * 4
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+
+VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG11(_FeatureClassifier):
+    """The DC code's CIFAR VGG-11 (instance norm by default); see the module docstring."""
+
+    def __init__(self, channels: int = 3, num_classes: int = 10, norm: str = "instance", image_size: int = 32):
+        super().__init__()
+        if image_size < 32 and image_size != 28:
+            raise ValueError(f"VGG-11 pools five times: it needs 28 px or at least 32 px, got {image_size}")
+        layers: list[nn.Module] = []
+        in_channels = channels
+        for entry in VGG11_LAYERS:
+            if entry == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            padding = 3 if (not layers and image_size == 28) else 1
+            layers += _conv_norm_relu(in_channels, entry, 3, padding, norm)
+            in_channels = entry
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
+        self.feature_dim = 512
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+
+class BasicBlock(nn.Module):
+    """relu(norm(conv3x3(relu(norm(conv3x3_stride(x))))) + shortcut(x)); the shortcut is the identity,
+    or a strided 1x1 conv -> norm where the stride or the channel count changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str):
+        super().__init__()
+        bias = norm == "none"
+        self.residual = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=bias),
+            _norm_layer(norm, out_channels), nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias), _norm_layer(norm, out_channels))
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=bias),
+                                          _norm_layer(norm, out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
+        return torch.relu(self.residual(x) + self.shortcut(x))
+
+
+class ResNet18(_FeatureClassifier):
+    """The DC code's CIFAR ResNet-18 (instance norm by default); see the module docstring. No layer
+    depends on image_size (global pooling); it is taken for a signature like the other models'."""
+
+    def __init__(self, channels: int = 3, num_classes: int = 10, norm: str = "instance", image_size: int = 32):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(channels, 64, 3, padding=1, bias=norm == "none"),
+                                   _norm_layer(norm, 64), nn.ReLU(inplace=True)]
+        in_channels = 64
+        for stage, out_channels in enumerate((64, 128, 256, 512)):
+            stride = 1 if stage == 0 else 2
+            layers += [BasicBlock(in_channels, out_channels, stride, norm), BasicBlock(out_channels, out_channels, 1, norm)]
+            in_channels = out_channels
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
+        self.feature_dim = 512
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+
+def build_network(model: str, channels: int, num_classes: int, image_size: int, width: int = 128,
+                  depth: int | None = None, norm: str | None = None, pooling: str = "avg",
+                  device: torch.device | str | None = None) -> _FeatureClassifier:
+    """One of MODELS, on `device` (if given) and in channels_last memory format. norm None: the model's
+    field default (DEFAULT_NORMS: none for alexnet, instance for the others). width, depth (default
+    depth_for_size(image_size)) and pooling shape the convnet only; the other models have fixed layouts."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    norm = DEFAULT_NORMS[model] if norm is None else norm
+    if model == "convnet":
+        depth = depth_for_size(image_size) if depth is None else depth
+        net: _FeatureClassifier = ConvNet(channels, num_classes, width, depth, norm, pooling, image_size)
+    else:
+        net = {"alexnet": AlexNet, "vgg11": VGG11, "resnet18": ResNet18}[model](channels, num_classes, norm, image_size)
+    return net.to(device=device, memory_format=torch.channels_last)
 
 
 @torch.no_grad()
 def reset_parameters_(net: nn.Module, generator: torch.Generator) -> nn.Module:
     """Redraw every parameter from `generator` with PyTorch's default distributions:
     conv and linear weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    (kaiming_uniform with a = sqrt(5)); norm scales 1, shifts 0. Buffers reset."""
+    (kaiming_uniform with a = sqrt(5)); norm scales 1, shifts 0. Buffers reset.
+    A module with parameters of any other kind raises TypeError rather than keep its old values."""
     for module in net.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             fan_in = module.weight[0].numel()
@@ -136,13 +262,15 @@ def reset_parameters_(net: nn.Module, generator: torch.Generator) -> nn.Module:
             module.bias.fill_(0.0)
             if isinstance(module, nn.BatchNorm2d):
                 module.reset_running_stats()
+        elif next(module.parameters(recurse=False), None) is not None:
+            raise TypeError(f"reset_parameters_ does not know how to redraw {type(module).__name__}")
     return net
 
 
 if __name__ == "__main__":
-    for channels in (1, 3):
-        for size in (28, 32, 64, 128):
-            net = ConvNet(channels, 10, depth=depth_for_size(size), image_size=size)
-            x = torch.zeros(2, channels, size, size)
-            print(f"{channels} x {size:3d} px, depth {depth_for_size(size)}: features {tuple(net.embed(x).shape)}, "
-                  f"logits {tuple(net(x).shape)}")
+    for model in MODELS:
+        for channels, size in ((1, 28), (3, 32), (3, 64)):
+            net = build_network(model, channels, 10, size)
+            x = torch.zeros(2, channels, size, size).contiguous(memory_format=torch.channels_last)
+            print(f"{model:8s} {channels} x {size:2d} px: features {tuple(net.embed(x).shape)}, "
+                  f"logits {tuple(net(x).shape)}, {sum(p.numel() for p in net.parameters()):,} parameters")

@@ -79,6 +79,8 @@ DATA_ARGS=(); [[ -n "$DATA_DIR" ]] && DATA_ARGS=(--data-dir "$DATA_DIR")
 
 # one run: distill (resuming if interrupted) and evaluate, or evaluate a baseline; skipped when done
 #   run_one DIR METHOD DATASET IF IPC [extra distill.py options...]   (uses DISTILL_BUDGET, EVAL_BUDGET, SPLIT_ARGS)
+# The random baseline takes the --factor of the extra options (default 2, distill.py's): the same real images
+# as the distilled sets' starting point, decoded, so that it trains on as many images as they do.
 run_one() {
   local dir=$1 method=$2 dataset=$3 imbalance=$4 ipc=$5; shift 5
   if [[ -f "$dir/results.json" ]]; then echo "== $dir: done, skipped"; return; fi
@@ -86,14 +88,36 @@ run_one() {
   local common=(--dataset "$dataset" "${DATA_ARGS[@]}" --imbalance-factor "$imbalance" --seed "$SEED" --device "$DEVICE"
                 "${SPLIT_ARGS[@]}")
   case "$method" in
-    random|full)
-      "$PYTHON" evaluate.py --baseline "$method" --ipc "$ipc" "${common[@]}" "${EVAL_BUDGET[@]}" --out "$dir" ;;
+    random)
+      "$PYTHON" evaluate.py --baseline random --ipc "$ipc" --factor "$(factor_of "$@")" "${common[@]}" \
+        "${EVAL_BUDGET[@]}" --out "$dir" ;;
+    full)
+      "$PYTHON" evaluate.py --baseline full "${common[@]}" "${EVAL_BUDGET[@]}" --out "$dir" ;;
     *)
       local resume=(); [[ -e "$dir" ]] && resume=(--resume)
       "$PYTHON" distill.py --method "$method" --ipc "$ipc" "${common[@]}" "${DISTILL_BUDGET[@]}" "$@" \
         "${resume[@]}" --out "$dir"
       "$PYTHON" evaluate.py --syn "$dir/synthetic.pt" "${EVAL_BUDGET[@]}" --device "$DEVICE" ;;
   esac
+}
+
+# the value of --factor among distill.py options (2, distill.py's default, when absent)
+factor_of() {
+  local factor=2
+  while [[ $# -gt 0 ]]; do [[ "$1" == --factor ]] && factor=$2; shift; done
+  echo "$factor"
+}
+
+# the full long-tailed set does not depend on IPC: train it once per data set and IF, then copy its
+# results into each IPC's cell of the grid
+run_full() {
+  local dataset=$1 imbalance=$2; shift 2
+  local once="$OUT/$dataset/if$imbalance/full"
+  run_one "$once" full "$dataset" "$imbalance" 0
+  for ipc in "$@"; do
+    mkdir -p "$OUT/$dataset/if$imbalance/ipc$ipc/full"
+    cp "$once/results.json" "$OUT/$dataset/if$imbalance/ipc$ipc/full/results.json"
+  done
 }
 
 SPLIT_ARGS=()
@@ -114,9 +138,11 @@ case "$MODE" in
       for imbalance in $ifs; do
         for ipc in $ipcs; do
           for method in $METHODS; do
+            [[ $method == full ]] && continue
             run_one "$OUT/$dataset/if$imbalance/ipc$ipc/$method" "$method" "$dataset" "$imbalance" "$ipc"
           done
         done
+        if [[ " $METHODS " == *" full "* ]]; then run_full "$dataset" "$imbalance" $ipcs; fi
       done
     done
     "$PYTHON" evaluate.py --report "$OUT" ;;

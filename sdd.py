@@ -31,7 +31,7 @@ import torch
 KERNELS = ("gaussian", "laplacian", "cauchy")
 METHODS = ("csdm", "sdm", "ncfm", "mmd", "dm")
 SPECTRAL_METHODS = ("csdm", "sdm", "ncfm")
-# Class-aware end points a_head, a_tail (method.md section 3). Chosen on the validation
+# Class-aware end points a_head, a_tail (docs/method.md, "Class-aware weighting"). Chosen on the validation
 # split; see README "How the defaults were chosen".
 ALPHA_HEAD, ALPHA_TAIL = 0.7, 0.3
 _TINY = 1e-30  # keeps sqrt differentiable where an amplitude is exactly zero

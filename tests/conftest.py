@@ -1,5 +1,5 @@
 """Shared fixtures: the repository on sys.path, a tiny in-memory long-tailed set, and the real
-CIFAR-10 JPEG copy extracted once per session from the shared archive."""
+CIFAR-10: the JPEG copy extracted once per session from its archive, or else torchvision's download."""
 from __future__ import annotations
 
 import os
@@ -14,12 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_lt import LongTailedData, long_tailed_counts  # noqa: E402
-
-ARCHIVE_CANDIDATES = [
-    os.environ.get("CSDM_CIFAR10_ARCHIVE", ""),
-    str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"),
-    "/work/shared/data/cifar10-jpeg.tar.gz",
-]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,13 +50,72 @@ def tiny_data():
     return make_tiny_data()
 
 
-@pytest.fixture(scope="session")
-def cifar10_dir(tmp_path_factory) -> Path:
-    """The real CIFAR-10 (JPEG copy) as an image-folder tree: <dir>/train/<class>/*.jpg."""
-    archive = next((Path(p) for p in ARCHIVE_CANDIDATES if p and Path(p).is_file()), None)
-    if archive is None:
-        pytest.fail("the CIFAR-10 JPEG archive was not found; set CSDM_CIFAR10_ARCHIVE to cifar10-jpeg.tar.gz")
-    target = tmp_path_factory.mktemp("cifar10")
+# ------------------------------------------------------------------------------------------
+# The real CIFAR-10 (tests/test_fixture.py tests the choice below)
+
+class Cifar10Unavailable(Exception):
+    """Neither an archive nor a download; the message is the one line to show."""
+
+
+def archive_candidates(environ=os.environ, root=ROOT) -> list[Path]:
+    """Where the CIFAR-10 JPEG archive may be: $CSDM_CIFAR10_ARCHIVE, then ../shared/data/ beside the repository."""
+    paths = [environ.get("CSDM_CIFAR10_ARCHIVE", ""), str(root.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")]
+    return [Path(p) for p in paths if p]
+
+
+def cifar10_cache_dir(environ=os.environ) -> Path:
+    """Where torchvision's download is kept between sessions: $CSDM_TEST_DATA, else ~/.cache/csdm/test-data."""
+    return Path(environ.get("CSDM_TEST_DATA") or Path.home() / ".cache" / "csdm" / "test-data")
+
+
+def download_cifar10(root: Path) -> Path:
+    """CIFAR-10 through torchvision into root (nothing is fetched when root holds a verified copy). root is
+    what --data-dir takes with --dataset cifar10: data_lt.read_split reads torchvision's files there."""
+    import torchvision
+
+    root.mkdir(parents=True, exist_ok=True)
+    torchvision.datasets.CIFAR10(root=str(root), train=True, download=True)  # one archive holds both splits
+    (root / "cifar-10-python.tar.gz").unlink(missing_ok=True)  # extracted: 170 MB less in the cache
+    return root
+
+
+def locate_cifar10(candidates, download_fn, cache) -> tuple[str, Path]:
+    """("archive", the first candidate that is a file), else ("download", download_fn(cache / "cifar10")),
+    else Cifar10Unavailable with a one-line message saying what to set."""
+    for candidate in candidates:
+        if Path(candidate).is_file():
+            return "archive", Path(candidate)
+    target = Path(cache) / "cifar10"
+    try:
+        return "download", Path(download_fn(target))
+    except Exception as error:  # no network, a proxy, a full disk: all end in the same advice
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        tried = ", ".join(str(c) for c in candidates) or "nowhere"
+        raise Cifar10Unavailable(
+            f"CIFAR-10 for the tests: no archive (looked at {tried}) and torchvision could not download it into "
+            f"{target} ({reason}); set CSDM_CIFAR10_ARCHIVE to a cifar10-jpeg.tar.gz, or give this machine "
+            f"internet access (CSDM_TEST_DATA chooses the download folder)") from None
+
+
+def extract_cifar10(archive: Path, target: Path) -> Path:
+    """Extract the JPEG archive into target; the folder holding its train/ and test/ trees."""
     with tarfile.open(archive) as tar:
         tar.extractall(target, filter="data")
-    return target / "cifar10"
+    for folder in [target, *sorted(p for p in target.iterdir() if p.is_dir())]:
+        if (folder / "train").is_dir() and (folder / "test").is_dir():
+            return folder
+    raise Cifar10Unavailable(f"{archive} holds no train/ and test/ folders (expected cifar10/train/<class>/*.jpg); "
+                             f"point CSDM_CIFAR10_ARCHIVE at the CIFAR-10 JPEG archive")
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir(tmp_path_factory) -> Path:
+    """The real CIFAR-10 as a folder that --dataset cifar10 --data-dir reads: the JPEG copy's image-folder
+    tree (train/<class>/*.jpg) when its archive is found, else torchvision's files, downloaded once into
+    cifar10_cache_dir()."""
+    try:
+        kind, path = locate_cifar10(archive_candidates(), download_cifar10, cifar10_cache_dir())
+        return extract_cifar10(path, tmp_path_factory.mktemp("cifar10")) if kind == "archive" else path
+    except Cifar10Unavailable as error:
+        message = str(error)
+    pytest.fail(message, pytrace=False)  # outside the except: one line, no chained traceback

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_data
-from distill import (RealBatchSampler, build_parser, chunk_classes, decode, distill, initial_synthetic, pool_file,
-                     write_outputs)
+from data_lt import RealBatchSampler, decode, initial_synthetic
+from distill import build_parser, chunk_classes, distill, pool_file, write_outputs
 
 
 def tiny_args(out, *extra):

@@ -1,35 +1,468 @@
-"""The Docker image and run_all.sh, checked without a Docker engine (none runs on the CI machines)."""
+"""The Docker image and run_all.sh, checked without a Docker engine (none runs on the CI machines).
+
+Each check is a function of the files' text that returns its problems (an empty list when all is well), so
+that a test can also feed it a broken variant and see the problem caught."""
+import ast
+import fnmatch
+import importlib.metadata
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path, PurePosixPath
 
+import data_lt
 from conftest import ROOT
 
 
+def read(name):
+    return (ROOT / name).read_text()
+
+
+# ------------------------------------------------------------------------------------------
+# Reading a Dockerfile and a .dockerignore
+
+def dockerfile_instructions(text):
+    """[(INSTRUCTION, arguments)]: continuation lines joined, comment and blank lines dropped."""
+    found, pending = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue  # Docker drops comment lines inside a continued instruction too
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        op, _, args = (pending + line).partition(" ")
+        found.append((op.upper(), args.strip()))
+        pending = ""
+    if pending:
+        op, _, args = pending.strip().partition(" ")
+        found.append((op.upper(), args.strip()))
+    return found
+
+
+def arguments(args):
+    """An instruction's arguments: the JSON (exec) form or the shell-words form."""
+    if args.startswith("["):
+        return list(json.loads(args))
+    return shlex.split(args)
+
+
+def env_values(text):
+    """Every ENV key (KEY=VALUE or the legacy 'ENV KEY VALUE') and its last value, unexpanded."""
+    env = {}
+    for op, args in dockerfile_instructions(text):
+        if op != "ENV":
+            continue
+        words = shlex.split(args, posix=True)
+        if words and "=" not in words[0]:
+            env[words[0]] = " ".join(words[1:])
+        else:
+            env.update(word.split("=", 1) for word in words)
+    return env
+
+
+def copy_sources(text):
+    """The source patterns of every COPY / ADD from the build context (not --from another stage)."""
+    sources = []
+    for op, args in dockerfile_instructions(text):
+        if op not in ("COPY", "ADD"):
+            continue
+        flags = re.match(r"(\s*--\S+)*", args).group(0)
+        if "--from" in flags:
+            continue
+        sources += arguments(args[len(flags):].strip())[:-1]  # the last word is the destination
+    return sources
+
+
+def _match_parts(pattern, parts):
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match_parts(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match_parts(pattern[1:], parts[1:])
+
+
+def context_match(pattern, path):
+    """Docker's rule for COPY sources and .dockerignore lines: the pattern names the path or a folder
+    above it; '*' stays inside one path component, '**' spans any number of them."""
+    pattern_parts = [p for p in PurePosixPath(pattern.strip().lstrip("/")).parts if p != "."]
+    parts = PurePosixPath(path).parts
+    return any(_match_parts(pattern_parts, parts[:i]) for i in range(len(parts) + 1))
+
+
+def ignored(path, dockerignore_text):
+    """True if .dockerignore keeps path out of the build context (the last matching line wins)."""
+    verdict = False
+    for line in dockerignore_text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        if context_match(line.lstrip("!"), path):
+            verdict = not negated
+    return verdict
+
+
+def in_image(path, dockerfile_text, dockerignore_text):
+    return (not ignored(path, dockerignore_text)
+            and any(context_match(source, path) for source in copy_sources(dockerfile_text)))
+
+
+# ------------------------------------------------------------------------------------------
+# (a) every module the image's scripts import is copied into it
+
+def scripts_called(run_all_text):
+    """The Python scripts a shell script runs ("$PYTHON" x.py, python x.py, python3 -u x.py)."""
+    code = "\n".join(line for line in run_all_text.splitlines() if not line.lstrip().startswith("#"))
+    pattern = r'(?:"\$\{?PYTHON\}?"|\$\{?PYTHON\}?|\bpython3?)\s+(?:-\w+\s+)*([\w./-]+\.py)\b'
+    return sorted(set(re.findall(pattern, code)))
+
+
+def imported_names(source, rel_path="x.py"):
+    """Every module name an import statement names, anywhere in the file (lazy imports in functions too);
+    relative imports resolved against the file's folder."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            package = list(PurePosixPath(rel_path).parent.parts)
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            if module:
+                names.add(module)
+            names.update(f"{module}.{alias.name}".lstrip(".") for alias in node.names if alias.name != "*")
+    return names
+
+
+def local_files(name, root):
+    """The repository files a dotted module name loads (a.py, or a/__init__.py and a/b.py, ...)."""
+    parts, files = name.split("."), []
+    for i in range(1, len(parts) + 1):
+        stem = "/".join(parts[:i])
+        files += [f for f in (f"{stem}.py", f"{stem}/__init__.py") if (Path(root) / f).is_file()]
+    return files
+
+
+def modules_needed(scripts, root):
+    """The scripts and every repository module they import, transitively (paths relative to root)."""
+    todo, seen = list(scripts), set()
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        for name in imported_names((Path(root) / rel).read_text(), rel):
+            todo += local_files(name, root)
+    return seen
+
+
+def uncopied_modules(run_all_text, dockerfile_text, dockerignore_text, root=ROOT):
+    scripts = scripts_called(run_all_text)
+    if not scripts:
+        return ["run_all.sh calls no Python script that the check could find"]
+    return [f"{rel} is read by the image's scripts ({', '.join(scripts)}) but not copied into it"
+            for rel in sorted(modules_needed(scripts, root)) if not in_image(rel, dockerfile_text, dockerignore_text)]
+
+
+def test_every_module_the_scripts_import_is_copied():
+    assert {"distill.py", "evaluate.py"} <= set(scripts_called(read("run_all.sh")))
+    needed = modules_needed(scripts_called(read("run_all.sh")), ROOT)
+    assert {"data_lt.py", "networks.py"} <= needed
+    assert uncopied_modules(read("run_all.sh"), read("Dockerfile"), read(".dockerignore")) == []
+
+
+def test_uncopied_modules_are_caught(tmp_path):
+    listed = read("Dockerfile").replace("COPY *.py run_all.sh ./",
+                                        "COPY data_lt.py distill.py evaluate.py run_all.sh ./")
+    problems = uncopied_modules(read("run_all.sh"), listed, read(".dockerignore"))
+    assert any(p.startswith("networks.py ") for p in problems) and any(p.startswith("sdd.py ") for p in problems)
+    problems = uncopied_modules(read("run_all.sh"), read("Dockerfile"), read(".dockerignore") + "\nsdd.py\n")
+    assert [p.split()[0] for p in problems] == ["sdd.py"]
+    assert uncopied_modules("# python distill.py\n", read("Dockerfile"), "")  # no script found is a problem
+    # transitively, through a lazy import inside a function and a package
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "main.py").write_text("import os\nfrom helper import f\n")
+    (tmp_path / "helper.py").write_text("def f():\n    import pkg.deep\n")
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "deep.py").write_text("from . import leaf\n")
+    (tmp_path / "pkg" / "leaf.py").write_text("")
+    assert modules_needed(["main.py"], tmp_path) == {"main.py", "helper.py", "pkg/__init__.py", "pkg/deep.py",
+                                                     "pkg/leaf.py"}
+    problems = uncopied_modules('"$PYTHON" main.py\n', "FROM x\nCOPY *.py ./\n", "", tmp_path)
+    assert sorted(p.split()[0] for p in problems) == ["pkg/__init__.py", "pkg/deep.py", "pkg/leaf.py"]
+    assert uncopied_modules('"$PYTHON" main.py\n', "FROM x\nCOPY *.py ./\nCOPY pkg pkg/\n", "", tmp_path) == []
+    assert uncopied_modules('"$PYTHON" main.py\n', "FROM x\nCOPY . .\n", "**/leaf.py\n", tmp_path) == [
+        "pkg/leaf.py is read by the image's scripts (main.py) but not copied into it"]
+
+
+def test_context_matching_follows_docker():
+    assert context_match("*.py", "distill.py") and not context_match("*.py", "tests/test_docker.py")
+    assert context_match(".", "tests/conftest.py") and context_match("tests", "tests/conftest.py")
+    assert context_match("**/__pycache__", "__pycache__/x.pyc") and context_match("**/__pycache__", "a/__pycache__/x")
+    assert ignored("x.py", "*.py\n!x.py\n") is False and ignored("y.py", "*.py\n!x.py\n") is True
+    assert copy_sources('COPY --chown=1:1 ["a.py", "b c.py", "./"]\nCOPY --from=build /x /y\nADD d.sh \\\n  /e/\n') \
+        == ["a.py", "b c.py", "d.sh"]
+
+
+# ------------------------------------------------------------------------------------------
+# (b) every third-party import is installed by requirements.txt
+
+def canonical(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_name(line):
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line)
+    return canonical(match.group(1)) if match else None
+
+
+def installed_by(requirements_text, requires=importlib.metadata.requires):
+    """The distributions requirements.txt installs: those it lists and, transitively, their dependencies
+    (extras left out), as the installed metadata declares them."""
+    todo = [requirement_name(line) for line in requirements_text.splitlines()
+            if line.strip() and not line.lstrip().startswith(("#", "-"))]
+    seen = set()
+    while todo:
+        name = todo.pop()
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        try:
+            dependencies = requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            dependencies = []
+        todo += [requirement_name(d) for d in dependencies if not re.search(r"\bextra\s*==", d)]
+    return seen
+
+
+def third_party_imports(sources, local_names=()):
+    """Top-level names imported by the given sources that are neither the standard library nor local."""
+    tops = {name.split(".")[0] for source in sources for name in imported_names(source)}
+    return {t for t in tops if t and t not in sys.stdlib_module_names and t not in set(local_names)}
+
+
+def unsatisfied_imports(imports, requirements_text, distributions=None, requires=importlib.metadata.requires):
+    """The import names no distribution installed by requirements_text provides (an import that is not
+    installed here is looked up under its own name)."""
+    distributions = importlib.metadata.packages_distributions() if distributions is None else distributions
+    allowed = installed_by(requirements_text, requires)
+    return [f"'import {name}' (distribution {', '.join(distributions.get(name, [name]))}) is neither in "
+            f"requirements.txt nor a dependency of what it lists"
+            for name in sorted(imports) if not {canonical(d) for d in distributions.get(name, [name])} & allowed]
+
+
+def image_imports():
+    modules = modules_needed(scripts_called(read("run_all.sh")), ROOT)
+    return third_party_imports([read(m) for m in modules], {Path(m).parts[0].removesuffix(".py") for m in modules})
+
+
+def test_requirements_cover_every_third_party_import():
+    imports = image_imports()
+    assert {"torch", "torchvision"} <= imports
+    assert unsatisfied_imports(imports, read("requirements.txt")) == []
+
+
+def test_missing_requirements_are_caught():
+    imports = image_imports() | {"einops", "PIL"}
+    requirements = read("requirements.txt")
+    without_einops = "\n".join(line for line in requirements.splitlines() if not line.startswith("einops"))
+    assert [p.split()[1] for p in unsatisfied_imports(imports, without_einops)] == ["einops'"]
+    # pillow (PIL) comes only through torchvision and matplotlib
+    bare = "\n".join(line for line in requirements.splitlines() if not line.startswith(("torchvision", "matplotlib")))
+    problems = " ".join(unsatisfied_imports(imports, bare))
+    assert "'import PIL' (distribution pillow)" in problems and "'import torchvision'" in problems
+    assert unsatisfied_imports({"scipy_not_here"}, requirements) != []
+    # through a dependency's dependency, extras left out
+    fake = {"a": ["b>=1", "c ; extra == 'full'"], "b": ["Pillow_Fork (>=2)"], "c": [], "pillow-fork": []}
+    assert installed_by("a==1  # comment\n-r other.txt\n", fake.get) == {"a", "b", "pillow-fork"}
+    assert unsatisfied_imports({"P", "C"}, "a\n", {"P": ["pillow_fork"], "C": ["c"]}, fake.get) == [
+        "'import C' (distribution c) is neither in requirements.txt nor a dependency of what it lists"]
+
+
+# ------------------------------------------------------------------------------------------
+# (c) a C/C++ compiler for torch.compile
+
+CXX_PACKAGE = re.compile(r"(build-essential|g\+\+(-\d+)?|clang(-\d+)?)$")
+
+
+def apt_installs(run_args):
+    """(packages, options) of each apt-get / apt install in a RUN command."""
+    found = []
+    for command in re.split(r"&&|\|\||;", run_args):
+        words = command.split()
+        for i, word in enumerate(words[:-1]):
+            if word in ("apt-get", "apt") and "install" in words[i + 1:]:
+                rest = words[words.index("install", i) + 1:]
+                found.append(([w for w in rest if not w.startswith("-")], [w for w in rest if w.startswith("-")]))
+                break
+    return found
+
+
+def compiler_problems(dockerfile_text):
+    """torch.compile builds C++ on the CPU (Inductor, g++) and C on CUDA (Triton's launcher, gcc): the image
+    needs g++ (which brings gcc): a -devel base, or an apt-get install of build-essential / g++ / clang."""
+    instructions = dockerfile_instructions(dockerfile_text)
+    base = next(args for op, args in instructions if op == "FROM")
+    if re.search(r"-devel\b", base):
+        return []
+    problems = []
+    for op, args in instructions:
+        if op != "RUN":
+            continue
+        for packages, options in apt_installs(args):
+            if not any(CXX_PACKAGE.match(p) for p in packages):
+                continue
+            if "--no-install-recommends" not in options:
+                problems.append("the compiler's apt-get install lacks --no-install-recommends")
+            if "apt-get update" not in args:
+                problems.append("the compiler's RUN does not apt-get update first (the base has no package lists)")
+            if "rm -rf /var/lib/apt/lists" not in args:
+                problems.append("the compiler's RUN leaves the apt lists in the image (rm -rf /var/lib/apt/lists/*)")
+            return problems
+    return [f"no C++ compiler in the image ({base} is a runtime base): torch.compile (--compile, run_all.sh) "
+            f"needs one; apt-get install build-essential, or use a -devel base"]
+
+
+def test_the_image_has_a_compiler():
+    assert compiler_problems(read("Dockerfile")) == []
+
+
+def test_a_missing_compiler_is_caught():
+    dockerfile = read("Dockerfile")
+    run = next(f"RUN {args}" for op, args in dockerfile_instructions(dockerfile)
+               if op == "RUN" and "build-essential" in args)
+    start = dockerfile.index("RUN apt-get")
+    original = dockerfile[start:dockerfile.index("\n", dockerfile.index("/var/lib/apt/lists", start))]
+    assert "build-essential" in run and original in dockerfile
+    assert "no C++ compiler" in " ".join(compiler_problems(dockerfile.replace(original, "")))
+    assert "no C++ compiler" in " ".join(compiler_problems(dockerfile.replace("build-essential", "gcc")))
+    assert compiler_problems(dockerfile.replace("build-essential", "g++-12")) == []
+    sloppy = compiler_problems(dockerfile.replace(" --no-install-recommends", "")
+                               .replace(" \\\n && rm -rf /var/lib/apt/lists/*", ""))
+    assert len(sloppy) == 2 and "--no-install-recommends" in sloppy[0] and "apt lists" in sloppy[1]
+    devel = dockerfile.replace(original, "").replace("-runtime", "-devel")
+    assert compiler_problems(devel) == []
+
+
+# ------------------------------------------------------------------------------------------
+# (d) data, results and cache are volumes; the commit is a build argument
+
+def run_all_default_out(run_all_text):
+    match = re.search(r'\bOUT="([^"$]+)"', run_all_text)
+    return match.group(1) if match else "results"
+
+
+def volume_problems(dockerfile_text, run_all_text, data_dir=getattr(data_lt, "DEFAULT_DATA_DIR", "data")):
+    instructions = dockerfile_instructions(dockerfile_text)
+    workdirs = [args for op, args in instructions if op == "WORKDIR"]
+    volumes = {os.path.normpath(v) for op, args in instructions if op == "VOLUME" for v in arguments(args)}
+    env = env_values(dockerfile_text)
+    problems = []
+    if not workdirs:
+        return ["no WORKDIR: the data and results folders are relative to it"]
+    needed = {"data (torchvision's downloads)": os.path.join(workdirs[-1], data_dir),
+              "results": os.path.join(workdirs[-1], run_all_default_out(run_all_text))}
+    if "CSDM_CACHE_DIR" in env:
+        needed["the cache (CSDM_CACHE_DIR)"] = env["CSDM_CACHE_DIR"]
+    else:
+        problems.append("ENV CSDM_CACHE_DIR is not set: the decoded splits would be cached in the container's "
+                        "own ~/.cache/csdm and lost with it")
+    problems += [f"{what}: {path} is not a VOLUME" for what, path in needed.items()
+                 if os.path.normpath(path) not in volumes]
+    ops = [op for op, _ in instructions]
+    arg = [i for i, (op, args) in enumerate(instructions) if op == "ARG" and args.split("=")[0] == "GIT_COMMIT"]
+    if not arg or arg[0] < ops.index("FROM"):
+        problems.append("no ARG GIT_COMMIT in the build stage (after FROM)")
+    committed = [i for i, (op, args) in enumerate(instructions)
+                 if op == "ENV" and re.search(r"\bCSDM_GIT_COMMIT=\$\{?GIT_COMMIT\}?(\s|$)", args)]
+    if not committed or (arg and committed[-1] < arg[0]):
+        problems.append("no ENV CSDM_GIT_COMMIT=$GIT_COMMIT after the ARG: run records would not name the commit")
+    return problems
+
+
+def header_problems(dockerfile_text):
+    """The header comment shows how to build (with the commit) and run (with every volume mounted)."""
+    header = []
+    for line in dockerfile_text.splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# ").rstrip())
+    commands = " ".join(header).replace("\\ ", " ")
+    problems = []
+    if not re.search(r"docker build --build-arg GIT_COMMIT=\$\(git rev-parse HEAD\)", commands):
+        problems.append("the header lacks 'docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) ...'")
+    run = re.search(r"docker run (.*?\./run_all\.sh)", commands)
+    if not run:
+        return problems + ["the header lacks a 'docker run ... ./run_all.sh' line"]
+    mounted = {os.path.normpath(m) for m in re.findall(r"-v\s+\"?[^\s:\"]+:([^\s\"]+)", run.group(1))}
+    volumes = {os.path.normpath(v) for op, args in dockerfile_instructions(dockerfile_text)
+               if op == "VOLUME" for v in arguments(args)}
+    problems += [f"the header's docker run does not mount {v}" for v in sorted(volumes - mounted)]
+    if "--gpus" not in run.group(1):
+        problems.append("the header's docker run does not pass --gpus")
+    return problems
+
+
+def test_volumes_and_commit():
+    assert volume_problems(read("Dockerfile"), read("run_all.sh")) == []
+    assert header_problems(read("Dockerfile")) == []
+
+
+def test_missing_volumes_and_commit_are_caught():
+    dockerfile, run_all = read("Dockerfile"), read("run_all.sh")
+    volume = next(args for op, args in dockerfile_instructions(dockerfile) if op == "VOLUME")
+    no_cache = dockerfile.replace(volume, json.dumps([v for v in json.loads(volume) if "cache" not in v]))
+    assert volume_problems(no_cache, run_all) == ["the cache (CSDM_CACHE_DIR): /workspace/cache is not a VOLUME"]
+    assert header_problems(no_cache) == []  # mounting more than the volumes is fine
+    no_results = dockerfile.replace(volume, json.dumps([v for v in json.loads(volume) if "results" not in v]))
+    assert volume_problems(no_results, run_all) == ["results: /workspace/csdm/results is not a VOLUME"]
+    assert volume_problems(dockerfile, run_all.replace('OUT="results"', 'OUT="out"')) == [
+        "results: /workspace/csdm/out is not a VOLUME"]
+    assert "CSDM_CACHE_DIR is not set" in volume_problems(dockerfile.replace("CSDM_CACHE_DIR=", "X="), run_all)[0]
+    assert volume_problems(dockerfile.replace("ARG GIT_COMMIT=unknown\n", ""), run_all)[0].startswith("no ARG")
+    assert volume_problems(dockerfile.replace("CSDM_GIT_COMMIT=$GIT_COMMIT", "CSDM_GIT_COMMIT=unknown"),
+                           run_all)[0].startswith("no ENV CSDM_GIT_COMMIT")
+    assert volume_problems(dockerfile.replace("$GIT_COMMIT", "${GIT_COMMIT}"), run_all) == []
+    assert header_problems(dockerfile.replace("-v csdm-cache:/workspace/cache ", "")) == [
+        "the header's docker run does not mount /workspace/cache"]
+    assert header_problems(dockerfile.replace("--build-arg GIT_COMMIT=$(git rev-parse HEAD) ", ""))[0].startswith(
+        "the header lacks 'docker build")
+
+
+# ------------------------------------------------------------------------------------------
+# The rest of the Dockerfile
+
 def instructions():
-    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+    return [f"{op} {args}" for op, args in dockerfile_instructions(read("Dockerfile"))]
 
 
 def test_base_image_is_a_pinned_cuda_pytorch_image():
     base = instructions()[0]
     assert base.startswith("FROM pytorch/pytorch:")
     tag = base.split(":", 1)[1]
-    assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", tag), tag  # never 'latest'
+    assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-(runtime|devel)", tag), tag  # never 'latest'
 
 
-def test_every_copied_file_exists_and_requirements_come_first():
-    copies = [line.split()[1:-1] for line in instructions() if line.startswith("COPY")]
-    for sources in copies:
-        for source in sources:
-            assert (ROOT / source).is_file(), f"Dockerfile copies {source}, which is not in the repository"
+def test_every_copy_source_is_in_the_context_and_requirements_come_first():
+    dockerfile, dockerignore = read("Dockerfile"), read(".dockerignore")
+    files = []  # the build context: every file .dockerignore lets through
+    for folder, subfolders, names in os.walk(ROOT):
+        rel = Path(folder).relative_to(ROOT)
+        subfolders[:] = [d for d in subfolders if not ignored((rel / d).as_posix(), dockerignore)]
+        files += [(rel / n).as_posix() for n in names if not ignored((rel / n).as_posix(), dockerignore)]
+    for source in copy_sources(dockerfile):
+        assert any(context_match(source, f) for f in files), \
+            f"Dockerfile copies {source}, which matches no file of the build context"
+    for needed in ("requirements.txt", "run_all.sh", "distill.py", "evaluate.py"):
+        assert in_image(needed, dockerfile, dockerignore), needed
     order = [line.split()[0] for line in instructions()]
     assert instructions()[order.index("COPY")].split()[1] == "requirements.txt"
-    assert order.index("RUN") < max(i for i, op in enumerate(order) if op == "COPY")  # install, then code
-    copied = {source for sources in copies for source in sources}
-    imported = {f"{m}.py" for m in ("data_lt", "networks", "sdd", "distill", "evaluate")}
-    assert imported <= copied and "run_all.sh" in copied
+    pip = next(i for i, line in enumerate(instructions()) if line.startswith("RUN pip install"))
+    assert pip < max(i for i, op in enumerate(order) if op == "COPY")  # install, then code
 
 
 def test_the_image_runs_run_all():
@@ -39,6 +472,9 @@ def test_the_image_runs_run_all():
     assert "set -euo pipefail" in script.read_text()
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 
+
+# ------------------------------------------------------------------------------------------
+# run_all.sh
 
 def test_run_all_rejects_bad_options():
     for argv, option in ((["--methods", "gan"], "--methods"), (["--frobnicate"], "--frobnicate"),

@@ -1,11 +1,14 @@
-"""ConvNet shapes, the field's layer layout, initialisation and memory-format invariance."""
+"""ConvNet shapes, the field's layer layout, initialisation and memory-format invariance; the
+cross-architecture models (AlexNet, VGG-11, ResNet-18): a training step at every image size, layouts,
+norm options and deterministic initialisation."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from networks import ConvNet, depth_for_size, reset_parameters_
+from networks import MODELS, ConvNet, build_network, depth_for_size, reset_parameters_
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -95,3 +98,105 @@ def test_precision_resolution():
     with open("/proc/cpuinfo") as f:
         amx = "amx_bf16" in f.read()
     assert resolve_precision("auto", cpu, compiled=True) == ("bf16" if amx else "fp32")
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("channels, size", [(3, 32), (3, 64), (1, 28)])
+def test_every_model_takes_a_training_step(model, channels, size):
+    net = reset_parameters_(build_network(model, channels, 5, size, width=16), torch.Generator().manual_seed(0))
+    x = torch.randn(4, channels, size, size, generator=torch.Generator().manual_seed(1))
+    x, y = x.contiguous(memory_format=torch.channels_last), torch.tensor([0, 1, 2, 4])
+    assert net(x).shape == (4, 5) and net.embed(x).shape == (4, net.feature_dim)
+    before = [p.detach().clone() for p in net.parameters()]
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    torch.optim.SGD(net.parameters(), lr=0.01).step()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(b, p) for b, p in zip(before, net.parameters()))  # every tensor moved
+    with torch.no_grad():
+        assert F.cross_entropy(net(x), y) < loss  # a small step down the gradient lowers the loss
+
+
+def test_field_layouts_at_32px():
+    counts = {model: sum(p.numel() for p in build_network(model, 3, 10, 32).parameters()) for model in MODELS}
+    # the DC code's models; VGG-11 and ResNet-18 have the well-known CIFAR counts (instance norm's
+    # affine GroupNorm has as many parameters as batch norm)
+    assert counts == {"convnet": 320_010, "alexnet": 1_872_202, "vgg11": 9_231_114, "resnet18": 11_173_962}
+    alexnet = build_network("alexnet", 3, 10, 32)
+    assert [m.out_channels for m in alexnet.modules() if isinstance(m, nn.Conv2d)] == [128, 192, 256, 192, 192]
+    assert alexnet.feature_dim == 192 * 4 * 4
+    vgg = build_network("vgg11", 3, 10, 32)
+    assert [m.out_channels for m in vgg.modules() if isinstance(m, nn.Conv2d)] == [64, 128, 256, 256, 512, 512, 512, 512]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in vgg.modules()) == 5
+    resnet = build_network("resnet18", 3, 10, 32)
+    stem = resnet.features[0]
+    assert stem.kernel_size == (3, 3) and stem.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in resnet.modules())
+    assert sum(type(m).__name__ == "BasicBlock" for m in resnet.modules()) == 8
+    assert build_network("convnet", 3, 10, 64).feature_dim == 2048  # depth 4 by default at 64 px
+    assert build_network("convnet", 3, 10, 32, width=16, depth=2).feature_dim == 16 * 8 * 8
+
+
+def _norm_kinds(net):
+    return {type(m) for m in net.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))}
+
+
+def test_norm_defaults_and_options():
+    assert _norm_kinds(build_network("alexnet", 3, 10, 32)) == set()  # the DC code's AlexNet has none
+    for model in ("convnet", "vgg11", "resnet18"):
+        norms = [m for m in build_network(model, 3, 10, 32).modules() if isinstance(m, nn.GroupNorm)]
+        assert norms and all(m.num_groups == m.num_channels and m.affine for m in norms)  # instance norm
+    x = torch.randn(2, 3, 32, 32)
+    for model in ("alexnet", "vgg11", "resnet18"):
+        for norm, kinds in (("instance", {nn.GroupNorm}), ("batch", {nn.BatchNorm2d}), ("none", set())):
+            net = build_network(model, 3, 10, 32, norm=norm)
+            assert _norm_kinds(net) == kinds and net(x).shape == (2, 10)
+        with pytest.raises(ValueError, match="norm"):
+            build_network(model, 3, 10, 32, norm="layer")
+    convs = [m for m in build_network("resnet18", 3, 10, 32, norm="none").modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.bias is not None for m in convs)  # without a norm the convolutions get their bias back
+
+
+def test_default_models_treat_every_image_on_its_own():
+    """No batch statistics in the default norms, so in_micro_batches gives the same features."""
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    for model in MODELS:
+        net = build_network(model, 3, 10, 32)
+        assert torch.allclose(net.embed(x)[:2], net.embed(x[:2]), atol=1e-5)
+
+
+def test_build_network_places_and_formats():
+    for model in MODELS:
+        net = build_network(model, 3, 10, 32, device="cpu")
+        weights = [p for p in net.parameters() if p.dim() == 4]
+        assert all(p.device.type == "cpu" and p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("norm", [None, "batch"])
+def test_reset_parameters_is_deterministic_for_every_model(model, norm):
+    torch.manual_seed(0)
+    a = build_network(model, 3, 10, 32, norm=norm)
+    torch.manual_seed(1)
+    b = build_network(model, 3, 10, 32, norm=norm)
+    b(torch.randn(2, 3, 32, 32))  # moves batch-norm running statistics
+    reset_parameters_(a, torch.Generator().manual_seed(7))
+    reset_parameters_(b, torch.Generator().manual_seed(7))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    reset_parameters_(b, torch.Generator().manual_seed(8))
+    changed = [not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())]
+    assert sum(changed) == sum(p.dim() > 1 for p in a.parameters()) + sum(
+        m.bias is not None for m in a.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))  # all but norms
+
+
+def test_reset_parameters_refuses_unknown_parametrised_layers():
+    with pytest.raises(TypeError, match="LayerNorm"):
+        reset_parameters_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm(4)), torch.Generator())
+
+
+def test_unknown_model_and_too_small_images_raise():
+    with pytest.raises(ValueError, match="convnet.*alexnet.*vgg11.*resnet18") as error:
+        build_network("resnet50", 3, 10, 32)
+    assert "resnet50" in str(error.value)
+    with pytest.raises(ValueError, match="VGG-11"):
+        build_network("vgg11", 3, 10, 16)

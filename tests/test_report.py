@@ -1,9 +1,10 @@
-"""evaluate.py --report: the grid table, the published numbers beside ours, the CPU-benchmark summary."""
+"""report.py (evaluate.py --report): the grid table, the published numbers beside ours, the CPU-benchmark summary."""
 import json
 
 import pytest
 
-import evaluate
+import report
+from data_lt import UsageError
 
 
 def fake_result(acc, tail=30.0, split="test"):
@@ -18,17 +19,34 @@ def test_grid_report_and_summary(tmp_path):
         folder = tmp_path / "cifar10" / f"if{imbalance}" / "ipc10" / method
         folder.mkdir(parents=True)
         (folder / "results.json").write_text(json.dumps(fake_result(acc, tail=acc - 3)))
-    table = evaluate.write_report(tmp_path, tmp_path / "summary.json").read_text()
+    table = report.write_report(tmp_path, tmp_path / "summary.json").read_text()
     assert "| method | IF 10 | IF 200 |" in table
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     ours = [row.split(" | ")[0].strip("| ") for row in rows[1:4]]
     assert ours == ["random", "dm", "csdm"]  # the field's order, whatever the folders' order
-    assert "| csdm | 51.0 ± 0.5 | 43.5 ± 0.5 |" in table
+    # each cell beside its improvement over the random baseline of the same cell: 51 - 30, 43.5 - 28
+    assert "| csdm | 51.0 ± 0.5 (+21.0) | 43.5 ± 0.5 (+15.5) |" in table
+    assert "| random | 30.0 ± 0.5 | 28.0 ± 0.5 |" in table
     assert "| LAD (published) | 58.1 | 52.2 |" in table  # published numbers beside ours, labelled
     assert (tmp_path / "accuracy_vs_if.png").stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) == {"dm/if10", "dm/if200", "csdm/if10", "csdm/if200", "random/if10", "random/if200"}
-    assert summary["csdm/if200"] == {"acc_mean": 43.5, "acc_std": 0.5, "num_eval": 3, "tail": 40.5}
+    assert summary["csdm/if200"] == {"acc_mean": 43.5, "acc_std": 0.5, "num_eval": 3, "tail": 40.5,
+                                     "over_random": 15.5}
+
+
+def test_improvement_over_random_needs_the_same_protocol_and_model(tmp_path):
+    """A random baseline measured under another protocol or architecture is not the ruler of a cell."""
+    runs = {"dm": dict(fake_result(45.0), protocol="ncfm"), "random": dict(fake_result(30.0), protocol="dm"),
+            "csdm": dict(fake_result(47.0), protocol="dm", model="resnet18")}
+    for method, result in runs.items():
+        folder = tmp_path / "cifar10" / "if200" / "ipc10" / method
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(result))
+    records = report.collect_grid(tmp_path)
+    assert [report.over_random(r, records) for r in records if r["method"] != "random"] == [None, None]
+    random_dm = [r for r in records if r["method"] == "random"][0]
+    assert report.over_random(dict(random_dm, method="x", acc_mean=31.5), records) == 1.5
 
 
 def test_list_report_for_ablations(tmp_path):
@@ -36,7 +54,7 @@ def test_list_report_for_ablations(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(dict(fake_result(acc, split="val"),
                                                                       evaluated=f"{name}, IPC 10")))
-    table = evaluate.write_report(tmp_path).read_text()
+    table = report.write_report(tmp_path).read_text()
     assert "| csdm-cauchy | csdm-cauchy, IPC 10 | 39.00 ± 0.50 |" in table and "val split" in table
 
 
@@ -45,5 +63,5 @@ def test_summary_needs_one_dataset_and_ipc(tmp_path):
         folder = tmp_path / "cifar10" / "if10" / f"ipc{ipc}" / "dm"
         folder.mkdir(parents=True)
         (folder / "results.json").write_text(json.dumps(fake_result(40.0)))
-    with pytest.raises(evaluate.UsageError, match="--summary"):
-        evaluate.write_report(tmp_path, tmp_path / "s.json")
+    with pytest.raises(UsageError, match="--summary"):
+        report.write_report(tmp_path, tmp_path / "s.json")

@@ -1,0 +1,194 @@
+"""Tables and plots of many runs: `python report.py DIR` (or `evaluate.py --report DIR`).
+
+DIR/<dataset>/if<IF>/ipc<IPC>/<method>/results.json files become a grid, one table per data set,
+cells IPC by IPC, with the published figures of the long-tailed distillation paper beside CIFAR-10-LT
+and each method's improvement over the random baseline of the same cell (the field's "over random":
+accuracy minus the random real images' accuracy, same protocol, same architecture, same number of
+training images). Any other DIR/<run>/results.json files become one row per run (ablations).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_lt import UsageError
+from runs import pyplot
+
+# CIFAR-10-LT, ConvNet-3, test accuracy % at IPC 10 / 20 / 50, as published in the long-tailed dataset
+# distillation paper (Zhao et al., "Distilling Long-tailed Datasets", CVPR 2025, LAD; its Table 1): best-epoch
+# accuracy, each method's own evaluation pipeline (see docs/method.md, "Published figures")
+PUBLISHED_CIFAR10_LT = {
+    "random (published)": {10: (32.5, 39.6, 51.9), 50: (33.2, 42.0, 51.6), 100: (34.4, 41.4, 52.6),
+                           200: (32.5, 42.2, 49.9)},
+    "IDM (published)": {10: (54.8, 57.1, 60.1), 50: (51.9, 53.3, 56.1), 100: (49.8, 50.9, 53.1),
+                        200: (47.0, 48.1, 49.9)},
+    "DATM (published)": {10: (57.2, 60.4, 66.7), 50: (41.6, 43.4, 50.3), 100: (37.3, 38.9, 44.3),
+                         200: (None, 34.8, 40.1)},
+    "LAD (published)": {10: (58.1, 63.0, 70.5), 50: (54.2, 59.4, 65.8), 100: (53.4, 58.2, 64.0),
+                        200: (52.2, 56.6, 62.3)},
+    "full LT set (published)": {10: (76.7,) * 3, 50: (69.8,) * 3, 100: (66.2,) * 3, 200: (62.1,) * 3},
+}
+PUBLISHED_IPCS = (10, 20, 50)
+METHOD_ORDER = ("random", "dm", "mmd", "ncfm", "sdm", "csdm", "full")
+
+
+def collect_grid(root: Path) -> list[dict]:
+    """results.json files at root/<dataset>/if<IF>/ipc<IPC>/<method>/, as flat records (protocol and model
+    default to dm and convnet for files written before those options existed)."""
+    records = []
+    for path in sorted(root.glob("*/if*/ipc*/*/results.json")):
+        method, ipc, imbalance, dataset = path.parts[-2], path.parts[-3], path.parts[-4], path.parts[-5]
+        result = json.loads(path.read_text())
+        records.append(dict(dataset=dataset, imbalance=float(imbalance[2:]), ipc=int(ipc[3:]), method=method,
+                            protocol=result.get("protocol", "dm"), model=result.get("model", "convnet"),
+                            **{k: result[k] for k in ("acc_mean", "acc_std", "num_eval", "epochs", "head", "tail",
+                                                      "split")}))
+    return records
+
+
+def over_random(record: dict, records: list[dict]) -> float | None:
+    """The field's improvement over random: accuracy minus that of the random baseline of the same cell
+    (data set, IF, IPC), protocol, model and split; None where that baseline is missing."""
+    same = ("dataset", "imbalance", "ipc", "protocol", "model", "split")
+    for other in records:
+        if other["method"] == "random" and all(other[key] == record[key] for key in same):
+            return record["acc_mean"] - other["acc_mean"]
+    return None
+
+
+def _cell(record, records) -> str:
+    if not record:
+        return "-"
+    gain = over_random(record, records) if record["method"] not in ("random", "full") else None
+    return f"{record['acc_mean']:.1f} ± {record['acc_std']:.1f}" + (f" ({gain:+.1f})" if gain is not None else "")
+
+
+def _ordered_methods(rows: list[dict]) -> list[str]:
+    return sorted({r["method"] for r in rows}, key=lambda m: (METHOD_ORDER + (m,)).index(m))
+
+
+def grid_table(rows: list[dict]) -> list[str]:
+    """One data set's runs as a markdown table: a row per method, a column per IF, IPCs within a cell."""
+    ifs, ipcs = sorted({r["imbalance"] for r in rows}), sorted({r["ipc"] for r in rows})
+    lines = ["| method | " + " | ".join(f"IF {i:g}" for i in ifs) + " |", "|---|" + "---|" * len(ifs)]
+    for method in _ordered_methods(rows):
+        cells = []
+        for imbalance in ifs:
+            found = {r["ipc"]: r for r in rows if r["method"] == method and r["imbalance"] == imbalance}
+            cells.append(" / ".join(_cell(found.get(ipc), rows) for ipc in ipcs))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def published_table(ifs: list[float], ipcs: list[int]) -> list[str]:
+    """The published CIFAR-10-LT figures at the IFs and IPCs of the grid."""
+    lines = ["Published, for reference (LAD, CVPR 2025, Table 1; best epoch over training, not final epoch; "
+             "other pipelines):", "",
+             "| method | " + " | ".join(f"IF {i:g}" for i in ifs) + " |", "|---|" + "---|" * len(ifs)]
+    for name, table in PUBLISHED_CIFAR10_LT.items():
+        cells = []
+        for imbalance in ifs:
+            values = table.get(int(imbalance))
+            cells.append(" / ".join("-" if values is None or values[PUBLISHED_IPCS.index(ipc)] is None
+                                    else f"{values[PUBLISHED_IPCS.index(ipc)]:.1f}"
+                                    for ipc in ipcs if ipc in PUBLISHED_IPCS) or "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def grid_report(records: list[dict], root: Path) -> list[str]:
+    """Markdown for a grid of runs: per data set and protocol, the table, the published figures, the tails."""
+    lines = []
+    for dataset, protocol, model in sorted({(r["dataset"], r["protocol"], r["model"]) for r in records}):
+        rows = [r for r in records if (r["dataset"], r["protocol"], r["model"]) == (dataset, protocol, model)]
+        ipcs = sorted({r["ipc"] for r in rows})
+        lines += [f"## {dataset}-LT, {protocol} protocol, {model}: {rows[0]['split']} accuracy (%), final epoch, "
+                  f"mean ± std over networks; in brackets: minus the random baseline of the same cell; cells: "
+                  f"IPC {' / '.join(map(str, ipcs))}", ""] + grid_table(rows) + [""]
+        if dataset == "cifar10":
+            lines += published_table(sorted({r["imbalance"] for r in rows}), ipcs) + [""]
+        lines += ["Tail third of the classes (%): " + "; ".join(
+            f"{r['method']} IF {r['imbalance']:g} IPC {r['ipc']} {r['tail']:.1f}" for r in rows), ""]
+    lines.append(f"Networks per cell: {sorted({r['num_eval'] for r in records})}, "
+                 f"epochs: {sorted({r['epochs'] for r in records})}.")
+    try:
+        plot_accuracy_vs_if(records, root / "accuracy_vs_if.png")
+        lines += ["", "![accuracy against imbalance factor](accuracy_vs_if.png)"]
+    except ImportError:
+        pass
+    return lines
+
+
+def runs_report(root: Path) -> list[str]:
+    """Markdown for an ablation folder: one row per root/<run>/results.json."""
+    lines = ["| run | evaluated | accuracy | head | medium | tail | networks x epochs |",
+             "|---|---|---|---|---|---|---|"]
+    split = "?"
+    for path in sorted(root.glob("*/results.json")):
+        r = json.loads(path.read_text())
+        split = r["split"]
+        lines.append(f"| {path.parent.name} | {r.get('evaluated', '')} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
+                     f"| {r['head']:.1f} | {r['medium']:.1f} | {r['tail']:.1f} | {r['num_eval']} x {r['epochs']} |")
+    return lines + ["", f"Accuracy on the {split} split, final epoch."]
+
+
+def write_summary(records: list[dict], root: Path, summary: Path) -> None:
+    """{'<method>/if<IF>': {acc_mean, acc_std, num_eval, tail, over_random}} for one data set and IPC."""
+    if len({(r["dataset"], r["ipc"]) for r in records}) != 1:
+        raise UsageError(f"--summary needs runs of one data set and one IPC under {root}")
+    summary.write_text(json.dumps({f"{r['method']}/if{r['imbalance']:g}": {
+        "acc_mean": r["acc_mean"], "acc_std": r["acc_std"], "num_eval": r["num_eval"], "tail": r["tail"],
+        "over_random": over_random(r, records)} for r in records}, indent=2) + "\n")
+
+
+def write_report(root: Path, summary: Path | None = None) -> Path:
+    """root/table.md (and root/accuracy_vs_if.png) from the runs under root."""
+    records = collect_grid(root)
+    body = grid_report(records, root) if records else runs_report(root)
+    table = root / "table.md"
+    table.write_text("\n".join([f"# Results under {root}", ""] + body) + "\n")
+    if summary is not None:
+        write_summary(records, root, summary)
+    return table
+
+
+def plot_accuracy_vs_if(records: list[dict], path: Path) -> None:
+    plt = pyplot()
+    panels = sorted({(r["dataset"], r["ipc"], r["protocol"], r["model"]) for r in records})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        rows = [r for r in records if (r["dataset"], r["ipc"], r["protocol"], r["model"]) == panel]
+        for method in _ordered_methods(rows):
+            points = sorted((r["imbalance"], r["acc_mean"], r["acc_std"]) for r in rows if r["method"] == method)
+            axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                          marker="o", capsize=3, label=method)
+        axis.set_xscale("log")
+        axis.set_xlabel("imbalance factor")
+        axis.set_ylabel("accuracy (%)")
+        axis.set_title(f"{panel[0]}-LT, IPC {panel[1]}, {panel[2]} protocol, {panel[3]}", fontsize=9)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="folder of runs")
+    parser.add_argument("--summary", default=None, metavar="JSON",
+                        help="also write {'<method>/if<IF>': {acc_mean, acc_std, num_eval, tail, over_random}} "
+                             "here (one data set and IPC)")
+    args = parser.parse_args(argv)
+    try:
+        if not Path(args.root).is_dir():
+            raise UsageError(f"{args.root} is not a folder of runs")
+        print(f"wrote {write_report(Path(args.root), Path(args.summary) if args.summary else None)}")
+    except UsageError as error:
+        print(f"report.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""What both jobs need to run: options that fail in one line, processes, run folders, progress, pictures.
+
+distill.py and evaluate.py import this module; it imports neither of them. It holds
+- the command-line shape: `OneLineParser` (an error is one line and exit code 2) and `run_script`
+  (parse, run, turn a UsageError into one line and exit 2, leave the torchrun group cleanly);
+- `Processes`: one process, or several under torchrun, each owning a share of the classes or networks;
+- devices and compilation: `resolve_device`, `compile_or_eager` (eager mode with one warning where
+  torch.compile cannot work, e.g. no C compiler);
+- run folders: `atomic_save`, `environment` (command, commit, versions, machine), `write_run_readme`,
+  `Progress`, and the pictures (`save_grid`, `plot_side_by_side`, `plot_loss`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_lt import UsageError
+
+# version of synthetic.pt and checkpoint.pt; a reader refuses another version with the fix
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------
+# Command lines
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run_script(parser: argparse.ArgumentParser, body, argv=None) -> None:
+    """Parse argv and call body(args, processes_holder). A UsageError becomes one line on stderr and exit
+    code 2. body may replace holder[0] by the job's Processes, which are left cleanly afterwards (after a
+    barrier when the body returned, at once after an error)."""
+    args = parser.parse_args(argv)
+    holder, clean = [Processes()], False
+    try:
+        body(args, holder)
+        clean = True
+    except UsageError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        holder[0].finish(clean)
+
+
+def check_positive(options: dict[str, float], strict: bool = True) -> None:
+    """Each option's value must be >= 1 (integers) or > 0 (strict=False: floats); the message names it."""
+    for option, value in options.items():
+        if (value < 1) if strict else not value > 0:
+            raise UsageError(f"{option} must be {'>= 1' if strict else '> 0'} (got {value})")
+
+
+# ----------------------------------------------------------------------------------------
+# Processes: one, or several under torchrun
+
+@dataclass
+class Processes:
+    """This process's place in the job. Classes (or networks) are dealt round-robin (c % world == rank),
+    which spreads head and tail classes evenly. world == 1 is the plain single-process run."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def classes(self, num_classes: int) -> torch.Tensor:
+        return torch.arange(self.rank, num_classes, self.world)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum a small tensor over processes (identity for one process)."""
+        if self.world > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+        return values
+
+    def gather_objects(self, mine: list) -> list:
+        """Every process's list, concatenated in rank order (identity for one process)."""
+        if self.world == 1:
+            return mine
+        parts = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        return [entry for part in parts for entry in part]
+
+    def gather_rows(self, rows: torch.Tensor, values: torch.Tensor, total: int) -> torch.Tensor | None:
+        """Assemble per-process row blocks into one (total, ...) tensor on the main process."""
+        if self.world == 1:
+            out = values.new_empty((total,) + values.shape[1:])
+            out[rows] = values
+            return out
+        parts = [None] * self.world
+        dist.all_gather_object(parts, (rows.cpu(), values.detach().cpu()))
+        if not self.main:
+            return None
+        out = parts[0][1].new_empty((total,) + parts[0][1].shape[1:])
+        for part_rows, part_values in parts:
+            out[part_rows] = part_values
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def finish(self, clean: bool) -> None:
+        """Leave the torchrun job. After a clean run every process first waits at a barrier, so that no
+        process tears its connections down while another still works (writes the outputs, or is in a
+        collective); after an error the group is destroyed at once, as a barrier could wait forever."""
+        if self.world == 1 or not dist.is_initialized():
+            return
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available, else cpu; anything else must exist on this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: '{name}' is not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def start_processes(device_name: str) -> tuple[Processes, torch.device]:
+    """Join the torchrun job if there is one (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Processes(), resolve_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(rank, world), device
+
+
+# ----------------------------------------------------------------------------------------
+# Compilation with a fall-back
+
+class compile_or_eager:
+    """fn compiled with torch.compile on its first call; if compiling fails (no C compiler for Inductor
+    or Triton's launcher, an unsupported platform), one warning line and fn in eager mode from then on.
+    The eager and the compiled function compute the same thing, so the run's result does not depend on
+    which one ran (up to floating-point rounding)."""
+    warned = False  # one warning per process, however many functions fall back
+
+    def __init__(self, fn, enabled: bool = True):
+        self.eager = fn
+        self.call = torch.compile(fn) if enabled else fn
+        self.enabled = enabled
+
+    def __call__(self, *args, **kwargs):
+        if not self.enabled:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.call(*args, **kwargs)
+        except Exception as error:  # Inductor raises many types (BackendCompilerFailed, CalledProcessError..)
+            if not _is_compile_failure(error):
+                raise
+            if not compile_or_eager.warned:
+                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+                warnings.warn(f"--compile: torch.compile failed ({type(error).__name__}: {first_line}); "
+                              f"running in eager mode (install a C/C++ compiler to compile)", stacklevel=2)
+                compile_or_eager.warned = True
+            self.enabled = False
+            return self.eager(*args, **kwargs)
+
+
+def _is_compile_failure(error: Exception) -> bool:
+    """Errors raised by the compiler stack rather than by the computation itself."""
+    module = type(error).__module__ or ""
+    text = f"{type(error).__name__} {error}"
+    return (module.startswith(("torch._dynamo", "torch._inductor", "triton"))
+            or isinstance(error, (subprocess.CalledProcessError, FileNotFoundError, OSError))
+            or "BackendCompilerFailed" in text or "InductorError" in text or "CppCompileError" in text)
+
+
+# ----------------------------------------------------------------------------------------
+# Run folders
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash
+    mid-write leaves the previous file in place."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def code_commit() -> str:
+    """The git commit of this code (+dirty if tracked files differ), else $CSDM_GIT_COMMIT (set by the
+    Docker image's build argument), else 'unknown'."""
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = commit + ("+dirty" if commit and dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return commit or os.environ.get("CSDM_GIT_COMMIT", "unknown")
+
+
+def environment() -> dict:
+    """Command line, code version, libraries and hardware, for run.json and results.json."""
+    import numpy
+    import torchvision
+    info = {"command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + sys.argv[1:]),
+            "commit": code_commit(), "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain lines every log_every steps otherwise (CI, log files)."""
+
+    def __init__(self, total: int, initial: int, log_every: int, log, enabled: bool = True, unit: str = "iter"):
+        self.total, self.log_every, self.log, self.enabled, self.unit = total, log_every, log, enabled, unit
+        self.bar = None
+        self.initial = initial
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="it", dynamic_ncols=True)
+
+    def update(self, done: int, loss: float, elapsed: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.5g}")
+        elif done % self.log_every == 0 or done == self.total:
+            rate = (done - self.initial) / max(elapsed, 1e-9)
+            left = (self.total - done) / max(rate, 1e-9)
+            self.log(f"{self.unit} {done:6d}/{self.total}  loss {loss:.5f}  {rate:.2f} it/s  {elapsed:.0f}s  "
+                     f"~{left:.0f}s left")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_run_readme(out: Path) -> None:
+    """README.md of a run folder, assembled from what the folder holds (config.json, run.json,
+    results.json, pictures); both jobs call it after writing their files."""
+    config, run, results = (read_json(out / name) for name in ("config.json", "run.json", "results.json"))
+    what = (f"{config['method']} on {config['dataset']}-LT, IF {config['imbalance_factor']:g}, IPC {config['ipc']}"
+            if config else (results or {}).get("evaluated", "run"))
+    lines = [f"# {what}", ""]
+    if run:
+        lines += ["```", run.get("command", ""), "```", "",
+                  f"commit {run.get('commit')}; torch {run.get('torch')}; {run.get('gpu', run.get('machine'))}; "
+                  f"device {run.get('device', '?')}"]
+        if "wall_seconds" in run:
+            lines.append(f"; distillation {run['iterations_done']} iterations in {run['wall_seconds']:.0f} s")
+        lines.append("")
+    if results:
+        lines += [f"**{results['split']} accuracy {results['acc_mean']:.2f} +- {results['acc_std']:.2f} %** "
+                  f"(final epoch, {results['num_eval']} networks x {results['epochs']} epochs); "
+                  f"head {results['head']:.2f}, medium {results['medium']:.2f}, tail {results['tail']:.2f}", ""]
+        if (out / "per_class.png").exists():
+            lines += ["![per-class accuracy](per_class.png)", ""]
+    for picture, caption in (("init_vs_final.png", "initialisation and distilled images, one row per class"),
+                             ("loss.png", "matching loss")):
+        if (out / picture).exists():
+            lines += [f"![{caption}]({picture})", ""]
+    if config:
+        keys = ("method", "kernel", "num_freqs", "bandwidth", "bandwidth_rule", "alpha_head", "alpha_tail",
+                "iterations", "batch_real", "optimizer", "lr_img", "factor", "dsa_pairing", "seed")
+        lines += ["| option | value |", "|---|---|"] + [f"| {k} | {config.get(k)} |" for k in keys] + [""]
+        lines += ["All options: config.json. Versions and machine: run.json.", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures (matplotlib is optional: callers catch ImportError)
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_grid(images: torch.Tensor, mean, std, ipc: int, path: Path) -> None:
+    """One row per class, ipc images per row, in [0, 1] pixel space."""
+    from torchvision.utils import save_image
+    mean = torch.tensor(mean).view(1, -1, 1, 1)
+    std = torch.tensor(std).view(1, -1, 1, 1)
+    save_image((images * std + mean).clamp(0, 1), str(path), nrow=ipc, padding=1)
+
+
+def plot_side_by_side(left: Path, right: Path, path: Path, titles=("initialisation", "distilled")) -> None:
+    plt = pyplot()
+    from PIL import Image
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.5))
+    for axis, image, title in zip(axes, (left, right), titles):
+        axis.imshow(Image.open(image), interpolation="nearest")
+        axis.set_title(title)
+        axis.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_loss(history, path: Path, title: str) -> None:
+    plt = pyplot()
+    fig, axis = plt.subplots(figsize=(6, 3.5))
+    iterations = [h[0] + 1 for h in history]
+    axis.plot(iterations, [h[1] for h in history], lw=0.8)
+    axis.set_xlabel("iteration")
+    axis.set_ylabel("matching loss (sum over classes)")
+    axis.set_yscale("log")
+    axis.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
