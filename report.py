@@ -143,12 +143,14 @@ def write_summary(records: list[dict], root: Path, summary: Path) -> None:
         "over_random": over_random(r, records)} for r in records}, indent=2) + "\n")
 
 
-def write_report(root: Path, summary: Path | None = None) -> Path:
-    """root/table.md (and root/accuracy_vs_if.png) from the runs under root."""
-    records = collect_grid(root)
-    body = grid_report(records, root) if records else runs_report(root)
-    table = root / "table.md"
-    table.write_text("\n".join([f"# Results under {root}", ""] + body) + "\n")
+def write_report(root: Path, summary: Path | None = None, more_roots: tuple = (), table: Path | None = None) -> Path:
+    """table (default root/table.md, and accuracy_vs_if.png beside it) from the runs under root and more_roots:
+    their grids pooled (one table per data set, protocol and model), else root's runs one row each."""
+    records = [record for folder in (root, *more_roots) for record in collect_grid(Path(folder))]
+    table = table or root / "table.md"
+    body = grid_report(records, table.parent) if records else runs_report(root)
+    roots = ", ".join(str(folder) for folder in (root, *more_roots))
+    table.write_text("\n".join([f"# Results under {roots}", ""] + body) + "\n")
     if summary is not None:
         write_summary(records, root, summary)
     return table
@@ -176,15 +178,20 @@ def plot_accuracy_vs_if(records: list[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", help="folder of runs")
+    parser.add_argument("roots", nargs="+", help="folders of runs; several grids are pooled into one report")
+    parser.add_argument("--table", default=None, help="where the markdown goes (default: the first folder's table.md)")
     parser.add_argument("--summary", default=None, metavar="JSON",
                         help="also write {'<method>/if<IF>': {acc_mean, acc_std, num_eval, tail, over_random}} "
                              "here (one data set and IPC)")
     args = parser.parse_args(argv)
     try:
-        if not Path(args.root).is_dir():
-            raise UsageError(f"{args.root} is not a folder of runs")
-        print(f"wrote {write_report(Path(args.root), Path(args.summary) if args.summary else None)}")
+        for root in args.roots:
+            if not Path(root).is_dir():
+                raise UsageError(f"{root} is not a folder of runs; give folders that hold runs")
+        roots = [Path(root) for root in args.roots]
+        table = write_report(roots[0], Path(args.summary) if args.summary else None, tuple(roots[1:]),
+                             Path(args.table) if args.table else None)
+        print(f"wrote {table}")
     except UsageError as error:
         print(f"report.py: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -6,6 +6,9 @@
 #   ./run_all.sh --datasets cifar10 --ifs "10 200" --ipcs 10 --methods "csdm dm random"   # a part of it
 #   ./run_all.sh --quick --data-dir data/cifar10 --ifs 100 --methods "csdm dm random"     # CPU-sized budget
 #   ./run_all.sh --cpu-bench --data-dir data/cifar10      # CPU benchmark: IF 10 and 200, 5 methods, < 90 min
+#   ./run_all.sh --fair-random --data-dir data/cifar10    # the CPU benchmark's random rows at factor 2 and 1
+#   ./run_all.sh --protocol-bench --data-dir data/cifar10 # CPU-benchmark sets under DM's and NCFM's evaluation
+#   ./run_all.sh --arch-bench --data-dir data/cifar10     # the same sets on AlexNet, VGG-11, ResNet-18
 #   ./run_all.sh --ablation kernel --data-dir data/cifar10  # one ablation table, on the validation split
 #
 # Each run lives in its own folder (results/<dataset>/if<IF>/ipc<IPC>/<method>/ for the grid); a finished
@@ -24,7 +27,13 @@ options:
   --methods LIST       among random dm mmd ncfm sdm csdm full (default: all)
   --quick              CPU budget: 200 iterations, batch-real 64, 2 networks x 300 epochs
   --cpu-bench          the CPU benchmark of the README (writes results/cpu_bench.json)
-  --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration
+  --fair-random        the CPU benchmark's random baseline at factor 2 (the distilled sets' number of
+                       images) and factor 1 (writes results/fair_random.json)
+  --protocol-bench     random, dm and csdm sets of the CPU benchmark (IF 200, then IF 10) under the DM and
+                       the NCFM evaluation protocols, at the benchmark's epoch budget (results/protocol_bench.md)
+  --arch-bench         the same sets (made by --protocol-bench) trained by AlexNet, VGG-11 and ResNet-18,
+                       2 networks x 200 epochs (results/arch_bench.md)
+  --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing
                        (validation split)
   --data-dir DIR       data folder passed to distill.py / evaluate.py (default: download)
   --out DIR            results folder (default: results)
@@ -41,6 +50,9 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) QUICK=1; shift ;;
     --cpu-bench) MODE=cpu-bench; shift ;;
+    --fair-random) MODE=fair-random; shift ;;
+    --protocol-bench) MODE=protocol-bench; shift ;;
+    --arch-bench) MODE=arch-bench; shift ;;
     --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed|--ablation)
       [[ $# -ge 2 ]] || fail "$1 needs a value; see ./run_all.sh --help"
       case "$1" in
@@ -67,9 +79,9 @@ done
   fail "--data-dir: $DATA_DIR does not exist; give the data folder or omit it to download"
 [[ "$SEED" =~ ^[0-9]+$ ]] || fail "--seed: '$SEED' is not a non-negative integer"
 case "$MODE:$ABLATION" in
-  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration) ;;
-  grid:|cpu-bench:) ;;
-  *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline, budget or calibration" ;;
+  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration|ablation:pairing) ;;
+  grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:) ;;
+  *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration or pairing" ;;
 esac
 if [[ "$MODE" != grid && -z "$DATA_DIR" ]]; then
   fail "--data-dir: the CPU benchmark and the ablations read a local CIFAR-10 copy; pass --data-dir DIR"
@@ -106,6 +118,21 @@ factor_of() {
   local factor=2
   while [[ $# -gt 0 ]]; do [[ "$1" == --factor ]] && factor=$2; shift; done
   echo "$factor"
+}
+
+# evaluate a run folder's set (or the fair random baseline) into another folder with other evaluate.py options
+#   eval_into SETDIR OUTDIR METHOD DATASET IF IPC [evaluate.py options...]
+eval_into() {
+  local set=$1 out=$2 method=$3 dataset=$4 imbalance=$5 ipc=$6; shift 6
+  if [[ -f "$out/results.json" ]]; then echo "== $out: done, skipped"; return; fi
+  echo "== $out"
+  case "$method" in
+    random)
+      "$PYTHON" evaluate.py --baseline random --ipc "$ipc" --factor 2 --dataset "$dataset" "${DATA_ARGS[@]}" \
+        --imbalance-factor "$imbalance" --seed "$SEED" --device "$DEVICE" "$@" --out "$out" ;;
+    *)
+      "$PYTHON" evaluate.py --syn "$set/synthetic.pt" --device "$DEVICE" "$@" --out "$out" ;;
+  esac
 }
 
 # the full long-tailed set does not depend on IPC: train it once per data set and IF, then copy its
@@ -160,6 +187,47 @@ case "$MODE" in
       done
     done
     "$PYTHON" evaluate.py --report "$bench" --summary "$OUT/cpu_bench.json" ;;
+
+  fair-random)
+    # the CPU benchmark's random baseline at its budget: at factor 2, the same real images the distilled sets
+    # start from (IPC x 4 per class), and at factor 1 (IPC per class), labelled random-f1
+    DISTILL_BUDGET=(); EVAL_BUDGET=(--num-eval 3 --epochs 200 --compile)
+    fair="$OUT/fair_random"
+    for imbalance in 10 200; do
+      run_one "$fair/cifar10/if$imbalance/ipc10/random" random cifar10 "$imbalance" 10 --factor 2
+      run_one "$fair/cifar10/if$imbalance/ipc10/random-f1" random cifar10 "$imbalance" 10 --factor 1
+    done
+    "$PYTHON" report.py "$fair" --summary "$OUT/fair_random.json" ;;
+
+  protocol-bench|arch-bench)
+    # the CPU benchmark's budget (400 iterations, batch-real 64; 3 networks x 200 epochs) for random, dm and csdm,
+    # evaluated under DM's protocol (the tree dm/) and NCFM's (ncfm/: its AdamW, CutMix and crop schedule scaled
+    # to 200 epochs); --arch-bench trains the dm/ tree's sets on the other architectures (2 networks x 200 epochs)
+    DISTILL_BUDGET=(--iterations 400 --batch-real 64 --compile)
+    EVAL_BUDGET=(--num-eval 3 --epochs 200 --compile)
+    tree="$OUT/protocol_bench"
+    for imbalance in 200 10; do
+      for method in random dm csdm; do
+        cell="cifar10/if$imbalance/ipc10/$method"
+        if [[ "$MODE" == protocol-bench ]]; then
+          run_one "$tree/dm/$cell" "$method" cifar10 "$imbalance" 10
+          eval_into "$tree/dm/$cell" "$tree/ncfm/$cell" "$method" cifar10 "$imbalance" 10 "${EVAL_BUDGET[@]}" \
+            --protocol ncfm
+        else
+          [[ $method == random || -f "$tree/dm/$cell/synthetic.pt" ]] ||
+            fail "--arch-bench: $tree/dm/$cell/synthetic.pt is missing; run --protocol-bench first"
+          for model in alexnet vgg11 resnet18; do
+            eval_into "$tree/dm/$cell" "$OUT/arch_bench/$model/$cell" "$method" cifar10 "$imbalance" 10 \
+              --num-eval 2 --epochs 200 --compile --model "$model"
+          done
+        fi
+      done
+    done
+    if [[ "$MODE" == protocol-bench ]]; then
+      "$PYTHON" report.py "$tree/dm" "$tree/ncfm" --table "$OUT/protocol_bench.md"
+    else
+      "$PYTHON" report.py "$tree/dm" "$OUT"/arch_bench/* --table "$OUT/arch_bench.md"
+    fi ;;
 
   ablation)
     # the CPU benchmark's setting at IF 200 with half its iterations (300, so that the tables fit a CPU
@@ -224,6 +292,15 @@ case "$MODE" in
         variant csdm-median csdm 200 "${base[@]}" --optimizer adam --bandwidth-rule median
         variant csdm-sigma2 csdm 200 "${base[@]}" --optimizer adam --bandwidth 2
         variant csdm-no-l2 csdm 200 "${base[@]}" --optimizer adam --feature-norm none ;;
+      pairing)
+        # siamese DSA pairing: one transformation per class and iteration (DM's code) or per position in the
+        # class, for dm and csdm, at factor 1 (DM as published) and 2 (the default)
+        for factor in 1 2; do
+          for pairing in class position; do
+            variant "dm-factor$factor-$pairing" dm 200 --factor "$factor" --dsa-pairing "$pairing"
+            variant "csdm-factor$factor-$pairing" csdm 200 --factor "$factor" --dsa-pairing "$pairing"
+          done
+        done ;;
       calibration)
         # NCFM's cross-entropy calibration term, which needs the pool's trained networks: the pipeline
         # ablation's -pool rows with and without it
