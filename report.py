@@ -61,7 +61,8 @@ def over_random(record: dict, records: list[dict]) -> float | None:
 def _cell(record, records) -> str:
     if not record:
         return "-"
-    gain = over_random(record, records) if record["method"] not in ("random", "full") else None
+    baseline = record["method"].startswith(("random", "full"))  # random-f1 and the like are rulers too
+    gain = None if baseline else over_random(record, records)
     return f"{record['acc_mean']:.1f} ± {record['acc_std']:.1f}" + (f" ({gain:+.1f})" if gain is not None else "")
 
 
