@@ -1,14 +1,15 @@
 """Long-tail profile, seeded splits, readers of every supported layout, counter randomness, DSA."""
 import gzip
+import math
 import struct
 
 import pytest
 import torch
 from PIL import Image
 
-from data_lt import (DSA_OPS, DSA_SLOTS, UsageError, counter_uniform, draw_per_class, dsa_augment,
-                     dsa_uniforms_per_sample, dsa_uniforms_siamese, load_long_tailed, long_tailed_counts, read_split,
-                     split_long_tailed)
+from data_lt import (DSA_OPS, DSA_ROTATE_DEG, DSA_SCALE, DSA_SLOTS, U_CROP_X, U_CROP_Y, U_ROTATE, U_SCALE_X,
+                     U_SCALE_Y, UsageError, counter_uniform, draw_per_class, dsa_augment, dsa_uniforms_per_sample,
+                     dsa_uniforms_siamese, load_long_tailed, long_tailed_counts, read_split, split_long_tailed)
 
 # CIFAR-10-LT as in Cao et al. (LDAM) and the long-tailed distillation code
 CIFAR10_LT = {
@@ -243,3 +244,77 @@ def test_dsa_batch_equals_each_sample_alone():
     grad_batched, = torch.autograd.grad((batched * weights).sum(), x)
     grad_alone, = torch.autograd.grad((alone * weights).sum(), x)
     assert torch.allclose(grad_batched, grad_alone, atol=1e-6)
+
+
+# geometry of scale and rotate: an image is a function on the plane, centred on the image centre
+# ((W - 1) / 2 in pixel indices), y pointing down
+
+def slots_row(op, slots):
+    """op_row with slots given by their U_* index: {U_ROTATE: 1.0}."""
+    return op_row(op, **{f"s{slot}": value for slot, value in slots.items()})
+
+
+def blob(x0, y0, size=32, sigma=1.5):
+    """A Gaussian spot centred at pixel coordinates (x0, y0), in every channel."""
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    return torch.exp(-((xs - x0) ** 2 + (ys - y0) ** 2) / (2 * sigma ** 2)).expand(1, 3, size, size).clone()
+
+
+def centroid(x):
+    """(x, y) centre of mass of the first channel, in pixel coordinates."""
+    w = x[0, 0]
+    ys, xs = torch.meshgrid(torch.arange(w.shape[0]).float(), torch.arange(w.shape[1]).float(), indexing="ij")
+    return ((w * xs).sum() / w.sum()).item(), ((w * ys).sum() / w.sum()).item()
+
+
+def smooth_image(size=32, seed=0):
+    coarse = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+
+
+CENTRE, DX, DY = 15.5, 7.0, -4.0  # the centre of a 32-px image, and the spot's offset from it
+
+
+@pytest.mark.parametrize("u, degrees", [(1.0, DSA_ROTATE_DEG), (0.0, -DSA_ROTATE_DEG)])
+def test_dsa_rotate_turns_by_the_largest_angle_at_the_ends(u, degrees):
+    """U_ROTATE = 1 turns the picture by +15 degrees, counter-clockwise on screen (torchvision's sense),
+    U_ROTATE = 0 by -15: a spot at offset (dx, dy) from the centre lands at R(-angle) (dx, dy), y down."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+    x = smooth_image()
+    rotated = dsa_augment(x, slots_row("rotate", {U_ROTATE: u}))
+    assert torch.allclose(rotated, TF.rotate(x, degrees, interpolation=InterpolationMode.BILINEAR), atol=1e-5)
+    moved = centroid(dsa_augment(blob(CENTRE + DX, CENTRE + DY), slots_row("rotate", {U_ROTATE: u})))
+    a = math.radians(degrees)
+    expected = (CENTRE + math.cos(a) * DX + math.sin(a) * DY, CENTRE - math.sin(a) * DX + math.cos(a) * DY)
+    assert moved == pytest.approx(expected, abs=0.05)  # the other sense lands ~2 px away
+
+
+def test_dsa_scale_divides_offsets_by_the_drawn_factor():
+    """The scale factor s multiplies the sampling grid: the picture shrinks by s along its axis.
+    U_SCALE = 1 gives s = DSA_SCALE (shrink by 1.2), U_SCALE = 0 gives s = 1 / DSA_SCALE (grow by 1.2)."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+    scaled = dsa_augment(blob(CENTRE + DX, CENTRE + DY), slots_row("scale", {U_SCALE_X: 1.0, U_SCALE_Y: 0.0}))
+    assert centroid(scaled) == pytest.approx((CENTRE + DX / DSA_SCALE, CENTRE + DY * DSA_SCALE), abs=0.05)
+    # both axes at 1: torchvision's affine zoom by 1 / 1.2 about the centre
+    x = smooth_image(seed=1)
+    both = dsa_augment(x, slots_row("scale", {U_SCALE_X: 1.0, U_SCALE_Y: 1.0}))
+    zoomed = TF.affine(x, angle=0.0, translate=[0, 0], scale=1 / DSA_SCALE, shear=[0.0, 0.0],
+                       interpolation=InterpolationMode.BILINEAR)
+    assert torch.allclose(both, zoomed, atol=1e-5)
+
+
+def test_dsa_identity_draws():
+    """Where a draw of 1/2 is the neutral value (rotate: angle 0, crop: shift 0) the operation is the
+    identity. Scale is linear in u from 1/1.2 to 1.2, as in DSA's code, so u = 1/2 gives 1.0167 and the
+    identity is at u = (1 - 1/1.2) / (1.2 - 1/1.2) = 5/11."""
+    x = smooth_image(seed=2)
+    assert torch.allclose(dsa_augment(x, slots_row("rotate", {U_ROTATE: 0.5})), x, atol=1e-5)
+    assert torch.allclose(dsa_augment(x, slots_row("crop", {U_CROP_Y: 0.5, U_CROP_X: 0.5})), x, atol=1e-5)
+    neutral = (1 - 1 / DSA_SCALE) / (DSA_SCALE - 1 / DSA_SCALE)
+    assert torch.allclose(dsa_augment(x, slots_row("scale", {U_SCALE_X: neutral, U_SCALE_Y: neutral})), x, atol=1e-5)
+    factor = 0.5 * (DSA_SCALE - 1 / DSA_SCALE) + 1 / DSA_SCALE
+    assert factor == pytest.approx(1.0167, abs=1e-4)
+    half = dsa_augment(blob(CENTRE + 9.0, CENTRE), slots_row("scale", {U_SCALE_X: 0.5, U_SCALE_Y: 0.5}))
+    assert centroid(half)[0] == pytest.approx(CENTRE + 9.0 / factor, abs=0.05)  # 0.15 px short of 9

@@ -64,10 +64,33 @@ def test_evaluate_on_the_validation_split(distilled, tmp_path):
 
 
 def test_random_baseline_is_the_distillation_starting_point(cifar10_dir, tmp_path):
-    run("evaluate.py", "--baseline", "random", "--dataset", "cifar10", "--data-dir", cifar10_dir,
-        "--imbalance-factor", 200, "--ipc", 2, "--num-eval", 1, "--epochs", 1, "--device", "cpu", "--out", tmp_path)
+    data_options = ["--dataset", "cifar10", "--data-dir", cifar10_dir, "--imbalance-factor", 200, "--ipc", 2]
+    run("evaluate.py", "--baseline", "random", *data_options, "--num-eval", 1, "--epochs", 1, "--device", "cpu",
+        "--out", tmp_path)
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["class_counts"][-1] == 25 and result["num_eval"] == 1
+    # the default --factor 2 is recorded, in the configuration and in what was evaluated
+    assert result["config"]["factor"] == 2 and "factor 2" in result["evaluated"]
+
+
+@pytest.mark.parametrize("factor", [None, 1, 3])
+def test_random_baseline_holds_ipc_times_factor_squared_images_per_class(cifar10_dir, tmp_path, factor):
+    """--baseline random trains on IPC x factor^2 real images per class (default factor 2), and they are
+    distill.py's starting set decoded: what distill() starts from, at the same --ipc, --factor and --seed."""
+    import distill
+    import evaluate
+    data_options = ["--dataset", "cifar10", "--data-dir", cifar10_dir, "--imbalance-factor", 200, "--ipc", 2]
+    data_options += ["--factor", factor] if factor else []
+    args = evaluate.build_parser().parse_args(list(map(str, ["--baseline", "random", *data_options])))
+    images, labels, data, _, _, _ = evaluate.baseline_job(args, log=lambda m: None)
+    f = factor or 2
+    assert images.shape == (10 * 2 * f * f, 3, 32, 32) and torch.isfinite(images).all()
+    assert torch.bincount(labels, minlength=10).tolist() == [2 * f * f] * 10
+    start = distill.distill(distill.build_parser().parse_args(list(map(str, [
+        *data_options, "--iterations", 1, "--batch-real", 4, "--width", 8, "--device", "cpu", "--out", tmp_path]))),
+        data, torch.device("cpu"), log=lambda m: None)
+    assert torch.equal(images, distill.decode(start["init_images"], f))
+    assert torch.equal(labels, start["labels"])
 
 
 def test_evaluate_refuses_a_set_of_another_shape(distilled, tmp_path):

@@ -87,10 +87,18 @@ def test_resume_refuses_other_options_and_broken_checkpoints(folder_data, tmp_pa
     torch.save(checkpoint, out / "checkpoint.pt")
     run(command(folder_data, out, "--resume", iterations=6))
     assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 6
-    (out / "checkpoint.pt").write_bytes(b"\x80\x02garbage" * 10)
-    done = run(command(folder_data, out, "--resume", iterations=8), code=2)
-    assert "checkpoint.pt cannot be read" in done.stderr and "--overwrite" in done.stderr
-    assert "Traceback" not in done.stderr
+    # a checkpoint cut short (a copy interrupted, a full disk), then one that is not a checkpoint at all: one
+    # line that names the file and the fix, and the fix works
+    path = out / "checkpoint.pt"
+    whole = path.read_bytes()
+    for corrupt in (whole[:len(whole) // 2], b"\x80\x02garbage" * 10):
+        path.write_bytes(corrupt)
+        done = run(command(folder_data, out, "--resume", iterations=8), code=2)
+        assert done.stderr.startswith(f"distill.py: error: --resume: {path} cannot be read")
+        assert done.stderr.rstrip().endswith("delete it, or start again with --overwrite")
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    run(command(folder_data, out, "--overwrite", iterations=8))
+    assert torch.load(path, weights_only=True)["iteration"] == 8
     checkpoint = {"format_version": 999, "config": {}}
     torch.save(checkpoint, out / "checkpoint.pt")
     done = run(command(folder_data, out, "--resume", iterations=8), code=2)
@@ -111,13 +119,18 @@ def test_an_occupied_output_folder_needs_resume_or_overwrite(folder_data, tmp_pa
 
 
 def test_a_diverging_run_stops_and_keeps_its_last_checkpoint(folder_data, tmp_path):
+    # lr 1e30 on dm: the first step leaves finite images, the second overflows; a checkpoint after every
+    # iteration, so the first one is on disk when the run diverges
     out = tmp_path / "run"
-    done = run(command(folder_data, out, "--method", "dm", "--lr-img", "1e30", iterations=50), code=1)
-    assert "non-finite at iteration" in done.stderr and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
-    if (out / "checkpoint.pt").exists():
-        images = torch.load(out / "checkpoint.pt", weights_only=True)["images"]
-        assert torch.isfinite(images).all()
+    done = run(command(folder_data, out, "--method", "dm", "--lr-img", "1e30", "--ckpt-every", 1, iterations=50),
+               code=1)
+    assert "non-finite at iteration 1" in done.stderr and "lower --lr-img" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    path = out / "checkpoint.pt"
+    assert done.stderr.rstrip().endswith(f"the last good checkpoint is {path}, after 1 iterations")
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["iteration"] == 1 and len(checkpoint["history"]) == 1
+    assert torch.isfinite(checkpoint["images"]).all() and checkpoint["images"].abs().max() > 1e3  # the first step
     assert not (out / "synthetic.pt").exists()
 
 
