@@ -488,63 +488,75 @@ def dsa_augment(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     [1/1.2, 1.2]; rotate = angle in [-15, 15] degrees. The geometric
     operations are one affine warp (bilinear, zero padding) for the batch.
     """
-    _, _, h, w = x.shape
     op = (u[:, U_OP] * len(DSA_OPS)).long().clamp_max(len(DSA_OPS) - 1)
     is_op = {name: (op == i) for i, name in enumerate(DSA_OPS)}
-    column = lambda t: t.view(-1, 1, 1, 1)
     # each sample undergoes one operation: compute each on its own samples only, then write them back at once
-    indices, outputs = [], []
+    parts = [part for part in (_dsa_color(x, u, is_op), _dsa_cutout(x, u, is_op), _dsa_geometric(x, u, is_op))
+             if part is not None]
+    if not parts:
+        return x
+    return x.index_copy(0, torch.cat([index for index, _ in parts]), torch.cat([out for _, out in parts]))
 
-    # color: brightness, saturation, contrast
+
+def _column(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, 1, 1, 1)
+
+
+def _dsa_color(x, u, is_op):
+    """(index, output) of the colour samples: brightness, saturation, contrast; None if there are none."""
     index = torch.nonzero(is_op["color"]).squeeze(1)
-    if len(index):
-        v = u[index]
-        colored = x[index] + (column(v[:, U_BRIGHTNESS]) - 0.5) * DSA_BRIGHTNESS
-        channel_mean = colored.mean(dim=1, keepdim=True)
-        colored = (colored - channel_mean) * column(v[:, U_SATURATION] * DSA_SATURATION) + channel_mean
-        image_mean = colored.mean(dim=(1, 2, 3), keepdim=True)
-        indices.append(index)
-        outputs.append((colored - image_mean) * column(v[:, U_CONTRAST] + DSA_CONTRAST) + image_mean)
+    if not len(index):
+        return None
+    v = u[index]
+    colored = x[index] + (_column(v[:, U_BRIGHTNESS]) - 0.5) * DSA_BRIGHTNESS
+    channel_mean = colored.mean(dim=1, keepdim=True)
+    colored = (colored - channel_mean) * _column(v[:, U_SATURATION] * DSA_SATURATION) + channel_mean
+    image_mean = colored.mean(dim=(1, 2, 3), keepdim=True)
+    return index, (colored - image_mean) * _column(v[:, U_CONTRAST] + DSA_CONTRAST) + image_mean
 
-    # cutout: zero a square centred at a random offset (clipped at the border)
+
+def _dsa_cutout(x, u, is_op):
+    """(index, output) of the cutout samples: a zeroed square centred at a random offset (clipped at the border)."""
     index = torch.nonzero(is_op["cutout"]).squeeze(1)
-    if len(index):
-        v = u[index]
-        size_h, size_w = int(h * DSA_CUTOUT + 0.5), int(w * DSA_CUTOUT + 0.5)
-        centre_y = (v[:, U_CUTOUT_Y] * (h + 1 - size_h % 2)).long().clamp_max(h - size_h % 2)
-        centre_x = (v[:, U_CUTOUT_X] * (w + 1 - size_w % 2)).long().clamp_max(w - size_w % 2)
-        rows = torch.arange(h, device=x.device)[None, :] - (centre_y - size_h // 2)[:, None]  # (n, H)
-        cols = torch.arange(w, device=x.device)[None, :] - (centre_x - size_w // 2)[:, None]  # (n, W)
-        inside = ((rows >= 0) & (rows < size_h))[:, :, None] & ((cols >= 0) & (cols < size_w))[:, None, :]
-        indices.append(index)
-        outputs.append(x[index] * (~inside).unsqueeze(1).to(x.dtype))
+    if not len(index):
+        return None
+    _, _, h, w = x.shape
+    v = u[index]
+    size_h, size_w = int(h * DSA_CUTOUT + 0.5), int(w * DSA_CUTOUT + 0.5)
+    centre_y = (v[:, U_CUTOUT_Y] * (h + 1 - size_h % 2)).long().clamp_max(h - size_h % 2)
+    centre_x = (v[:, U_CUTOUT_X] * (w + 1 - size_w % 2)).long().clamp_max(w - size_w % 2)
+    rows = torch.arange(h, device=x.device)[None, :] - (centre_y - size_h // 2)[:, None]  # (n, H)
+    cols = torch.arange(w, device=x.device)[None, :] - (centre_x - size_w // 2)[:, None]  # (n, W)
+    inside = ((rows >= 0) & (rows < size_h))[:, :, None] & ((cols >= 0) & (cols < size_w))[:, None, :]
+    return index, x[index] * (~inside).unsqueeze(1).to(x.dtype)
 
-    # geometric: crop (shift), flip, scale, rotate as one affine map of output to input coordinates
+
+def _dsa_geometric(x, u, is_op):
+    """(index, output) of the crop (shift), flip, scale and rotate samples, as one affine map of output to
+    input coordinates for all of them (bilinear, zero padding); None if there are none."""
     flip = is_op["flip"] & (u[:, U_FLIP] < DSA_FLIP)
     index = torch.nonzero(is_op["crop"] | flip | is_op["scale"] | is_op["rotate"]).squeeze(1)
-    if len(index):
-        v, m = u[index], len(index)
-        crop, flip, scale, rotate = is_op["crop"][index], flip[index], is_op["scale"][index], is_op["rotate"][index]
-        theta = torch.zeros(m, 2, 3, device=x.device, dtype=x.dtype)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-        pad_h, pad_w = int(h * DSA_CROP_PAD + 0.5), int(w * DSA_CROP_PAD + 0.5)
-        shift_y = (v[:, U_CROP_Y] * (2 * pad_h + 1)).floor().clamp_max(2 * pad_h) - pad_h
-        shift_x = (v[:, U_CROP_X] * (2 * pad_w + 1)).floor().clamp_max(2 * pad_w) - pad_w
-        theta[:, 0, 2] = torch.where(crop, 2 * shift_x / w, 0.0)
-        theta[:, 1, 2] = torch.where(crop, 2 * shift_y / h, 0.0)
-        theta[:, 0, 0] = torch.where(flip, -1.0, theta[:, 0, 0])
-        scale_lo = 1.0 / DSA_SCALE
-        theta[:, 0, 0] = torch.where(scale, v[:, U_SCALE_X] * (DSA_SCALE - scale_lo) + scale_lo, theta[:, 0, 0])
-        theta[:, 1, 1] = torch.where(scale, v[:, U_SCALE_Y] * (DSA_SCALE - scale_lo) + scale_lo, theta[:, 1, 1])
-        angle = (v[:, U_ROTATE] - 0.5) * 2 * math.radians(DSA_ROTATE_DEG)
-        rotation = torch.stack([torch.cos(angle), -torch.sin(angle), torch.sin(angle), torch.cos(angle)], 1)
-        theta[:, :, :2] = torch.where(rotate.view(m, 1, 1), rotation.view(m, 2, 2), theta[:, :, :2])
-        grid = F.affine_grid(theta, [m, x.shape[1], h, w], align_corners=False)
-        indices.append(index)
-        outputs.append(F.grid_sample(x[index], grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    if not indices:
-        return x
-    return x.index_copy(0, torch.cat(indices), torch.cat(outputs))
+    if not len(index):
+        return None
+    _, _, h, w = x.shape
+    v, m = u[index], len(index)
+    crop, flip, scale, rotate = is_op["crop"][index], flip[index], is_op["scale"][index], is_op["rotate"][index]
+    theta = torch.zeros(m, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    pad_h, pad_w = int(h * DSA_CROP_PAD + 0.5), int(w * DSA_CROP_PAD + 0.5)
+    shift_y = (v[:, U_CROP_Y] * (2 * pad_h + 1)).floor().clamp_max(2 * pad_h) - pad_h
+    shift_x = (v[:, U_CROP_X] * (2 * pad_w + 1)).floor().clamp_max(2 * pad_w) - pad_w
+    theta[:, 0, 2] = torch.where(crop, 2 * shift_x / w, 0.0)
+    theta[:, 1, 2] = torch.where(crop, 2 * shift_y / h, 0.0)
+    theta[:, 0, 0] = torch.where(flip, -1.0, theta[:, 0, 0])
+    scale_lo = 1.0 / DSA_SCALE
+    theta[:, 0, 0] = torch.where(scale, v[:, U_SCALE_X] * (DSA_SCALE - scale_lo) + scale_lo, theta[:, 0, 0])
+    theta[:, 1, 1] = torch.where(scale, v[:, U_SCALE_Y] * (DSA_SCALE - scale_lo) + scale_lo, theta[:, 1, 1])
+    angle = (v[:, U_ROTATE] - 0.5) * 2 * math.radians(DSA_ROTATE_DEG)
+    rotation = torch.stack([torch.cos(angle), -torch.sin(angle), torch.sin(angle), torch.cos(angle)], 1)
+    theta[:, :, :2] = torch.where(rotate.view(m, 1, 1), rotation.view(m, 2, 2), theta[:, :, :2])
+    grid = F.affine_grid(theta, [m, x.shape[1], h, w], align_corners=False)
+    return index, F.grid_sample(x[index], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def dsa_uniforms_per_sample(n: int, generator: torch.Generator, device=None) -> torch.Tensor:
