@@ -45,6 +45,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import shlex
 import signal
 import sys

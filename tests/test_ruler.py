@@ -8,7 +8,7 @@ import distill
 import evaluate
 import training
 from conftest import make_tiny_data
-from data_lt import DSA_SLOTS, U_OP, decode, dsa_uniforms_siamese, initial_synthetic
+from data_lt import DSA_SLOTS, U_OP, decode, dsa_uniforms_siamese
 from networks import build_network
 from training import PROTOCOLS, cutmix, evaluation_epochs, make_optimizer, random_resized_crop, train_network
 
