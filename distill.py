@@ -82,7 +82,7 @@ DEFAULT_LR_IMG = {("sgd", "dm"): 1.0, ("sgd", "mmd"): 500.0, ("sgd", "sdm"): 500
 RUN_OPTIONS = {"iterations", "device", "out", "log_every", "ckpt_every", "resume", "overwrite", "data_dir",
                "class_chunk", "compile"}
 # options added after checkpoints were first written, with the value that older checkpoints ran with
-ADDED_OPTIONS = {"calibration": 0.0, "dsa_pairing": "position"}
+ADDED_OPTIONS = {"calibration": 0.0, "dsa_pairing": "position", "calibration_tau": 0.0, "pool_rebalance": "none"}
 RUN_FILES = ("synthetic.pt", "checkpoint.pt", "config.json", "results.json")
 
 
@@ -119,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="siamese DSA: position: the real and synthetic images at the same position of a class share "
                         "a transformation (one operation per class, parameters per position); class: one "
                         "transformation per class and iteration for all its real and synthetic images, as DM's code")
+    g.add_argument("--calibration-tau", type=float, default=0.0,
+                   help="--calibration: balance it by the post-hoc logit adjustment of Menon et al. (ICLR 2021): "
+                        "the pool classifier's logits minus tau x log prior of the long-tailed set, so that a "
+                        "classifier trained on the long-tailed set scores classes as if they were balanced; 0: "
+                        "NCFM's term unchanged")
+    g.add_argument("--pool-rebalance", default="none", choices=("none", "crt"),
+                   help="--extractor pool: crt re-trains each pool network's last layer on class-balanced batches "
+                        "after its training on the long-tailed set (classifier re-training, Kang et al., ICLR 2020), "
+                        "so that its trained classifier (the calibrator) leans less to the head")
     g.add_argument("--class-chunk", type=int, default=0,
                    help="classes embedded and matched together (0: as many as keep about 4096 images, at most "
                         "1024 of them synthetic, in a chunk); bounds memory for many classes, the result is the same")
@@ -183,6 +192,10 @@ def check_options(args) -> None:
         raise UsageError(f"--calibration must be >= 0 (got {args.calibration})")
     if args.calibration > 0 and args.extractor != "pool":
         raise UsageError("--calibration needs trained classifiers: add --extractor pool, or drop --calibration")
+    if args.calibration_tau != 0 and args.calibration == 0:
+        raise UsageError("--calibration-tau adjusts the calibration term: add --calibration LAMBDA, or drop it")
+    if args.pool_rebalance != "none" and args.extractor != "pool":
+        raise UsageError("--pool-rebalance re-trains the pool's classifiers: add --extractor pool, or drop it")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them")
 
@@ -284,9 +297,37 @@ class Diverged(RuntimeError):
 def pool_file(args, data: LongTailedData, depth: int, precision: str) -> Path:
     """Where the trained extractor pool for this data and network is cached."""
     key = (data.name, tuple(data.class_counts), data.channels, data.image_size, args.val_per_class, args.seed,
-           args.width, depth, args.norm, args.pooling, args.pool_size, args.pool_epochs, precision)
+           args.width, depth, args.norm, args.pooling, args.pool_size, args.pool_epochs, precision) + (
+           (args.pool_rebalance,) if args.pool_rebalance != "none" else ())  # older pools keep their files
     digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
     return cache_dir() / "pools" / f"pool-{digest}.pt"
+
+
+def retrain_classifier_balanced(net, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                                generator: torch.Generator, epochs: int = 10, per_class: int = 16,
+                                lr: float = 0.01) -> torch.Tensor:
+    """Classifier re-training (cRT; Kang et al., "Decoupling Representation and Classifier", ICLR 2020): the
+    features stay fixed and the last layer is re-initialised and trained on class-balanced batches (per_class
+    images of every class, drawn with replacement), SGD with momentum 0.9, as many batches per epoch as the
+    set holds images / (per_class x C). Returns the number of images of each class the classifier saw, (C,)."""
+    device = images.device
+    net.eval()
+    with torch.no_grad():  # the features once, without DSA: only the classifier learns
+        features = torch.cat([net.embed(part.contiguous(memory_format=torch.channels_last))
+                              for part in images.split(256)]).float()
+    reset_parameters_(net.classifier, generator)
+    optimizer = torch.optim.SGD(net.classifier.parameters(), lr=lr, momentum=0.9)
+    by_class = [torch.nonzero(labels == c).squeeze(1) for c in range(num_classes)]
+    seen = torch.zeros(num_classes, dtype=torch.long)
+    for _ in range(epochs * max(1, len(labels) // (per_class * num_classes))):
+        picks = torch.cat([members[torch.randint(len(members), (per_class,), generator=generator, device=device)]
+                           for members in by_class])
+        loss = F.cross_entropy(net.classifier(features[picks]), labels[picks])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += torch.bincount(labels[picks].cpu(), minlength=num_classes)
+    return seen
 
 
 def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device, processes: Processes,
@@ -311,6 +352,8 @@ def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device,
         init = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
         train_network(net, images, labels, generator, PROTOCOLS["dm"], args.pool_epochs, precision=precision,
                       compile=args.compile)
+        if args.pool_rebalance == "crt":
+            retrain_classifier_balanced(net, images, labels, data.num_classes, generator)
         trained = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
         mine.append((k, {"init": init, "trained": trained}))
         log(f"  pool network {k + 1}/{args.pool_size} trained")
@@ -370,6 +413,8 @@ class Extractor:
         self.calibrator = None
         if args.calibration > 0:
             self.calibrator = convnet(args, data, config["depth"], device).requires_grad_(False)
+            counts = torch.tensor(data.class_counts, dtype=torch.float32, device=device)
+            self.logit_shift = -args.calibration_tau * torch.log(counts / counts.sum())  # (C,)
 
     @property
     def feature_dim(self) -> int:
@@ -380,9 +425,9 @@ class Extractor:
             return self.net.embed(x).float()
 
     def classify(self, x):
-        """The calibrator's float32 logits (autocast as embed)."""
+        """The calibrator's float32 logits (autocast as embed), logit-adjusted: f(x) - tau log prior."""
         with autocast(self.device, self.precision):
-            return self.calibrator(x).float()
+            return adjusted_logits(self.calibrator(x).float(), self.logit_shift)
 
     @torch.no_grad()
     def draw(self, iteration: int) -> None:
@@ -398,6 +443,14 @@ class Extractor:
             value.copy_(blend * network["init"][name] + (1 - blend) * network["trained"][name])
         if self.calibrator is not None:
             self.calibrator.load_state_dict(network["trained"])
+
+
+def adjusted_logits(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Post-hoc logit adjustment (Menon et al., ICLR 2021): logits + shift with shift = -tau log pi (pi the
+    long-tailed class prior). A classifier trained on the long-tailed set scores log p(x|y) + log pi_y; minus
+    tau log pi removes the prior (tau = 1: the balanced posterior), so its cross-entropy no longer pulls the
+    synthetic images towards the head. shift = 0 (tau = 0) returns the logits unchanged."""
+    return logits + shift
 
 
 def draw_frequencies(args, iteration: int, dim: int, device) -> torch.Tensor | None:

@@ -33,7 +33,8 @@ options:
                        the NCFM evaluation protocols, at the benchmark's epoch budget (results/protocol_bench.md)
   --arch-bench         the same sets (made by --protocol-bench) trained by AlexNet, VGG-11 and ResNet-18,
                        2 networks x 200 epochs (results/arch_bench.md)
-  --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing
+  --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing,
+                       balanced-calibration
                        (validation split)
   --data-dir DIR       data folder passed to distill.py / evaluate.py (default: download)
   --out DIR            results folder (default: results)
@@ -79,9 +80,9 @@ done
   fail "--data-dir: $DATA_DIR does not exist; give the data folder or omit it to download"
 [[ "$SEED" =~ ^[0-9]+$ ]] || fail "--seed: '$SEED' is not a non-negative integer"
 case "$MODE:$ABLATION" in
-  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration|ablation:pairing) ;;
+  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration|ablation:pairing|ablation:balanced-calibration) ;;
   grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:) ;;
-  *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration or pairing" ;;
+  *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing or balanced-calibration" ;;
 esac
 if [[ "$MODE" != grid && -z "$DATA_DIR" ]]; then
   fail "--data-dir: the CPU benchmark and the ablations read a local CIFAR-10 copy; pass --data-dir DIR"
@@ -292,6 +293,24 @@ case "$MODE" in
         variant csdm-median csdm 200 "${base[@]}" --optimizer adam --bandwidth-rule median
         variant csdm-sigma2 csdm 200 "${base[@]}" --optimizer adam --bandwidth 2
         variant csdm-no-l2 csdm 200 "${base[@]}" --optimizer adam --feature-norm none ;;
+      balanced-calibration)
+        # NCFM's calibration term made class-balanced: the logit adjustment tau in {0, 1} crossed with the pool's
+        # classifiers as trained on the long-tailed set or re-trained on class-balanced batches (crt), at the
+        # default factor 2, each method's calibration weight from the calibration ablation (dm 1, csdm 0.01 and
+        # 0.002); the rows without calibration are the references
+        base=(--extractor pool --factor 2)
+        for rebalance in none crt; do
+          variant "dm-pool-$rebalance" dm 200 "${base[@]}" --pool-rebalance "$rebalance"
+          variant "csdm-pool-$rebalance" csdm 200 "${base[@]}" --pool-rebalance "$rebalance"
+          for tau in 0 1; do
+            variant "dm-pool-$rebalance-calib1-tau$tau" dm 200 "${base[@]}" --pool-rebalance "$rebalance" \
+              --calibration 1 --calibration-tau "$tau"
+            for weight in 0.01 0.002; do
+              variant "csdm-pool-$rebalance-calib$weight-tau$tau" csdm 200 "${base[@]}" --pool-rebalance "$rebalance" \
+                --calibration "$weight" --calibration-tau "$tau"
+            done
+          done
+        done ;;
       pairing)
         # siamese DSA pairing: one transformation per class and iteration (DM's code) or per position in the
         # class, for dm and csdm, at factor 1 (DM as published) and 2 (the default)

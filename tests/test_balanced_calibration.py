@@ -1,0 +1,83 @@
+"""Balanced calibration: the logit-adjusted calibration term and the class-balanced re-training of the pool."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distill
+from conftest import make_tiny_data
+from distill import adjusted_logits, retrain_classifier_balanced
+from networks import build_network
+
+
+def pool_args(out, *extra):
+    return distill.build_parser().parse_args(
+        ["--ipc", "2", "--iterations", "2", "--batch-real", "4", "--num-freqs", "16", "--width", "8", "--device",
+         "cpu", "--extractor", "pool", "--pool-size", "2", "--pool-epochs", "1", "--calibration", "0.5",
+         "--out", str(out), *extra])
+
+
+def test_tau_zero_is_the_unadjusted_term(tmp_path):
+    """With tau 0 the calibrator's logits are its raw logits, bit for bit, so NCFM's term is unchanged;
+    with tau 1 they move by -log prior, the most for the rarest class."""
+    data = make_tiny_data()
+    for tau, check in ((0.0, "same"), (1.0, "shifted")):
+        args = pool_args(tmp_path / str(tau), "--calibration-tau", str(tau))
+        config = distill.resolved_config(args, data)
+        extractor = distill.Extractor(args, data, config, torch.device("cpu"), distill.Processes(), log=lambda m: None)
+        extractor.draw(0)
+        x = torch.randn(6, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        raw = extractor.calibrator(x).float()
+        adjusted = extractor.classify(x)
+        if check == "same":
+            assert torch.equal(adjusted, raw)
+        else:
+            prior = torch.tensor(data.class_counts, dtype=torch.float32) / sum(data.class_counts)
+            assert torch.allclose(adjusted - raw, -torch.log(prior).expand_as(raw), atol=1e-5)
+            assert int((adjusted - raw)[0].argmax()) == len(data.class_counts) - 1  # the tail gains most
+
+
+def test_adjustment_moves_the_decision_boundary_to_the_balanced_one():
+    """Two classes on a line, a classifier trained on a long-tailed set: logits (w x + log pi_0, -w x + log pi_1)
+    (the Bayes classifier of two unit-variance Gaussians at +-1 with w = 1, up to a constant). Its decision
+    boundary sits at x* = (log pi_1 - log pi_0) / (2w), inside the tail's side; tau = 1 moves it to 0, where
+    the two class-conditional densities are equal, and tau scales the shift linearly, as the formula says."""
+    pi = torch.tensor([0.95, 0.05])
+    w = 1.0
+    x = torch.linspace(-3, 3, 60001)
+    logits = torch.stack([w * x + pi[0].log(), -w * x + pi[1].log()], 1)
+    for tau in (0.0, 0.5, 1.0):
+        adjusted = adjusted_logits(logits, -tau * pi.log())
+        boundary = float(x[(adjusted[:, 0] - adjusted[:, 1]).abs().argmin()])
+        expected = (1 - tau) * float(pi[1].log() - pi[0].log()) / (2 * w)
+        assert boundary == pytest.approx(expected, abs=1e-3)
+    # the calibration term's pull: at the balanced boundary the adjusted cross-entropy of both classes is equal
+    at_zero = adjusted_logits(torch.stack([pi[0].log(), pi[1].log()])[None], -pi.log())
+    assert F.cross_entropy(at_zero, torch.tensor([0])) == pytest.approx(float(F.cross_entropy(at_zero, torch.tensor([1]))))
+    assert math.log(2) == pytest.approx(float(F.cross_entropy(at_zero, torch.tensor([0]))), abs=1e-6)
+
+
+def test_classifier_retraining_sees_every_class_equally_and_keeps_the_features():
+    data = make_tiny_data(num_classes=4, n_max=40, imbalance_factor=10)
+    counts = torch.bincount(data.train_labels)
+    assert counts.max() >= 10 * counts.min() - 1  # a long-tailed set
+    net = build_network("convnet", 3, 4, 16, width=8, depth=2)
+    features_before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("classifier")}
+    classifier_before = net.classifier.weight.detach().clone()
+    images = data.normalise(data.train_images)
+    seen = retrain_classifier_balanced(net, images, data.train_labels, 4, torch.Generator().manual_seed(0))
+    assert (seen == seen[0]).all() and seen[0] > 0  # equal class counts, whatever the set's imbalance
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in features_before.items())
+    assert not torch.equal(classifier_before, net.classifier.weight)
+
+
+def test_rebalanced_pool_is_cached_apart_and_options_are_checked(tmp_path, capsys):
+    data = make_tiny_data()
+    plain, rebalanced = pool_args(tmp_path), pool_args(tmp_path, "--pool-rebalance", "crt")
+    assert distill.pool_file(plain, data, 2, "fp32") != distill.pool_file(rebalanced, data, 2, "fp32")
+    for argv, option in ((["--calibration-tau", "1"], "--calibration-tau"), (["--pool-rebalance", "crt"], "--pool-rebalance")):
+        with pytest.raises(SystemExit) as exit_info:
+            distill.main(argv + ["--out", str(tmp_path / "x"), "--device", "cpu"])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and option in err and len(err.splitlines()) == 1
