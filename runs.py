@@ -346,3 +346,17 @@ def plot_loss(history, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def export_image_folder(images: torch.Tensor, labels: torch.Tensor, mean, std, class_names, folder: Path) -> int:
+    """Write a set as folder/<class name>/<n>.png (8-bit RGB or grey, pixels (x std + mean) clamped to [0, 1]),
+    the layout image-folder tools read; returns the number of files written."""
+    from torchvision.utils import save_image
+    pixels = (images.float() * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)).clamp(0, 1)
+    counts: dict[int, int] = {}
+    for image, label in zip(pixels, labels.tolist()):
+        target = folder / str(class_names[label])
+        target.mkdir(parents=True, exist_ok=True)
+        save_image(image, str(target / f"{counts.get(label, 0)}.png"))
+        counts[label] = counts.get(label, 0) + 1
+    return sum(counts.values())
