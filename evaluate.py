@@ -7,6 +7,7 @@ $ python evaluate.py --syn runs/csdm/synthetic.pt --model resnet18       # cross
 $ python evaluate.py --baseline random --dataset cifar10 --imbalance-factor 200 --ipc 10 --factor 2 --out runs/random
 $ python evaluate.py --baseline full --dataset cifar10 --imbalance-factor 200 --epochs 200 --out runs/full
 $ torchrun --nproc_per_node=5 evaluate.py --syn runs/csdm/synthetic.pt    # one network per process
+$ python evaluate.py --syn runs/csdm/synthetic.pt --export runs/csdm/images  # DIR/<class>/<n>.png, no training
 
 Each network is trained from scratch under a protocol of training.py (--protocol dm: SGD, batch 256,
 1000 epochs, DSA, as DC / DSA / DM; --protocol ncfm: NCFM's AdamW, CutMix and random-resized-crop
@@ -15,6 +16,8 @@ on the validation split used to choose hyperparameters). That final-epoch accura
 nothing is chosen on the test set. Where a protocol also tests during training (ncfm, every tenth of
 it), the best of those tests is recorded beside it as `best_*`, labelled, because the published
 figures report it. The mean and std are over --num-eval networks, each seeded from --seed and its index.
+The ConvNets of a process train together as one grouped network (stacked.py; each network its own
+draws, the same results up to floating-point rounding) unless --one-at-a-time.
 
 --baseline random trains on real images drawn exactly as distill.py's starting set at the same
 --ipc and --factor (IPC x factor^2 real images per class, each stored image holding factor x factor
@@ -40,10 +43,10 @@ import torch
 
 from data_lt import UsageError, add_data_arguments, counter_seed, decode, initial_synthetic, load_long_tailed
 from networks import MODELS, NORMS, PRECISIONS, build_network, depth_for_size, reset_parameters_, resolve_precision
-from runs import (FORMAT_VERSION, OneLineParser, Processes, check_positive, environment, pyplot, run_script,
-                  start_processes, write_run_readme)
-from training import PROTOCOLS, long_tail_groups, per_class_accuracy, train_network
+from runs import (FORMAT_VERSION, OneLineParser, Processes, check_positive, environment, export_image_folder, pyplot,
+                  run_script, start_processes, write_run_readme)
 from stacked import train_networks_stacked
+from training import PROTOCOLS, long_tail_groups, per_class_accuracy, train_network
 
 STREAM_EVAL = 21
 
@@ -88,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "for baselines)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--out", default=None, help="folder for results.json (default: next to --syn)")
+    g.add_argument("--export", default=None, metavar="DIR",
+                   help="with --syn: write the set as DIR/<class>/<n>.png (an image folder other tools read) "
+                        "and stop; DIR must not exist yet")
     return p
 
 
@@ -302,8 +308,24 @@ def network_options(args, data, config: dict | None) -> dict:
     return network
 
 
+def export_job(args) -> None:
+    """--export DIR: the synthetic set as an image folder, nothing trained."""
+    if args.syn is None:
+        raise UsageError("--export writes a synthetic set: give it with --syn")
+    folder = Path(args.export)
+    if folder.exists():
+        raise UsageError(f"--export: {folder} already exists; give a new folder")
+    synthetic = load_synthetic(args.syn)
+    count = export_image_folder(synthetic["images"], synthetic["labels"], synthetic["mean"], synthetic["std"],
+                                synthetic["class_names"], folder)
+    print(f"wrote {count} images to {folder}/<class>/<n>.png")
+
+
 def job(args, holder) -> None:
     check_options(args)
+    if args.export is not None:
+        export_job(args)
+        return
     if args.report is not None:
         from report import main as report_main
         report_main([args.report] + (["--summary", args.summary] if args.summary else []))

@@ -99,3 +99,23 @@ def test_real_command_line_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip() == "distill.py: error: --ipc must be >= 1 (got 0)"
+
+
+def test_export_writes_an_image_folder_and_refuses_to_overwrite(tmp_path, capsys):
+    """evaluate.py --syn S --export DIR writes DIR/<class>/<n>.png, one file per image, pixels denormalised;
+    an existing DIR is refused before anything is written."""
+    from PIL import Image
+    images = torch.rand(6, 3, 8, 8) * 2 - 1
+    synthetic = {"images": images, "labels": torch.tensor([0, 0, 0, 1, 1, 1]), "class_names": ["cat", "dog"],
+                 "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "class_counts": [3, 3],
+                 "config": {"format_version": 1}}
+    torch.save(synthetic, tmp_path / "synthetic.pt")
+    evaluate.main(["--syn", str(tmp_path / "synthetic.pt"), "--export", str(tmp_path / "images")])
+    files = sorted(p.relative_to(tmp_path / "images").as_posix() for p in (tmp_path / "images").rglob("*.png"))
+    assert files == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png", "dog/2.png"]
+    pixels = torch.from_numpy(__import__("numpy").array(Image.open(tmp_path / "images" / "dog" / "1.png"))).float()
+    expected = ((images[4] * 0.25 + 0.5).clamp(0, 1) * 255).permute(1, 2, 0)
+    assert (pixels - expected).abs().max() <= 1.0  # 8-bit rounding
+    code, err = run_main(evaluate, ["--syn", str(tmp_path / "synthetic.pt"), "--export", str(tmp_path / "images")],
+                         capsys)
+    assert code == 2 and "--export" in err and len(err.splitlines()) == 1
