@@ -84,6 +84,9 @@ RUN_OPTIONS = {"iterations", "device", "out", "log_every", "ckpt_every", "resume
 # options added after checkpoints were first written, with the value that older checkpoints ran with
 ADDED_OPTIONS = {"calibration": 0.0, "dsa_pairing": "position", "calibration_tau": 0.0, "pool_rebalance": "none"}
 RUN_FILES = ("synthetic.pt", "checkpoint.pt", "config.json", "results.json")
+# everything a run folder holds, removed by --overwrite once every input is checked
+OUTPUT_FILES = RUN_FILES + ("run.json", "README.md", "loss.csv", "loss.png", "synthetic.png", "init.png",
+                            "init_vs_final.png", "per_class.png")
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,8 +197,9 @@ def check_options(args) -> None:
         raise UsageError("--calibration needs trained classifiers: add --extractor pool, or drop --calibration")
     if args.calibration_tau != 0 and args.calibration == 0:
         raise UsageError("--calibration-tau adjusts the calibration term: add --calibration LAMBDA, or drop it")
-    if args.pool_rebalance != "none" and args.extractor != "pool":
-        raise UsageError("--pool-rebalance re-trains the pool's classifiers: add --extractor pool, or drop it")
+    if args.pool_rebalance != "none" and args.calibration == 0:
+        raise UsageError("--pool-rebalance re-trains the pool's classifiers, which only the calibration term uses: "
+                         "add --extractor pool --calibration LAMBDA, or drop it")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them")
 
@@ -682,24 +686,36 @@ def prepare_out_folder(args, data: LongTailedData, processes: Processes, log) ->
             raise Finished(f"--resume: {out} holds a finished run of {args.iterations} iterations; nothing to do")
         log(f"resuming from iteration {checkpoint['iteration']}" if checkpoint else
             f"--resume: no checkpoint in {out}; starting from the beginning")
+    if checkpoint is not None and checkpoint["iteration"] > args.iterations:
+        raise UsageError(f"--iterations {args.iterations}: the checkpoint in {out} is already at iteration "
+                         f"{checkpoint['iteration']}; resume with --iterations {checkpoint['iteration']} or more")
     if args.overwrite and processes.main:
-        for name in RUN_FILES:
+        for name in OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)
     processes.barrier()
     out.mkdir(parents=True, exist_ok=True)
     return checkpoint
 
 
+def check_network(args, data: LongTailedData) -> None:
+    """The ConvNet must fit the images (a depth that pools them below one pixel does not)."""
+    try:
+        convnet(args, data, args.depth or depth_for_size(data.image_size), torch.device("cpu"))
+    except ValueError as error:
+        raise UsageError(f"--depth: {error}")
+
+
 class Finished(Exception):
     """--resume on a run that is already complete."""
 
 
-def report_stop(prog: str, result: dict, out: Path) -> None:
+def report_stop(prog: str, result: dict, out: Path, world: int) -> None:
     """The one line after a signal: where the run stands and the command that continues it."""
     command = " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in ("--resume", "--overwrite"))
+    launcher = "torchrun ... distill.py" if world > 1 else "python distill.py"
     print(f"{prog}: stopped by signal {result['stopped']} after {result['iterations_done']} of "
           f"{result['config']['iterations']} iterations; checkpoint written to {out / 'checkpoint.pt'}; "
-          f"continue with: python distill.py {command} --resume", file=sys.stderr, flush=True)
+          f"continue with: {launcher} {command} --resume", file=sys.stderr, flush=True)
 
 
 def job(args, holder) -> None:
@@ -714,6 +730,7 @@ def job(args, holder) -> None:
         f"{args.iterations} iterations, device {device} ({resolve_precision(args.precision, device, args.compile)})"
         + (f", {processes.world} processes" if processes.world > 1 else ""))
     data = load_from_args(args, log=log)
+    check_network(args, data)
     try:
         checkpoint = prepare_out_folder(args, data, processes, log)
     except Finished as done:
@@ -729,7 +746,7 @@ def job(args, holder) -> None:
         sys.exit(1)
     if result["stopped"]:
         if processes.main:
-            report_stop("distill.py", result, out)
+            report_stop("distill.py", result, out, processes.world)
         sys.exit(128 + result["stopped"])
     if processes.main:
         run_info = dict(environment(), device=str(device), processes=processes.world,

@@ -13,8 +13,8 @@ Each network is trained from scratch under a protocol of training.py (--protocol
 1000 epochs, DSA, as DC / DSA / DM; --protocol ncfm: NCFM's AdamW, CutMix and random-resized-crop
 evaluation) and tested once after its last epoch on the balanced test split (or, with --split val,
 on the validation split used to choose hyperparameters). That final-epoch accuracy is the result;
-nothing is chosen on the test set. Where a protocol also tests during training (ncfm, every tenth of
-it), the best of those tests is recorded beside it as `best_*`, labelled, because the published
+nothing is chosen on the test set. Where a protocol also tests during training (ncfm, every twentieth
+of it: every 100 of 2000 epochs), the best of those tests is recorded beside it as `best_*`, labelled, because the published
 figures report it. The mean and std are over --num-eval networks, each seeded from --seed and its index.
 The ConvNets of a process train together as one grouped network (stacked.py; each network its own
 draws, the same results up to floating-point rounding) unless --one-at-a-time.
@@ -264,6 +264,8 @@ def check_matches(synthetic: dict, data, path: str) -> None:
 def check_options(args) -> None:
     check_positive({"--num-eval": args.num_eval, "--ipc": args.ipc, "--factor": args.factor}
                    | ({"--epochs": args.epochs} if args.epochs is not None else {}))
+    if args.summary is not None and args.report is None:
+        raise UsageError("--summary goes with --report DIR; add it, or drop --summary")
 
 
 def synthetic_job(args, log) -> tuple:
@@ -275,6 +277,7 @@ def synthetic_job(args, log) -> tuple:
                             config["seed"], config["val_per_class"], config["n_max"], config["image_size"], log=log)
     check_matches(synthetic, data, args.syn)
     network = network_options(args, data, config)
+    network["factor"] = config.get("factor", 1)  # recorded in results.json: the ruler's number of images
     what = f"{config['method']}, IPC {config['ipc']} ({args.syn})"
     out = Path(args.out) if args.out else Path(args.syn).parent
     return synthetic["images"].float(), synthetic["labels"].long(), data, network, what, out
@@ -293,7 +296,9 @@ def baseline_job(args, log) -> tuple:
         images, labels = data.normalise(data.train_images), data.train_labels
         what = f"full long-tailed set ({len(labels)} images)"
     out = Path(args.out) if args.out else Path("runs") / f"baseline-{args.baseline}"
-    return images, labels, data, network_options(args, data, None), what, out
+    network = network_options(args, data, None)
+    network["factor"] = args.factor if args.baseline == "random" else None
+    return images, labels, data, network, what, out
 
 
 def network_options(args, data, config: dict | None) -> dict:
@@ -338,8 +343,15 @@ def job(args, holder) -> None:
     epochs = args.epochs or PROTOCOLS[args.protocol].epochs
     log(f"evaluate.py: {what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x {epochs} epochs "
         f"on {device} ({args.precision})" + (f", {processes.world} processes" if processes.world > 1 else ""))
+    factor = network.pop("factor")
+    try:
+        build_network(**network)
+    except ValueError as error:
+        raise UsageError(f"--model {args.model}: {error}")
     start = time.perf_counter()
     result = evaluate(images, labels, data, args, network, device, processes=processes)
+    if result is not None:
+        result["factor"] = factor
     if processes.main:
         write_result(result, out, what, data, args, device, processes, start)
 

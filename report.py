@@ -8,13 +8,12 @@ training images). Any other DIR/<run>/results.json files become one row per run 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from data_lt import UsageError
-from runs import pyplot
+from runs import OneLineParser, pyplot
 
 # CIFAR-10-LT, ConvNet-3, test accuracy % at IPC 10 / 20 / 50, as published in the long-tailed dataset
 # distillation paper (Zhao et al., "Distilling Long-tailed Datasets", CVPR 2025, LAD; its Table 1): best-epoch
@@ -43,17 +42,35 @@ def collect_grid(root: Path) -> list[dict]:
         result = json.loads(path.read_text())
         records.append(dict(dataset=dataset, imbalance=float(imbalance[2:]), ipc=int(ipc[3:]), method=method,
                             protocol=result.get("protocol", "dm"), model=result.get("model", "convnet"),
+                            factor=recorded_factor(result),
                             **{k: result[k] for k in ("acc_mean", "acc_std", "num_eval", "epochs", "head", "tail",
                                                       "split")}))
     return records
 
 
+def recorded_factor(result: dict) -> int | None:
+    """The multi-formation factor of the images a results.json trained on: its `factor`, or for a random
+    baseline written before that key existed, the --factor of its command; None where unknown."""
+    if "factor" in result:
+        return result["factor"]
+    config = result.get("config") or {}
+    return config.get("factor") if config.get("baseline") == "random" else None
+
+
+def is_baseline(method: str) -> bool:
+    return method.startswith(("random", "full"))  # random-f1 and the like are rulers too
+
+
 def over_random(record: dict, records: list[dict]) -> float | None:
     """The field's improvement over random: accuracy minus that of the random baseline of the same cell
-    (data set, IF, IPC), protocol, model and split; None where that baseline is missing."""
+    (data set, IF, IPC), protocol, model and split, at the same factor (the same number of training
+    images) where both record it; None for a baseline itself and where that ruler is missing."""
+    if is_baseline(record["method"]):
+        return None
     same = ("dataset", "imbalance", "ipc", "protocol", "model", "split")
     for other in records:
-        if other["method"] == "random" and all(other[key] == record[key] for key in same):
+        if other["method"] == "random" and all(other[key] == record[key] for key in same) and (
+                None in (record["factor"], other["factor"]) or record["factor"] == other["factor"]):
             return record["acc_mean"] - other["acc_mean"]
     return None
 
@@ -61,8 +78,7 @@ def over_random(record: dict, records: list[dict]) -> float | None:
 def _cell(record, records) -> str:
     if not record:
         return "-"
-    baseline = record["method"].startswith(("random", "full"))  # random-f1 and the like are rulers too
-    gain = None if baseline else over_random(record, records)
+    gain = over_random(record, records)
     return f"{record['acc_mean']:.1f} ± {record['acc_std']:.1f}" + (f" ({gain:+.1f})" if gain is not None else "")
 
 
@@ -99,8 +115,9 @@ def published_table(ifs: list[float], ipcs: list[int]) -> list[str]:
     return lines
 
 
-def grid_report(records: list[dict], root: Path) -> list[str]:
-    """Markdown for a grid of runs: per data set and protocol, the table, the published figures, the tails."""
+def grid_report(records: list[dict], table: Path) -> list[str]:
+    """Markdown for a grid of runs: per data set and protocol, the table, the published figures, the tails;
+    the plot goes beside the table, named after it."""
     lines = []
     for dataset, protocol, model in sorted({(r["dataset"], r["protocol"], r["model"]) for r in records}):
         rows = [r for r in records if (r["dataset"], r["protocol"], r["model"]) == (dataset, protocol, model)]
@@ -115,8 +132,9 @@ def grid_report(records: list[dict], root: Path) -> list[str]:
     lines.append(f"Networks per cell: {sorted({r['num_eval'] for r in records})}, "
                  f"epochs: {sorted({r['epochs'] for r in records})}.")
     try:
-        plot_accuracy_vs_if(records, root / "accuracy_vs_if.png")
-        lines += ["", "![accuracy against imbalance factor](accuracy_vs_if.png)"]
+        picture = "accuracy_vs_if.png" if table.name == "table.md" else f"{table.stem}_accuracy_vs_if.png"
+        plot_accuracy_vs_if(records, table.parent / picture)
+        lines += ["", f"![accuracy against imbalance factor]({picture})"]
     except ImportError:
         pass
     return lines
@@ -149,7 +167,7 @@ def write_report(root: Path, summary: Path | None = None, more_roots: tuple = ()
     their grids pooled (one table per data set, protocol and model), else root's runs one row each."""
     records = [record for folder in (root, *more_roots) for record in collect_grid(Path(folder))]
     table = table or root / "table.md"
-    body = grid_report(records, table.parent) if records else runs_report(root)
+    body = grid_report(records, table) if records else runs_report(root)
     roots = ", ".join(str(folder) for folder in (root, *more_roots))
     table.write_text("\n".join([f"# Results under {roots}", ""] + body) + "\n")
     if summary is not None:
@@ -178,7 +196,7 @@ def plot_accuracy_vs_if(records: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="report.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("roots", nargs="+", help="folders of runs; several grids are pooled into one report")
     parser.add_argument("--table", default=None, help="where the markdown goes (default: the first folder's table.md)")
     parser.add_argument("--summary", default=None, metavar="JSON",

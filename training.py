@@ -62,7 +62,8 @@ def make_optimizer(params, protocol: Protocol, epochs: int):
                                     weight_decay=protocol.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=protocol.lr, weight_decay=protocol.weight_decay)
-    milestones = [max(1, round(fraction * epochs)) for fraction in protocol.milestones]
+    # floor, as DM's epochs // 2 and NCFM's k * epochs // 5 (the 1e-9 guards 0.6 * 5 = 2.9999...)
+    milestones = [int(fraction * epochs + 1e-9) for fraction in protocol.milestones]
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=protocol.gamma)
 
 
@@ -129,13 +130,15 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ge
     optimizer, scheduler = make_optimizer(net.parameters(), protocol, epochs)
     has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     summed_loss = compile_or_eager(lambda x, y: _summed_cross_entropy(net, x, y, precision), compile)
+    mixed_loss = compile_or_eager(lambda x, y, partner, own: _mixed_cross_entropy(net, x, y, partner, own, precision),
+                                  compile)
     micro = None if has_batch_norm else micro_batch_size(images.device, images.shape[-1])
     tests = set(evaluation_epochs(protocol, epochs)) if on_evaluation else set()
     net.train()
     for epoch in range(1, epochs + 1):
         permutation = torch.randperm(len(labels), generator=generator, device=images.device)
         for batch in permutation.split(protocol.batch_size):
-            loss = _batch_loss(summed_loss, images[batch], labels[batch], protocol, generator, micro)
+            loss = _batch_loss(summed_loss, mixed_loss, images[batch], labels[batch], protocol, generator, micro)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -155,19 +158,28 @@ def _summed_cross_entropy(net, x, y, precision):
     return F.cross_entropy(logits.float(), y, reduction="sum")
 
 
-def _batch_loss(summed_loss, x, y, protocol: Protocol, generator, micro: int | None) -> torch.Tensor:
+def _mixed_cross_entropy(net, x, y, partner, own, precision):
+    """CutMix's loss from one forward: own * CE_sum(logits, y) + (1 - own) * CE_sum(logits, partner)."""
+    with autocast(x.device, precision):
+        logits = net(x).float()
+    return own * F.cross_entropy(logits, y, reduction="sum") + (1 - own) * F.cross_entropy(logits, partner,
+                                                                                             reduction="sum")
+
+
+def _batch_loss(summed_loss, mixed_loss, x, y, protocol: Protocol, generator, micro: int | None) -> torch.Tensor:
     """The batch's mean loss, its forward in cache-sized micro-batches (the same gradient: no batch norm
     statistics cross them; micro is None with batch norm)."""
     x = augment_batch(x, protocol, generator)
-    own, partner = 1.0, None
+    partner = None
     if protocol.cutmix_prob > 0 and float(torch.rand(1, generator=generator, device=x.device)) < protocol.cutmix_prob:
         x, y, partner, own = cutmix(x, y, generator)
     x = x.contiguous(memory_format=torch.channels_last)
     size = micro or len(x)
-    loss = sum(summed_loss(xp, yp) for xp, yp in zip(x.split(size), y.split(size))) * own
-    if partner is not None and own < 1.0:
-        loss = loss + sum(summed_loss(xp, yp) for xp, yp in zip(x.split(size), partner.split(size))) * (1 - own)
-    return loss / len(x)
+    if partner is None:
+        return sum(summed_loss(xp, yp) for xp, yp in zip(x.split(size), y.split(size))) / len(x)
+    own = torch.tensor(own, device=x.device)
+    return sum(mixed_loss(xp, yp, pp, own) for xp, yp, pp in zip(x.split(size), y.split(size), partner.split(size))
+               ) / len(x)
 
 
 @torch.no_grad()

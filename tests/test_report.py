@@ -33,6 +33,7 @@ def test_grid_report_and_summary(tmp_path):
     assert set(summary) == {"dm/if10", "dm/if200", "csdm/if10", "csdm/if200", "random/if10", "random/if200"}
     assert summary["csdm/if200"] == {"acc_mean": 43.5, "acc_std": 0.5, "num_eval": 3, "tail": 40.5,
                                      "over_random": 15.5}
+    assert summary["random/if200"]["over_random"] is None
 
 
 def test_improvement_over_random_needs_the_same_protocol_and_model(tmp_path):
@@ -45,8 +46,24 @@ def test_improvement_over_random_needs_the_same_protocol_and_model(tmp_path):
         (folder / "results.json").write_text(json.dumps(result))
     records = report.collect_grid(tmp_path)
     assert [report.over_random(r, records) for r in records if r["method"] != "random"] == [None, None]
+    assert report.over_random([r for r in records if r["method"] == "random"][0], records) is None  # a ruler
     random_dm = [r for r in records if r["method"] == "random"][0]
     assert report.over_random(dict(random_dm, method="x", acc_mean=31.5), records) == 1.5
+
+
+def test_improvement_over_random_needs_the_same_number_of_images(tmp_path):
+    """A random baseline at another factor (another number of training images) is not the ruler."""
+    for method, factor, acc in (("csdm", 2, 48.0), ("random", 1, 31.0)):
+        folder = tmp_path / "cifar10" / "if200" / "ipc10" / method
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(dict(fake_result(acc), factor=factor)))
+    records = report.collect_grid(tmp_path)
+    assert report.over_random([r for r in records if r["method"] == "csdm"][0], records) is None
+    (tmp_path / "cifar10" / "if200" / "ipc10" / "random" / "results.json").write_text(
+        json.dumps(dict(fake_result(40.0), config={"baseline": "random", "factor": 2})))  # recorded by its command
+    records = report.collect_grid(tmp_path)
+    assert report.over_random([r for r in records if r["method"] == "csdm"][0], records) == 8.0
+
 
 
 def test_list_report_for_ablations(tmp_path):

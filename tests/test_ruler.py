@@ -84,6 +84,9 @@ def test_protocols_are_read_from_their_table():
     optimizer, scheduler = make_optimizer(net.parameters(), PROTOCOLS["dm"], 1000)
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
     assert optimizer.defaults["weight_decay"] == 5e-4 and sorted(scheduler.milestones) == [500]
+    # floor, as DM's epochs // 2 and NCFM's k * epochs // 5: the pool's 3 epochs drop the rate after the first
+    assert sorted(make_optimizer(net.parameters(), PROTOCOLS["dm"], 3)[1].milestones) == [1]
+    assert sorted(make_optimizer(net.parameters(), PROTOCOLS["ncfm"], 7)[1].milestones) == [1, 2, 4, 5]
     assert evaluation_epochs(PROTOCOLS["ncfm"], 2000) == list(range(100, 2001, 100))
     assert evaluation_epochs(PROTOCOLS["ncfm"], 200) == list(range(10, 201, 10))  # --epochs scales the schedule
     assert evaluation_epochs(PROTOCOLS["dm"], 300) == [300]
