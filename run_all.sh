@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
   cat <<'EOF'
 options:
   --datasets LIST      cifar10 cifar100 (default: both)
@@ -299,9 +299,9 @@ case "$MODE" in
         # default factor 2, each method's calibration weight from the calibration ablation (dm 1, csdm 0.01 and
         # 0.002); the rows without calibration are the references
         base=(--extractor pool --factor 2)
+        variant dm-pool dm 200 "${base[@]}"
+        variant csdm-pool csdm 200 "${base[@]}"
         for rebalance in none crt; do
-          variant "dm-pool-$rebalance" dm 200 "${base[@]}" --pool-rebalance "$rebalance"
-          variant "csdm-pool-$rebalance" csdm 200 "${base[@]}" --pool-rebalance "$rebalance"
           for tau in 0 1; do
             variant "dm-pool-$rebalance-calib1-tau$tau" dm 200 "${base[@]}" --pool-rebalance "$rebalance" \
               --calibration 1 --calibration-tau "$tau"

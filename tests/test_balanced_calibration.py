@@ -18,9 +18,10 @@ def pool_args(out, *extra):
          "--out", str(out), *extra])
 
 
-def test_tau_zero_is_the_unadjusted_term(tmp_path):
+def test_tau_zero_is_the_unadjusted_term(tmp_path, monkeypatch):
     """With tau 0 the calibrator's logits are its raw logits, bit for bit, so NCFM's term is unchanged;
     with tau 1 they move by -log prior, the most for the rarest class."""
+    monkeypatch.setenv("CSDM_CACHE_DIR", str(tmp_path / "cache"))  # its own pool: other tests count trainings
     data = make_tiny_data()
     for tau, check in ((0.0, "same"), (1.0, "shifted")):
         args = pool_args(tmp_path / str(tau), "--calibration-tau", str(tau))
