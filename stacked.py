@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from networks import ConvNet, autocast, micro_batch_size
 from runs import compile_or_eager
-from training import PROTOCOLS, Protocol, augment_batch, cutmix, evaluation_epochs, make_optimizer
+from training import (PROTOCOLS, Protocol, augment_batch, cutmix, evaluation_epochs, finish_epoch, make_optimizer,
+                      take_step)
 
 _ELEMENTWISE = (nn.ReLU, nn.AvgPool2d, nn.MaxPool2d, nn.Identity)
 
@@ -169,13 +170,8 @@ def train_networks_stacked(nets: list[ConvNet], images: torch.Tensor, labels: to
             size = micro or len(x)
             loss = sum(summed_loss(xp, yp, pp, own) for xp, yp, pp in
                        zip(x.split(size), y.split(size, 1), partner.split(size, 1))) / len(x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item() / count:.3f}")
+            take_step(optimizer, loss)
+        finish_epoch(scheduler, progress, loss.item() / count)
         if epoch in tests:
             for k, net in enumerate(nets):
                 extract_network_(stack, k, net)

@@ -139,17 +139,26 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ge
         permutation = torch.randperm(len(labels), generator=generator, device=images.device)
         for batch in permutation.split(protocol.batch_size):
             loss = _batch_loss(summed_loss, mixed_loss, images[batch], labels[batch], protocol, generator, micro)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+            take_step(optimizer, loss)
+        finish_epoch(scheduler, progress, loss.item())
         if epoch in tests:
             on_evaluation(epoch)
             net.train()
     return net
+
+
+def take_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def finish_epoch(scheduler, progress, loss: float) -> None:
+    """The schedule's step and the progress bar's update at the end of an epoch."""
+    scheduler.step()
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.3f}")
 
 
 def _summed_cross_entropy(net, x, y, precision):
