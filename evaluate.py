@@ -130,45 +130,37 @@ def evaluate(images, labels, data, args, network: dict, device, processes: Proce
                                        precision=args.precision, compile=args.compile)
         return float((per_class * test_counts).sum() / test_counts.sum()), per_class
 
-    mine = []
     indices = list(range(processes.rank, args.num_eval, processes.world))
     together = (len(indices) > 1 and network["model"] == "convnet" and network.get("norm") != "batch"
-                and not getattr(args, "one_at_a_time", False))
-    if together:  # the networks of this process as one stacked network, each with its own generator
-        start = time.perf_counter()
-        generators = [torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_EVAL, k))
-                      for k in indices]
-        nets = [reset_parameters_(build_network(device=device, **network), g) for g in generators]
-        tests = [[] for _ in indices]
+                and not args.one_at_a_time)
+    train = train_together if together else train_one_at_a_time
+    mine = train(indices, net, accuracy, images, labels, args, network, protocol, epochs, device, processes)
+    mine = processes.gather_objects(mine)
+    return summarise(sorted(mine, key=lambda entry: entry[0]), data, args, epochs) if processes.main else None
 
-        def test_each(epoch):  # through the one `net`, so that a compiled test compiles once
-            for trained, network_tests in zip(nets, tests):
-                net.load_state_dict(trained.state_dict())
-                network_tests.append((epoch, accuracy()[0]))
 
-        progress = None
-        if processes.main and sys.stderr.isatty():
-            from tqdm import tqdm
-            progress = tqdm(total=epochs, desc=f"{len(indices)} networks together", unit="epoch", leave=False)
-        train_networks_stacked(nets, images, labels, generators, protocol, epochs, args.precision, args.compile,
-                               on_evaluation=test_each, progress=progress)
-        if progress is not None:
-            progress.close()
-        seconds = time.perf_counter() - start
-        for k, trained, network_tests in zip(indices, nets, tests):
-            net.load_state_dict(trained.state_dict())
-            overall, per_class = accuracy()
-            mine.append((k, overall, per_class, network_tests))
-            print(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
-                  f"({seconds:.0f}s for {len(indices)} networks trained together)", flush=True)
-    for k in ([] if together else indices):
+def progress_bar(processes: Processes, epochs: int, description: str):
+    """A tqdm bar of epochs on the main process's terminal, else None."""
+    if not (processes.main and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=epochs, desc=description, unit="epoch", leave=False)
+
+
+def eval_generator(args, k: int, device) -> torch.Generator:
+    """Network k's generator: its initialisation, batch order and augmentation draws."""
+    return torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_EVAL, k))
+
+
+def train_one_at_a_time(indices, net, accuracy, images, labels, args, network, protocol, epochs, device,
+                        processes) -> list:
+    """Networks `indices` trained in turn through the one `net`; [(k, final accuracy, per class, tests)]."""
+    mine = []
+    for k in indices:
         start, tests = time.perf_counter(), []
-        generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_EVAL, k))
+        generator = eval_generator(args, k, device)
         reset_parameters_(net, generator)
-        progress = None
-        if processes.main and sys.stderr.isatty():
-            from tqdm import tqdm
-            progress = tqdm(total=epochs, desc=f"network {k + 1}/{args.num_eval}", unit="epoch", leave=False)
+        progress = progress_bar(processes, epochs, f"network {k + 1}/{args.num_eval}")
         train_network(net, images, labels, generator, protocol, epochs, progress, args.precision, args.compile,
                       on_evaluation=lambda epoch: tests.append((epoch, accuracy()[0])))
         if progress is not None:
@@ -177,8 +169,36 @@ def evaluate(images, labels, data, args, network: dict, device, processes: Proce
         mine.append((k, overall, per_class, tests))
         print(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
               f"({time.perf_counter() - start:.0f}s)", flush=True)
-    mine = processes.gather_objects(mine)
-    return summarise(sorted(mine, key=lambda entry: entry[0]), data, args, epochs) if processes.main else None
+    return mine
+
+
+def train_together(indices, net, accuracy, images, labels, args, network, protocol, epochs, device,
+                   processes) -> list:
+    """Networks `indices` trained as one stacked network, each with its own generator, then tested through
+    the one `net` (so that a compiled test compiles once); [(k, final accuracy, per class, tests)]."""
+    start = time.perf_counter()
+    generators = [eval_generator(args, k, device) for k in indices]
+    nets = [reset_parameters_(build_network(device=device, **network), g) for g in generators]
+    tests = [[] for _ in indices]
+
+    def test_each(epoch):
+        for trained, network_tests in zip(nets, tests):
+            net.load_state_dict(trained.state_dict())
+            network_tests.append((epoch, accuracy()[0]))
+
+    progress = progress_bar(processes, epochs, f"{len(indices)} networks together")
+    train_networks_stacked(nets, images, labels, generators, protocol, epochs, args.precision, args.compile,
+                           on_evaluation=test_each, progress=progress)
+    if progress is not None:
+        progress.close()
+    seconds, mine = time.perf_counter() - start, []
+    for k, trained, network_tests in zip(indices, nets, tests):
+        net.load_state_dict(trained.state_dict())
+        overall, per_class = accuracy()
+        mine.append((k, overall, per_class, network_tests))
+        print(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
+              f"({seconds:.0f}s for {len(indices)} networks trained together)", flush=True)
+    return mine
 
 
 def summarise(entries: list, data, args, epochs: int) -> dict:
