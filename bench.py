@@ -26,6 +26,9 @@ random, which changes no timing. Every timing is the median of --repeats runs af
                        at the faster of the two (training only, the tests not counted). On the 2-core AMD
                        EPYC the stacked gain is the smaller tensors of a call (no mmap page faults), not the
                        fewer calls (stacked.py's docstring)
+  iter_seconds_batch_real_256
+                       seconds per csdm iteration at the field's budget (the same as sec_per_iter_csdm);
+                       cell_hours: 20,000 such iterations plus eval_full_protocol_minutes, one method's cell
   peak_rss_gb          peak resident memory of a child process distilling CIFAR-10-LT at IPC 50 for
                        20 iterations with distill.py's defaults (and peak GPU memory on a GPU)
   extractor_gflops     the extractor's achieved GFLOP/s (analytic convolution FLOPs) and its share
@@ -53,7 +56,7 @@ from distill import build_parser as distill_parser
 from distill import distill
 from networks import (ConvNet, autocast, build_network, in_micro_batches, micro_batch_size, reset_parameters_,
                       resolve_precision)
-from runs import resolve_device
+from runs import keep_freed_memory, resolve_device
 from stacked import train_networks_stacked
 from training import PROTOCOLS, train_network
 from sdd import exact_mmd2, per_class_loss, sample_frequencies
@@ -62,7 +65,10 @@ TARGETS = {  # (direction, bound) on this project's 2-core CPU
     "iter_ratio_csdm_dm": ("<=", 1.10), "sdd_share": ("<=", 0.10), "sdd_scaling": ("<=", 4.5),
     "mmd_scaling": (">=", 12.0), "extractor_efficiency": (">=", 0.8), "eval_speedup": (">=", 3.0),
     "peak_rss_gb": ("<=", 3.0), "extractor_peak_share": (">=", 0.4),
+    "eval_networks_per_call_speedup": (">=", 2.5), "eval_full_protocol_minutes": ("<=", 15.0),
+    "cell_hours": ("<=", 2.0),
 }
+CELL_ITERATIONS = 20_000  # the field's distillation budget for one cell
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -376,7 +382,86 @@ def peak_memory(data_dir, device) -> tuple[float, float | None]:
 
 # ----------------------------------------------------------------------------------------
 
-def main(argv=None) -> None:
+def distillation_metrics(data, device, precision: str, compile: bool, repeats: int) -> dict:
+    """Seconds per iteration (csdm, dm, csdm at M = 4096), the loss's share and scaling, the extractor's
+    efficiency and its share of the matmul peak."""
+    log("distillation iterations (csdm M=1024, dm, csdm M=4096) ...")
+    t_csdm = iteration_seconds(data, device, "csdm", 1024, compile, repeats)
+    t_dm = iteration_seconds(data, device, "dm", 1024, compile, repeats)
+    t_csdm_4096 = iteration_seconds(data, device, "csdm", 4096, compile, repeats)
+    r = dict(sec_per_iter_csdm=t_csdm, sec_per_iter_dm=t_dm, sec_per_iter_csdm_m4096=t_csdm_4096,
+             iter_seconds_batch_real_256=t_csdm, iter_ratio_csdm_dm=t_csdm / t_dm,
+             iter_ratio_csdm_dm_m4096=t_csdm_4096 / t_dm)
+
+    log("loss share and scaling ...")
+    n_real, n_syn = feature_shapes(data)
+    t_loss = loss_seconds(device, "csdm", n_real, n_syn, data.num_classes, 1024, repeats, precision)
+    r.update(sdd_seconds=t_loss, sdd_share=t_loss / t_csdm)
+    r["sdd_scaling"], r["mmd_scaling"] = scaling(device, repeats)
+
+    log("bare extractor and matmul peak ...")
+    t_bare = bare_extractor_seconds(device, precision, compile, n_real, n_syn, repeats)
+    images_per_iteration = n_real + n_syn
+    r.update(distill_images_per_sec=images_per_iteration / t_csdm, bare_images_per_sec=images_per_iteration / t_bare,
+             extractor_efficiency=t_bare / t_csdm)
+    flops = conv_flops() * (n_real + 2 * n_syn)  # backward to the input costs about one more forward
+    r["extractor_gflops"] = flops / t_bare / 1e9
+    t_forward = bare_extractor_seconds(device, precision, compile, n_real, n_syn, repeats, forward_only=True)
+    r["extractor_forward_gflops"] = conv_flops() * (n_real + n_syn) / t_forward / 1e9
+    r["matmul_peak_gflops"] = matmul_peak_gflops(device, precision, repeats)
+    r["extractor_peak_share"] = r["extractor_gflops"] / r["matmul_peak_gflops"]
+    r["extractor_forward_peak_share"] = r["extractor_forward_gflops"] / r["matmul_peak_gflops"]
+    return r
+
+
+def evaluation_metrics(data, device, precision: str, compile: bool, repeats: int, epochs: int) -> dict:
+    """The project's training loop against the plain reference loop (IPC-10 set, `epochs` epochs), and 5
+    networks one at a time against stacked on a factor-2 IPC-10 set, extrapolated to the full protocol."""
+    log(f"evaluation loops ({epochs} epochs each) ...")
+    syn_images, syn_labels = initial_synthetic(data, 10, 0)
+    torch.manual_seed(0)
+    project_training(syn_images, syn_labels, 3, device, precision, compile)  # warm-up and compilation
+    t_project = wall_seconds(project_training, syn_images, syn_labels, epochs, device, precision, compile)
+    t_project_fp32 = wall_seconds(project_training, syn_images, syn_labels, epochs, device, "fp32", False)
+    r = dict(eval_project_sec=t_project, eval_project_fp32_eager_sec=t_project_fp32)
+    if device.type == "cpu":
+        t_reference = wall_seconds(reference_training, syn_images, syn_labels, epochs)
+        r.update(eval_reference_sec=t_reference, eval_speedup=t_reference / t_project,
+                 eval_speedup_fp32=t_reference / t_project_fp32)
+
+    log("evaluation: 5 networks one at a time and stacked (factor-2 IPC-10 set) ...")
+    packed, packed_labels = initial_synthetic(data, 10, 0, 2)
+    images, labels = decode(packed, 2), packed_labels.repeat_interleave(4)
+    t_alone = networks_epoch_seconds(images, labels, 5, False, device, precision, compile, repeats)
+    t_stacked = networks_epoch_seconds(images, labels, 5, True, device, precision, compile, repeats)
+    r.update(eval_5nets_epoch_sec_one_at_a_time=t_alone, eval_5nets_epoch_sec_stacked=t_stacked,
+             eval_networks_per_call_speedup=t_alone / t_stacked,
+             eval_full_protocol_minutes=min(t_alone, t_stacked) * 1000 / 60)
+    return r
+
+
+def wall_seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def print_table(r: dict) -> None:
+    print(f"{'metric':<28}{'value':>12}  {'target':<10}ok")
+    for key, value in r.items():
+        target = TARGETS.get(key)
+        shown = f"{value:12.4g}" if isinstance(value, float) else f"{str(value):>12}"
+        verdict = ""
+        if target and isinstance(value, float):
+            verdict = "yes" if (value <= target[1] if target[0] == "<=" else value >= target[1]) else "NO"
+        print(f"{key:<28}{shown}  {(target[0] + ' ' + str(target[1])) if target else '':<10}{verdict}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON line after the table")
     parser.add_argument("--data-dir", default=None, help="a CIFAR-10 folder (default: random pixels, same shapes)")
@@ -384,92 +469,37 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     parser.add_argument("--eval-epochs", type=int, default=100, help="epochs of the evaluation timing")
     parser.add_argument("--no-compile", action="store_true", help="time the eager code paths")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc at its defaults (distill.py and evaluate.py tune it: "
+                             "runs.keep_freed_memory), to measure what that setting buys")
     parser.add_argument("--scaling", type=int, nargs="+", default=None, metavar="C",
                         help="instead: seconds per csdm iteration and peak memory for C classes (IPC 10)")
     parser.add_argument("--batch-real", type=int, default=64, help="--scaling: real images per class")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    malloc_tuned = False if args.default_malloc else keep_freed_memory()
     device = resolve_device(args.device)
+    compile = not args.no_compile
     if args.scaling:
-        print(f"csdm, IPC 10, batch-real {args.batch_real}, 32 px, {device}, compile {not args.no_compile}")
-        rows = scaling_table(args.scaling, args.batch_real, device, not args.no_compile)
+        print(f"csdm, IPC 10, batch-real {args.batch_real}, 32 px, {device}, compile {compile}")
+        rows = scaling_table(args.scaling, args.batch_real, device, compile)
         if args.json:
             print(json.dumps(rows))
         return
-    compile = not args.no_compile
     precision = resolve_precision("auto", device, compile)
     data = get_data(args.data_dir)
     r = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else
          f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
-         "precision": precision, "compile": compile, "torch": torch.__version__}
-    log = lambda message: print(message, file=sys.stderr, flush=True)
-
-    log("distillation iterations (csdm M=1024, dm, csdm M=4096) ...")
-    t_csdm = iteration_seconds(data, device, "csdm", 1024, compile, args.repeats)
-    t_dm = iteration_seconds(data, device, "dm", 1024, compile, args.repeats)
-    t_csdm_4096 = iteration_seconds(data, device, "csdm", 4096, compile, args.repeats)
-    r.update(sec_per_iter_csdm=t_csdm, sec_per_iter_dm=t_dm, sec_per_iter_csdm_m4096=t_csdm_4096,
-             iter_ratio_csdm_dm=t_csdm / t_dm, iter_ratio_csdm_dm_m4096=t_csdm_4096 / t_dm)
-
-    log("loss share and scaling ...")
-    n_real, n_syn = feature_shapes(data)
-    t_loss = loss_seconds(device, "csdm", n_real, n_syn, data.num_classes, 1024, args.repeats, precision)
-    r.update(sdd_seconds=t_loss, sdd_share=t_loss / t_csdm)
-    r["sdd_scaling"], r["mmd_scaling"] = scaling(device, args.repeats)
-
-    log("bare extractor and matmul peak ...")
-    t_bare = bare_extractor_seconds(device, precision, compile, n_real, n_syn, args.repeats)
-    images_per_iteration = n_real + n_syn
-    r.update(distill_images_per_sec=images_per_iteration / t_csdm, bare_images_per_sec=images_per_iteration / t_bare,
-             extractor_efficiency=t_bare / t_csdm)
-    flops = conv_flops() * (n_real + 2 * n_syn)  # backward to the input costs about one more forward
-    r["extractor_gflops"] = flops / t_bare / 1e9
-    t_forward = bare_extractor_seconds(device, precision, compile, n_real, n_syn, args.repeats, forward_only=True)
-    r["extractor_forward_gflops"] = conv_flops() * (n_real + n_syn) / t_forward / 1e9
-    r["matmul_peak_gflops"] = matmul_peak_gflops(device, precision, args.repeats)
-    r["extractor_peak_share"] = r["extractor_gflops"] / r["matmul_peak_gflops"]
-    r["extractor_forward_peak_share"] = r["extractor_forward_gflops"] / r["matmul_peak_gflops"]
-
-    log(f"evaluation loops ({args.eval_epochs} epochs each) ...")
-    syn_images, syn_labels = initial_synthetic(data, 10, 0)
-    torch.manual_seed(0)
-    project_training(syn_images, syn_labels, 3, device, precision, compile)  # warm-up and compilation
-    start = time.perf_counter()
-    project_training(syn_images, syn_labels, args.eval_epochs, device, precision, compile)
-    t_project = time.perf_counter() - start
-    start = time.perf_counter()
-    project_training(syn_images, syn_labels, args.eval_epochs, device, "fp32", False)
-    t_project_fp32 = time.perf_counter() - start
-    if device.type == "cpu":
-        start = time.perf_counter()
-        reference_training(syn_images, syn_labels, args.eval_epochs)
-        t_reference = time.perf_counter() - start
-        r.update(eval_reference_sec=t_reference, eval_speedup=t_reference / t_project,
-                 eval_speedup_fp32=t_reference / t_project_fp32)
-    r.update(eval_project_sec=t_project, eval_project_fp32_eager_sec=t_project_fp32)
-
-    log("evaluation: 5 networks one at a time and stacked (factor-2 IPC-10 set) ...")
-    packed, packed_labels = initial_synthetic(data, 10, 0, 2)
-    images, labels = decode(packed, 2), packed_labels.repeat_interleave(4)
-    t_alone = networks_epoch_seconds(images, labels, 5, False, device, precision, compile, args.repeats)
-    t_stacked = networks_epoch_seconds(images, labels, 5, True, device, precision, compile, args.repeats)
-    r.update(eval_5nets_epoch_sec_one_at_a_time=t_alone, eval_5nets_epoch_sec_stacked=t_stacked,
-             eval_networks_per_call_speedup=t_alone / t_stacked,
-             eval_full_protocol_minutes=min(t_alone, t_stacked) * 1000 / 60)
-
+         "precision": precision, "compile": compile, "malloc_tuned": malloc_tuned, "torch": torch.__version__}
+    r.update(distillation_metrics(data, device, precision, compile, args.repeats))
+    r.update(evaluation_metrics(data, device, precision, compile, args.repeats, args.eval_epochs))
+    r["cell_hours"] = (CELL_ITERATIONS * r["iter_seconds_batch_real_256"] + 60 * r["eval_full_protocol_minutes"]) / 3600
     log("peak memory of an IPC-50 distillation (child process) ...")
     r["peak_rss_gb"], r["peak_gpu_gb"] = peak_memory(args.data_dir, device)
-
-    print(f"{'metric':<28}{'value':>12}  {'target':<10}ok")
-    for key, value in r.items():
-        target = TARGETS.get(key)
-        if isinstance(value, float):
-            shown = f"{value:12.4g}"
-        else:
-            shown = f"{str(value):>12}"
-        verdict = ""
-        if target and isinstance(value, float):
-            verdict = "yes" if (value <= target[1] if target[0] == "<=" else value >= target[1]) else "NO"
-        print(f"{key:<28}{shown}  {(target[0] + ' ' + str(target[1])) if target else '':<10}{verdict}")
+    print_table(r)
     if args.json:
         print(json.dumps(r))
 

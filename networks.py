@@ -44,19 +44,26 @@ PRECISIONS = ("fp32", "bf16")
 
 def resolve_precision(precision: str, device: torch.device, compiled: bool = False) -> str:
     """'auto' -> bf16 where bfloat16 is fast, else fp32. Fast: CUDA GPUs that support it; CPUs with
-    AMX-BF16 when the network is compiled (eager bfloat16 group norm is several times slower than
-    float32 on CPU, torch.compile fuses it away)."""
+    bfloat16 matrix instructions (Intel AMX-BF16, or AVX512-BF16 as on AMD Zen 4/5) when the network is
+    compiled (eager bfloat16 group norm is several times slower than float32 on CPU, torch.compile fuses
+    it away). On the 2-core AMD EPYC with AVX512-BF16 a compiled csdm iteration at batch-real 256 takes
+    0.50 s in bf16 against 0.85 s in float32."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if not compiled:
         return "fp32"
+    return "bf16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "fp32"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return "bf16" if "amx_bf16" in f.read() else "fp32"
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
     except OSError:
-        return "fp32"
+        return set()
 
 
 def micro_batch_size(device: torch.device, image_size: int = 32) -> int | None:

@@ -5,13 +5,15 @@ distill.py and evaluate.py import this module; it imports neither of them. It ho
   (parse, run, turn a UsageError into one line and exit 2, leave the torchrun group cleanly);
 - `Processes`: one process, or several under torchrun, each owning a share of the classes or networks;
 - devices and compilation: `resolve_device`, `compile_or_eager` (eager mode with one warning where
-  torch.compile cannot work, e.g. no C compiler);
+  torch.compile cannot work, e.g. no C compiler), `keep_freed_memory` (glibc's malloc settings for CPU runs);
 - run folders: `atomic_save`, `environment` (command, commit, versions, machine), `write_run_readme`,
   `Progress`, and the pictures (`save_grid`, `plot_side_by_side`, `plot_loss`).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -46,6 +48,7 @@ def run_script(parser: argparse.ArgumentParser, body, argv=None) -> None:
     code 2. body may replace holder[0] by the job's Processes, which are left cleanly afterwards (after a
     barrier when the body returned, at once after an error)."""
     args = parser.parse_args(argv)
+    keep_freed_memory()
     holder, clean = [Processes()], False
     try:
         body(args, holder)
@@ -55,6 +58,37 @@ def run_script(parser: argparse.ArgumentParser, body, argv=None) -> None:
         sys.exit(2)
     finally:
         holder[0].finish(clean)
+
+
+# glibc mallopt parameters (malloc.h) and the values run_script sets
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: (1 << 31) - 1, M_TOP_PAD: 256 << 20}
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the next allocation instead of handing it back.
+
+    On CPU a ConvNet's activations for 64 images are tens of MB. By default glibc serves blocks that large
+    with mmap and trims the heap top above ~2x that threshold, so every forward pass maps fresh pages and
+    the kernel zeroes them on first touch: a third of a distillation iteration went to system time on a
+    2-core EPYC. Heap blocks up to 32 MB (glibc's largest mmap threshold on 64-bit), no trimming below
+    2 GB and 256 MB of padding per heap growth keep those pages mapped: the same numbers, ~1.4x faster.
+    Peak memory is unchanged (the pages were needed anyway); freed memory is simply not returned until
+    the process ends. A no-op off glibc, and where the user set any MALLOC_*_ variable of these (the user's
+    choice wins). Returns whether the settings were applied."""
+    if any(name in os.environ for name in MALLOC_ENV):
+        return False
+    library = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(library) if library else None
+        mallopt = getattr(libc, "mallopt", None) if libc else None
+    except OSError:
+        mallopt = None
+    if mallopt is None or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(parameter, value) == 1 for parameter, value in MALLOC_SETTINGS.items())
 
 
 def check_positive(options: dict[str, float], strict: bool = True) -> None:

@@ -101,3 +101,43 @@ print("SAME", torch.allclose(compiled, eager, atol=1e-5))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "WARNINGS 1 --compile: torch.compile failed" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "running in eager mode" in done.stdout and "SAME True" in done.stdout
+
+
+MALLOC_PROBE = """
+import ctypes, sys
+import torch
+import runs
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Mallinfo2
+applied = runs.keep_freed_memory() if sys.argv[1] == "tuned" else False
+before = libc.mallinfo2().hblkhd
+activations = torch.empty(16 << 20, dtype=torch.uint8)  # a 64-image ConvNet activation is ~34 MB
+print(applied, libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+@pytest.mark.parametrize("mode, env, expect_applied, expect_mapped",
+                         [("default", {}, False, True), ("tuned", {}, True, False),
+                          ("tuned", {"MALLOC_TOP_PAD_": "131072"}, False, True)])
+def test_keep_freed_memory_serves_activations_from_the_heap(mode, env, expect_applied, expect_mapped):
+    """run_script's malloc setting: a 16 MB block comes from the heap (no fresh mmap, so no page faults on
+    every forward pass) once keep_freed_memory has run, from mmap with glibc's defaults; and a user's own
+    MALLOC_*_ variable wins over it."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        pytest.skip("no glibc mallinfo2")
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode], cwd=ROOT, env={**clean_env, **env},
+                         capture_output=True, text=True, check=True).stdout.split()
+    applied, mapped = out[0] == "True", int(out[1])
+    assert applied is expect_applied
+    assert (mapped >= 16 << 20) is expect_mapped, mapped

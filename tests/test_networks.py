@@ -2,6 +2,8 @@
 cross-architecture models (AlexNet, VGG-11, ResNet-18): a training step at every image size, layouts,
 norm options and deterministic initialisation."""
 import math
+import os
+import platform
 
 import pytest
 import torch
@@ -90,14 +92,25 @@ def test_fast_paths_agree_with_the_plain_forward():
     assert (half - plain).norm() / plain.norm() < 2e-2
 
 
-def test_precision_resolution():
-    from networks import resolve_precision
+@pytest.mark.parametrize("flags, expected", [({"avx2", "amx_bf16", "amx_tile"}, "bf16"),
+                                              ({"avx512f", "avx512_bf16"}, "bf16"),
+                                              ({"avx2", "avx512f", "avx512_vnni"}, "fp32"), (set(), "fp32")])
+def test_precision_resolution(monkeypatch, flags, expected):
+    """auto: bf16 on a CPU with bfloat16 matrix instructions (AMX-BF16, AVX512-BF16) when compiled, else fp32;
+    an explicit precision is kept."""
+    import networks
+    monkeypatch.setattr(networks, "cpu_flags", lambda: flags)
     cpu = torch.device("cpu")
-    assert resolve_precision("fp32", cpu, True) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    assert resolve_precision("auto", cpu, compiled=False) == "fp32"  # eager bfloat16 group norm is slow on CPU
-    with open("/proc/cpuinfo") as f:
-        amx = "amx_bf16" in f.read()
-    assert resolve_precision("auto", cpu, compiled=True) == ("bf16" if amx else "fp32")
+    assert networks.resolve_precision("fp32", cpu, True) == "fp32" and networks.resolve_precision("bf16", cpu) == "bf16"
+    assert networks.resolve_precision("auto", cpu, compiled=False) == "fp32"  # eager bfloat16 group norm is slow
+    assert networks.resolve_precision("auto", cpu, compiled=True) == expected
+
+
+def test_cpu_flags_reads_this_machine():
+    import networks
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo")
+    assert {"fpu"} <= networks.cpu_flags() or platform.machine() != "x86_64"
 
 
 @pytest.mark.parametrize("model", MODELS)
