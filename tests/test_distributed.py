@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
+from data_lt import decode, initial_synthetic, load_long_tailed
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -27,16 +28,25 @@ def cifar_args(cifar10_dir):
             "--batch-real", 8, "--num-freqs", 32, "--width", 16, "--device", "cpu", "--log-every", 100]
 
 
-def test_two_processes_distill_the_same_set_as_one(cifar_args, tmp_path):
-    args = [*cifar_args, "--iterations", 3, "--bandwidth-rule", "median"]
+def test_two_processes_distill_the_same_set_as_one(cifar10_dir, tmp_path):
+    """At distill.py's defaults (width 128, M 1024, factor 2): 2 processes give 1 process's set up to
+    rounding, ||two - one|| <= 1e-3 ||one - start||. Measured: bit-identical on the 2-core AMD EPYC (fp32
+    eager and bf16 compiled, also over 20 iterations at IPC 10, batch-real 256); on an Intel Xeon with AMX
+    oneDNN rounded other batch shapes differently, up to 5.8e-4 max abs after 3 iterations. A wrong class
+    dealing or a missing gather moves whole classes (relative difference of order 1)."""
+    args = ["--dataset", "cifar10", "--data-dir", cifar10_dir, "--imbalance-factor", 100, "--ipc", 2,
+            "--batch-real", 8, "--device", "cpu", "--log-every", 100, "--iterations", 3, "--bandwidth-rule", "median"]
     run([sys.executable], "distill.py", *args, "--out", tmp_path / "one")
     stdout = run(TORCHRUN, "distill.py", *args, "--out", tmp_path / "two")
     assert "2 processes" in stdout
     one = torch.load(tmp_path / "one" / "synthetic.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "synthetic.pt", weights_only=True)
     assert torch.equal(one["labels"], two["labels"])
-    # tolerance: convolutions over other batch compositions may round differently
-    assert torch.allclose(one["images"], two["images"], atol=1e-4, rtol=0)
+    data = load_long_tailed("cifar10", cifar10_dir, 100, 0, log=lambda m: None)
+    start = decode(initial_synthetic(data, 2, 0, 2)[0], 2)
+    moved = (one["images"] - start).norm()
+    assert moved > 1.0  # three Adam steps moved the set
+    assert (two["images"] - one["images"]).norm() <= 1e-3 * moved
     loss_one = (tmp_path / "one" / "loss.csv").read_text().splitlines()[-1].split(",")[1]
     loss_two = (tmp_path / "two" / "loss.csv").read_text().splitlines()[-1].split(",")[1]
     assert float(loss_one) == pytest.approx(float(loss_two), rel=1e-4)
