@@ -64,15 +64,17 @@ def is_baseline(method: str) -> bool:
 def over_random(record: dict, records: list[dict]) -> float | None:
     """The field's improvement over random: accuracy minus that of the random baseline of the same cell
     (data set, IF, IPC), protocol, model and split, at the same factor (the same number of training
-    images) where both record it; None for a baseline itself and where that ruler is missing."""
+    images). Any random* run is a ruler (random-f1: factor 1); a baseline that does not record its factor
+    counts only as the plain `random` one. None for a baseline itself and where that ruler is missing."""
     if is_baseline(record["method"]):
         return None
     same = ("dataset", "imbalance", "ipc", "protocol", "model", "split")
-    for other in records:
-        if other["method"] == "random" and all(other[key] == record[key] for key in same) and (
-                None in (record["factor"], other["factor"]) or record["factor"] == other["factor"]):
-            return record["acc_mean"] - other["acc_mean"]
-    return None
+    rulers = [other for other in records if other["method"].startswith("random")
+              and all(other[key] == record[key] for key in same)]
+    exact = [other for other in rulers if record["factor"] is not None and other["factor"] == record["factor"]]
+    loose = [other for other in rulers if other["method"] == "random" and None in (record["factor"], other["factor"])]
+    ruler = (exact or loose or [None])[0]
+    return None if ruler is None else record["acc_mean"] - ruler["acc_mean"]
 
 
 def _cell(record, records) -> str:
@@ -83,7 +85,8 @@ def _cell(record, records) -> str:
 
 
 def _ordered_methods(rows: list[dict]) -> list[str]:
-    return sorted({r["method"] for r in rows}, key=lambda m: (METHOD_ORDER + (m,)).index(m))
+    known = {name: k for k, name in enumerate(METHOD_ORDER)}  # then variants by name: dm-f1, random-f1, ...
+    return sorted({r["method"] for r in rows}, key=lambda m: (known.get(m, len(known)), m))
 
 
 def grid_table(rows: list[dict]) -> list[str]:

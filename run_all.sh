@@ -9,6 +9,8 @@
 #   ./run_all.sh --fair-random --data-dir data/cifar10    # the CPU benchmark's random rows at factor 2 and 1
 #   ./run_all.sh --protocol-bench --data-dir data/cifar10 # CPU-benchmark sets under DM's and NCFM's evaluation
 #   ./run_all.sh --arch-bench --data-dir data/cifar10     # the same sets on AlexNet, VGG-11, ResNet-18
+#   ./run_all.sh --full-cell --data-dir data/cifar10      # the paper's headline cell at the field's full budget
+#                                                         #   (many hours on a CPU: stop and rerun to continue)
 #   ./run_all.sh --ablation kernel --data-dir data/cifar10  # one ablation table, on the validation split
 #
 # Each run lives in its own folder (results/<dataset>/if<IF>/ipc<IPC>/<method>/ for the grid); a finished
@@ -33,6 +35,11 @@ options:
                        the NCFM evaluation protocols, at the benchmark's epoch budget (results/protocol_bench.md)
   --arch-bench         the same sets (made by --protocol-bench) trained by AlexNet, VGG-11 and ResNet-18,
                        2 networks x 200 epochs (results/arch_bench.md)
+  --full-cell          CIFAR-10-LT IPC 10 at the field's full budget (20,000 iterations at batch-real 256;
+                       5 networks x 1000 epochs under DM's and NCFM's protocols): csdm, dm and random at IF 200
+                       then IF 10, DM as published (factor 1, class pairing), sdm, the full long-tailed set;
+                       finished sets released as results/sets/cifar10-if<IF>-ipc10-<method>.pt
+                       (results/full_cell.md)
   --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing,
                        balanced-calibration
                        (validation split)
@@ -54,6 +61,7 @@ while [[ $# -gt 0 ]]; do
     --fair-random) MODE=fair-random; shift ;;
     --protocol-bench) MODE=protocol-bench; shift ;;
     --arch-bench) MODE=arch-bench; shift ;;
+    --full-cell) MODE=full-cell; shift ;;
     --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed|--ablation)
       [[ $# -ge 2 ]] || fail "$1 needs a value; see ./run_all.sh --help"
       case "$1" in
@@ -81,10 +89,10 @@ done
 [[ "$SEED" =~ ^[0-9]+$ ]] || fail "--seed: '$SEED' is not a non-negative integer"
 case "$MODE:$ABLATION" in
   ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration|ablation:pairing|ablation:balanced-calibration) ;;
-  grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:) ;;
+  grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:|full-cell:) ;;
   *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing or balanced-calibration" ;;
 esac
-if [[ "$MODE" != grid && -z "$DATA_DIR" ]]; then
+if [[ "$MODE" != grid && "$MODE" != full-cell && -z "$DATA_DIR" ]]; then
   fail "--data-dir: the CPU benchmark and the ablations read a local CIFAR-10 copy; pass --data-dir DIR"
 fi
 PYTHON="${PYTHON:-python}"
@@ -138,18 +146,26 @@ eval_into() {
 
 # the full long-tailed set does not depend on IPC: train it once per data set and IF, then copy its
 # results into each IPC's cell of the grid
+#   run_full ROOT DATASET IF IPC...
 run_full() {
-  local dataset=$1 imbalance=$2; shift 2
-  local once="$OUT/$dataset/if$imbalance/full"
+  local root=$1 dataset=$2 imbalance=$3; shift 3
+  local once="$root/$dataset/if$imbalance/full"
   run_one "$once" full "$dataset" "$imbalance" 0
   for ipc in "$@"; do
-    mkdir -p "$OUT/$dataset/if$imbalance/ipc$ipc/full"
-    cp "$once/results.json" "$OUT/$dataset/if$imbalance/ipc$ipc/full/results.json"
+    mkdir -p "$root/$dataset/if$imbalance/ipc$ipc/full"
+    cp "$once/results.json" "$root/$dataset/if$imbalance/ipc$ipc/full/results.json"
   done
 }
 
+# copy a finished distilled set to the released sets: release_set RUNDIR NAME -> $OUT/sets/NAME.pt
+release_set() {
+  [[ -f "$1/synthetic.pt" ]] || return 0
+  mkdir -p "$OUT/sets"
+  cmp -s "$1/synthetic.pt" "$OUT/sets/$2.pt" || cp "$1/synthetic.pt" "$OUT/sets/$2.pt"
+}
+
 SPLIT_ARGS=()
-if [[ $QUICK -eq 1 || "$MODE" != grid ]]; then
+if [[ $QUICK -eq 1 || ( "$MODE" != grid && "$MODE" != full-cell ) ]]; then
   DISTILL_BUDGET=(--iterations 200 --batch-real 64 --compile)
   EVAL_BUDGET=(--num-eval 2 --epochs 300 --compile)
 else
@@ -170,7 +186,7 @@ case "$MODE" in
             run_one "$OUT/$dataset/if$imbalance/ipc$ipc/$method" "$method" "$dataset" "$imbalance" "$ipc"
           done
         done
-        if [[ " $METHODS " == *" full "* ]]; then run_full "$dataset" "$imbalance" $ipcs; fi
+        if [[ " $METHODS " == *" full "* ]]; then run_full "$OUT" "$dataset" "$imbalance" $ipcs; fi
       done
     done
     "$PYTHON" evaluate.py --report "$OUT" ;;
@@ -229,6 +245,37 @@ case "$MODE" in
     else
       "$PYTHON" report.py "$tree/dm" "$OUT"/arch_bench/* --table "$OUT/arch_bench.md"
     fi ;;
+
+  full-cell)
+    # the field's full budget for one cell, most telling runs first, so that a stopped script has the
+    # headline (csdm - dm and each over random at IF 200, DM's protocol) earliest; rerun to continue: finished
+    # runs are skipped, an interrupted distillation resumes from its checkpoint.pt
+    tree="$OUT/full_cell"
+    cell_run() {  # LABEL METHOD IF [distill.py options]: distil, evaluate (DM protocol), release the set
+      local label=$1 method=$2 imbalance=$3; shift 3
+      run_one "$tree/dm/cifar10/if$imbalance/ipc10/$label" "$method" cifar10 "$imbalance" 10 "$@"
+      [[ $method == random ]] || release_set "$tree/dm/cifar10/if$imbalance/ipc10/$label" "cifar10-if$imbalance-ipc10-$label"
+    }
+    for imbalance in 200 10; do
+      cell_run csdm csdm "$imbalance"
+      cell_run dm dm "$imbalance"
+      cell_run random random "$imbalance"
+    done
+    cell_run dm-f1 dm 200 --factor 1 --dsa-pairing class   # DM as published: one image per stored image
+    cell_run random-f1 random 200 --factor 1
+    for imbalance in 200 10; do
+      for method in csdm dm random; do
+        cell="cifar10/if$imbalance/ipc10/$method"
+        eval_into "$tree/dm/$cell" "$tree/ncfm/$cell" "$method" cifar10 "$imbalance" 10 "${EVAL_BUDGET[@]}" \
+          --protocol ncfm
+      done
+    done
+    cell_run sdm sdm 200
+    # the full long-tailed set (11,203 images at IF 200): 5 x 1000 epochs would cost 28 sets' evaluations, so
+    # 5 networks x 200 epochs, the budget stated beside its row
+    EVAL_BUDGET=(--num-eval 5 --epochs 200 --compile)
+    run_full "$tree/dm" cifar10 200 10
+    "$PYTHON" report.py "$tree/dm" "$tree/ncfm" --table "$OUT/full_cell.md" ;;
 
   ablation)
     # the CPU benchmark's setting at IF 200 with half its iterations (300, so that the tables fit a CPU

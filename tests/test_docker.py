@@ -500,8 +500,11 @@ if script == "distill.py":
     before = (out / "checkpoint.pt").read_text() if "--resume" in argv else "none"
     (out / "checkpoint.pt").write_text(value("--iterations"))
     (out / "continued_from").write_text(before)
-elif script == "evaluate.py" and "--syn" in argv:
-    (pathlib.Path(value("--syn")).parent / "results.json").write_text("{{}}")
+    (out / "synthetic.pt").write_text(" ".join(argv))
+elif script == "evaluate.py" and ("--syn" in argv or "--baseline" in argv):
+    out = pathlib.Path(value("--out")) if "--out" in argv else pathlib.Path(value("--syn")).parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text("{{}}")
 '''
 
 
@@ -526,3 +529,34 @@ def test_budget_ablation_continues_each_shorter_run(tmp_path):
                     "--out", str(tmp_path / "results")], capture_output=True, text=True, check=True,
                    env=dict(os.environ, PYTHON=str(fake)))
     assert sum(line.startswith("distill.py") for line in log.read_text().splitlines()) == 8
+
+
+def test_full_cell_runs_the_headline_first_at_the_full_budget_and_releases_sets(tmp_path):
+    """run_all.sh --full-cell: csdm, dm and random at IF 200 before anything else, 20,000 iterations at
+    batch-real 256 and 5 x 1000 epochs, DM as published at factor 1 with class pairing, every set evaluated
+    under NCFM's protocol too, each distilled set copied to results/sets/; a rerun redoes nothing."""
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    results = tmp_path / "results"
+    command = ["bash", str(ROOT / "run_all.sh"), "--full-cell", "--data-dir", str(tmp_path), "--out", str(results)]
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHON=str(fake)))
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    distills = [line for line in calls if line.startswith("distill.py")]
+    assert all("--iterations 20000 --batch-real 256" in line and "--val-per-class" not in line for line in distills)
+    assert [line.split("--method ")[1].split()[0] + " " + line.split("--imbalance-factor ")[1].split()[0]
+            for line in distills] == ["csdm 200", "dm 200", "csdm 10", "dm 10", "dm 200", "sdm 200"]
+    assert "--factor 1 --dsa-pairing class" in distills[4]
+    evaluations = [line for line in calls if line.startswith("evaluate.py")]
+    assert evaluations[2].startswith("evaluate.py --baseline random") and "--imbalance-factor 200" in evaluations[2]
+    assert sum("--protocol ncfm" in line for line in evaluations) == 6
+    assert all("--num-eval 5 --epochs 1000" in line for line in evaluations if "--baseline full" not in line)
+    assert calls[-1].startswith("report.py") and "--table" in calls[-1]
+    released = sorted(path.name for path in (results / "sets").iterdir())
+    assert released == sorted(f"cifar10-if{i}-ipc10-{m}.pt" for i, m in
+                              [(200, "csdm"), (200, "dm"), (10, "csdm"), (10, "dm"), (200, "dm-f1"), (200, "sdm")])
+    assert "--method dm" in (results / "sets" / "cifar10-if200-ipc10-dm-f1.pt").read_text()
+    subprocess.run(command, capture_output=True, text=True, check=True, env=dict(os.environ, PYTHON=str(fake)))
+    again = log.read_text().splitlines()[len(calls):]
+    assert [line.split()[0] for line in again] == ["report.py"]

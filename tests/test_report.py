@@ -65,6 +65,18 @@ def test_improvement_over_random_needs_the_same_number_of_images(tmp_path):
     assert report.over_random([r for r in records if r["method"] == "csdm"][0], records) == 8.0
 
 
+def test_a_factor_1_set_is_ruled_by_the_factor_1_random_run(tmp_path):
+    """DM as published (factor 1) beside the default (factor 2): each against random at its own factor."""
+    for method, factor, acc in (("dm", 2, 48.0), ("dm-f1", 1, 36.0), ("random", 2, 40.0), ("random-f1", 1, 30.0)):
+        folder = tmp_path / "cifar10" / "if200" / "ipc10" / method
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(dict(fake_result(acc), factor=factor)))
+    records = {r["method"]: r for r in report.collect_grid(tmp_path)}
+    assert report.over_random(records["dm"], list(records.values())) == 8.0
+    assert report.over_random(records["dm-f1"], list(records.values())) == 6.0
+    assert report.over_random(records["random-f1"], list(records.values())) is None
+
+
 
 def test_list_report_for_ablations(tmp_path):
     for name, acc in (("csdm-gaussian", 41.0), ("csdm-cauchy", 39.0)):
