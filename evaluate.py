@@ -16,8 +16,9 @@ on the validation split used to choose hyperparameters). That final-epoch accura
 nothing is chosen on the test set. Where a protocol also tests during training (ncfm, every twentieth
 of it: every 100 of 2000 epochs), the best of those tests is recorded beside it as `best_*`, labelled, because the published
 figures report it. The mean and std are over --num-eval networks, each seeded from --seed and its index.
-The ConvNets of a process train together as one grouped network (stacked.py; each network its own
-draws, the same results up to floating-point rounding) unless --one-at-a-time.
+On a GPU the ConvNets of a process train together as one grouped network (stacked.py; each network its
+own draws, the same results up to floating-point rounding); on a CPU one after another, which measured
+faster there (BENCHMARKS.md). --stacked and --one-at-a-time choose either.
 
 --baseline random trains on real images drawn exactly as distill.py's starting set at the same
 --ipc and --factor (IPC x factor^2 real images per class, each stored image holding factor x factor
@@ -80,10 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: bfloat16 autocast; fp32: float32; auto: bf16 where it is fast (GPUs; CPUs with AMX "
                         "when --compile)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network's training step")
-    g.add_argument("--one-at-a-time", action="store_true",
-                   help="train the networks one after another; by default the ConvNets a process trains (without "
-                        "batch norm) train together as one stacked network (stacked.py: each network's own draws, "
-                        "the same results up to floating-point rounding; 1.2-1.3x faster an epoch on the 2-core CPU)")
+    stacking = g.add_mutually_exclusive_group()
+    stacking.add_argument("--stacked", dest="stacking", action="store_const", const="stacked",
+                          help="train the ConvNets a process trains (without batch norm) together as one stacked "
+                               "network (stacked.py: each network's own draws, the same results up to floating-point "
+                               "rounding); the default on GPUs, where it makes fewer, larger kernel calls")
+    stacking.add_argument("--one-at-a-time", dest="stacking", action="store_const", const="one",
+                          help="train the networks one after another; the default on CPUs, where it measured 1.3x "
+                               "faster an epoch than stacked on the 2-core EPYC once malloc keeps freed memory")
     g.add_argument("--split", default="test", choices=("test", "val"),
                    help="where to measure: the test split, or the validation split (for choosing hyperparameters)")
     g = p.add_argument_group("run")
@@ -115,7 +120,7 @@ def evaluate(images, labels, data, args, network: dict, device, processes: Proce
     test each after its last epoch (and at the protocol's evaluation epochs, for best_*). Under torchrun,
     network k is trained by process k % world; the main process returns the summary. A process's ConvNets
     (without batch norm) train together as one stacked network (stacked.train_networks_stacked: each its own
-    generator and draws, results per network as one at a time up to rounding) unless args.one_at_a_time."""
+    generator and draws, results per network as one at a time up to rounding) where stacks() says so."""
     processes = processes or Processes()
     protocol = PROTOCOLS[args.protocol]
     epochs = args.epochs or protocol.epochs
@@ -132,7 +137,7 @@ def evaluate(images, labels, data, args, network: dict, device, processes: Proce
 
     indices = list(range(processes.rank, args.num_eval, processes.world))
     together = (len(indices) > 1 and network["model"] == "convnet" and network.get("norm") != "batch"
-                and not args.one_at_a_time)
+                and stacks(args.stacking, device))
     train = train_together if together else train_one_at_a_time
     mine = train(indices, net, accuracy, images, labels, args, network, protocol, epochs, device, processes)
     mine = processes.gather_objects(mine)
@@ -150,6 +155,12 @@ def progress_bar(processes: Processes, epochs: int, description: str):
 def eval_generator(args, k: int, device) -> torch.Generator:
     """Network k's generator: its initialisation, batch order and augmentation draws."""
     return torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_EVAL, k))
+
+
+def stacks(stacking: str | None, device: torch.device) -> bool:
+    """--stacked / --one-at-a-time, or by default stacked on GPUs and one at a time on CPUs (measured on the
+    2-core EPYC: 0.98 s an epoch of 5 ConvNets one at a time against 1.26 s stacked, bench.py)."""
+    return stacking == "stacked" if stacking else device.type == "cuda"
 
 
 def train_one_at_a_time(indices, net, accuracy, images, labels, args, network, protocol, epochs, device,

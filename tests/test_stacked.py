@@ -125,8 +125,8 @@ def test_one_optimiser_over_the_stack_is_one_per_network():
 
 
 def test_evaluate_trains_together_with_the_results_of_one_at_a_time(tmp_path, monkeypatch):
-    """evaluate.py's default (together) and --one-at-a-time give per-network results that agree, and the
-    ncfm protocol's best-of-evaluations stays per network."""
+    """evaluate.py --stacked and --one-at-a-time (the CPU default) give per-network results that agree, and
+    the ncfm protocol's best-of-evaluations stays per network."""
     data = make_tiny_data(size=16)
     monkeypatch.setattr(evaluate, "load_long_tailed", lambda *a, **k: data)
     calls = []
@@ -139,9 +139,9 @@ def test_evaluate_trains_together_with_the_results_of_one_at_a_time(tmp_path, mo
             out = tmp_path / f"{mode}-{protocol}"
             argv = ["--baseline", "random", "--ipc", "2", "--factor", "1", "--num-eval", str(K), "--epochs", "4",
                     "--protocol", protocol, "--device", "cpu", "--out", str(out)]
-            evaluate.main(argv + (["--one-at-a-time"] if mode == "one" else []))
+            evaluate.main(argv + (["--stacked"] if mode == "together" else []))
             results[mode, protocol] = json.loads((out / "results.json").read_text())
-    assert calls == [K, K]  # together: once per protocol, all networks of the process; never with --one-at-a-time
+    assert calls == [K, K]  # together: once per protocol, all networks of the process; never one at a time
     for protocol in ("dm", "ncfm"):
         together, one = results["together", protocol], results["one", protocol]
         assert len(together["accs"]) == K and len(together["best_accs"]) == K
@@ -150,3 +150,10 @@ def test_evaluate_trains_together_with_the_results_of_one_at_a_time(tmp_path, mo
         assert together["per_class"] == pytest.approx(one["per_class"], abs=1e-9)
         assert together["evaluation_epochs"] == one["evaluation_epochs"]
     assert results["together", "ncfm"]["evaluation_epochs"] == [1, 2, 3, 4]
+
+
+def test_stacking_defaults_to_the_device_that_gains():
+    assert evaluate.stacks(None, torch.device("cuda")) and not evaluate.stacks(None, torch.device("cpu"))
+    assert evaluate.stacks("stacked", torch.device("cpu")) and not evaluate.stacks("one", torch.device("cuda"))
+    with pytest.raises(SystemExit):
+        evaluate.build_parser().parse_args(["--stacked", "--one-at-a-time"])
