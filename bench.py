@@ -23,9 +23,7 @@ random, which changes no timing. Every timing is the median of --repeats runs af
                        seconds per epoch of 5 ConvNets trained one at a time (train_network) over the same 5
                        trained together as one stacked network (stacked.py, evaluate.py's default), on a
                        factor-2 IPC-10 set (400 images); eval_full_protocol_minutes: 5 networks x 1000 epochs
-                       at the faster of the two (training only, the tests not counted). On the 2-core AMD
-                       EPYC the stacked gain is the smaller tensors of a call (no mmap page faults), not the
-                       fewer calls (stacked.py's docstring)
+                       at the faster of the two (training only, the tests not counted)
   iter_seconds_batch_real_256
                        seconds per csdm iteration at the field's budget (the same as sec_per_iter_csdm);
                        cell_hours: 20,000 such iterations plus eval_full_protocol_minutes, one method's cell

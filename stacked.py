@@ -2,12 +2,10 @@
 
 Evaluation trains several ConvNets from scratch on the same small set. Stacking K networks along the
 channel axis makes one call do K networks' work, with results that equal K separate trainings up to
-floating-point rounding. Measured on the 2-core AMD EPYC (float32, 5 networks, 400 images of 32 px):
-the stacked epoch takes 0.43 s a network compiled, 0.57 s eager, against 0.53 s and 0.75 s one at a
-time; but the gain comes from the smaller tensors of a call (below glibc's 32 MB mmap limit, so no page
-faults on every allocation), not from fewer calls: with MALLOC_MMAP_THRESHOLD_ raised, or with 16 images
-per forward call, one network at a time is as fast or faster (0.39 to 0.43 s compiled). On GPUs, where
-a ConvNet's kernels on 256 small images are launch-bound, stacking should pay more; not measured yet.
+floating-point rounding. On a CPU it does not pay: on the 2-core AMD EPYC (bf16, compiled, 5 networks,
+400 images of 32 px) an epoch of the five takes 1.26 s stacked against 0.98 s one at a time, both close to
+the CPU's matmul rate (BENCHMARKS.md), so evaluate.py stacks only on GPUs, where a ConvNet's kernels on 256
+small images are launch-bound and fewer, larger calls should pay; not measured yet (--stacked on CPU).
 
 - StackedConvNet: the K networks' layers side by side. Convolutions are grouped (groups=K) over
   channel-concatenated inputs (B, K*C, H, W): output channels k*width..(k+1)*width-1 see only network
