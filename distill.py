@@ -615,7 +615,8 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     matcher = Matcher(args, data, shard, alpha, config, device)
     checkpoint_at = lambda done, elapsed: save_checkpoint(state, shard, len(all_labels), done, elapsed, config,
                                                           processes, Path(args.out))
-    progress = Progress(args.iterations, state.start_iteration, args.log_every, log, enabled=processes.main)
+    progress = Progress(args.iterations, state.start_iteration, args.log_every, log, enabled=processes.main,
+                        elapsed_before=state.elapsed_before)
     start, stopped = time.perf_counter(), 0
     for iteration in range(state.start_iteration, args.iterations):
         extractor.draw(iteration)

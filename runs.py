@@ -284,12 +284,15 @@ def cpu_model() -> str:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain lines every log_every steps otherwise (CI, log files)."""
+    """A tqdm bar on a terminal; plain lines every log_every steps otherwise (CI, log files). A resumed
+    run starts at step `initial` with `elapsed_before` seconds already spent: the rate counts this
+    sitting's steps over this sitting's time."""
 
-    def __init__(self, total: int, initial: int, log_every: int, log, enabled: bool = True, unit: str = "iter"):
+    def __init__(self, total: int, initial: int, log_every: int, log, enabled: bool = True, unit: str = "iter",
+                 elapsed_before: float = 0.0):
         self.total, self.log_every, self.log, self.enabled, self.unit = total, log_every, log, enabled, unit
         self.bar = None
-        self.initial = initial
+        self.initial, self.elapsed_before = initial, elapsed_before
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="it", dynamic_ncols=True)
@@ -301,7 +304,7 @@ class Progress:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.5g}")
         elif done % self.log_every == 0 or done == self.total:
-            rate = (done - self.initial) / max(elapsed, 1e-9)
+            rate = (done - self.initial) / max(elapsed - self.elapsed_before, 1e-9)
             left = (self.total - done) / max(rate, 1e-9)
             self.log(f"{self.unit} {done:6d}/{self.total}  loss {loss:.5f}  {rate:.2f} it/s  {elapsed:.0f}s  "
                      f"~{left:.0f}s left")

@@ -145,3 +145,13 @@ def test_the_run_folder_explains_itself(folder_data, tmp_path):
     assert "csdm on folder-LT" in readme and "init_vs_final.png" in readme and "loss.png" in readme
     for picture in ("init_vs_final.png", "loss.png", "synthetic.png", "init.png"):
         assert (out / picture).stat().st_size > 0
+
+
+def test_progress_after_resume_counts_this_sitting_only():
+    """A run resumed at iteration 50 after 500 s: 10 iterations in the next 10 s are 1 it/s, 40 s left
+    (not 10 / 510 s and a day left)."""
+    from runs import Progress
+    lines = []
+    progress = Progress(100, 50, 10, lines.append, elapsed_before=500.0)
+    progress.update(60, 0.1, 510.0)
+    assert "1.00 it/s" in lines[0] and "~40s left" in lines[0], lines
