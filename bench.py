@@ -21,7 +21,7 @@ random, which changes no timing. Every timing is the median of --repeats runs af
                        of a ConvNet on an IPC-10 set; eval_speedup_fp32 without bf16
   eval_networks_per_call_speedup
                        seconds per epoch of 5 ConvNets trained one at a time (train_network) over the same 5
-                       trained together as one stacked network (stacked.py, evaluate.py's default), on a
+                       trained together as one stacked network (stacked.py, evaluate.py's default on GPUs), on a
                        factor-2 IPC-10 set (400 images); eval_full_protocol_minutes: 5 networks x 1000 epochs
                        at the faster of the two (training only, the tests not counted)
   iter_seconds_batch_real_256
@@ -323,7 +323,9 @@ def networks_epoch_seconds(images, labels, count, stacked, device, precision, co
 # ----------------------------------------------------------------------------------------
 # Peak memory, in a child process
 
-def _rss_child(data_dir, device_name, queue):
+def _rss_child(data_dir, device_name, malloc_tuned, queue):
+    if malloc_tuned:  # a spawned child starts with glibc's defaults
+        keep_freed_memory()
     device = torch.device(device_name)
     data = get_data(data_dir)
     args = distill_parser().parse_args(["--method", "csdm", "--ipc", "50", "--iterations", "20", "--device",
@@ -335,9 +337,11 @@ def _rss_child(data_dir, device_name, queue):
     queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, gpu))  # ru_maxrss is in KiB
 
 
-def _scaling_child(num_classes, batch_real, device_name, compile, iterations, queue):
+def _scaling_child(num_classes, batch_real, device_name, compile, iterations, malloc_tuned, queue):
     """Seconds per csdm iteration (median after 2 warm-up iterations) and peak memory for num_classes
     classes at IPC 10 (CIFAR-100-like: n_max 500, IF 10)."""
+    if malloc_tuned:
+        keep_freed_memory()
     device = torch.device(device_name)
     data = random_cifar10_lt(10, 0, num_classes, 500)
     argv = ["--method", "csdm", "--ipc", "10", "--batch-real", str(batch_real), "--iterations", str(iterations),
@@ -351,14 +355,15 @@ def _scaling_child(num_classes, batch_real, device_name, compile, iterations, qu
     queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, gpu))
 
 
-def scaling_table(classes: list[int], batch_real: int, device, compile: bool, iterations: int = 6) -> list[dict]:
+def scaling_table(classes: list[int], batch_real: int, device, compile: bool, malloc_tuned: bool,
+                  iterations: int = 6) -> list[dict]:
     """One child process per class count, so that each peak is its own."""
     rows = []
     for num_classes in classes:
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         child = context.Process(target=_scaling_child,
-                                args=(num_classes, batch_real, str(device), compile, iterations, queue))
+                                args=(num_classes, batch_real, str(device), compile, iterations, malloc_tuned, queue))
         child.start()
         seconds, rss, gpu = queue.get()
         child.join()
@@ -368,10 +373,10 @@ def scaling_table(classes: list[int], batch_real: int, device, compile: bool, it
     return rows
 
 
-def peak_memory(data_dir, device) -> tuple[float, float | None]:
+def peak_memory(data_dir, device, malloc_tuned: bool) -> tuple[float, float | None]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_rss_child, args=(data_dir, str(device), queue))
+    child = context.Process(target=_rss_child, args=(data_dir, str(device), malloc_tuned, queue))
     child.start()
     result = queue.get()
     child.join()
@@ -483,7 +488,7 @@ def main(argv=None) -> None:
     compile = not args.no_compile
     if args.scaling:
         print(f"csdm, IPC 10, batch-real {args.batch_real}, 32 px, {device}, compile {compile}")
-        rows = scaling_table(args.scaling, args.batch_real, device, compile)
+        rows = scaling_table(args.scaling, args.batch_real, device, compile, malloc_tuned)
         if args.json:
             print(json.dumps(rows))
         return
@@ -496,7 +501,7 @@ def main(argv=None) -> None:
     r.update(evaluation_metrics(data, device, precision, compile, args.repeats, args.eval_epochs))
     r["cell_hours"] = (CELL_ITERATIONS * r["iter_seconds_batch_real_256"] + 60 * r["eval_full_protocol_minutes"]) / 3600
     log("peak memory of an IPC-50 distillation (child process) ...")
-    r["peak_rss_gb"], r["peak_gpu_gb"] = peak_memory(args.data_dir, device)
+    r["peak_rss_gb"], r["peak_gpu_gb"] = peak_memory(args.data_dir, device, malloc_tuned)
     print_table(r)
     if args.json:
         print(json.dumps(r))

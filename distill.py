@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
                    help="bf16: the extractor under bfloat16 autocast and the spectral projection w.x in "
                         "bfloat16 (float32 accumulation), the rest of the losses in float32; fp32: float32; "
-                        "auto: bf16 where it is fast (GPUs; CPUs with AMX when --compile)")
+                        "auto: bf16 where it is fast (GPUs; CPUs with AMX or AVX512-BF16 when --compile)")
     g.add_argument("--compile", action="store_true", help="torch.compile the extractor (pays off past ~100 iterations)")
     g.add_argument("--ckpt-every", type=int, default=100, help="write checkpoint.pt every N iterations")
     g.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")

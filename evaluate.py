@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm", default=None, choices=NORMS,
                    help="normalisation (default: the distilled ConvNet's, or the model's own)")
     g.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
-                   help="bf16: bfloat16 autocast; fp32: float32; auto: bf16 where it is fast (GPUs; CPUs with AMX "
+                   help="bf16: bfloat16 autocast; fp32: float32; auto: bf16 where it is fast (GPUs; CPUs with AMX or AVX512-BF16 "
                         "when --compile)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network's training step")
     stacking = g.add_mutually_exclusive_group()
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "rounding); the default on GPUs, where it makes fewer, larger kernel calls")
     stacking.add_argument("--one-at-a-time", dest="stacking", action="store_const", const="one",
                           help="train the networks one after another; the default on CPUs, where it measured 1.3x "
-                               "faster an epoch than stacked on the 2-core EPYC once malloc keeps freed memory")
+                               "faster an epoch than stacked (the 2-core EPYC, bf16, compiled)")
     g.add_argument("--split", default="test", choices=("test", "val"),
                    help="where to measure: the test split, or the validation split (for choosing hyperparameters)")
     g = p.add_argument_group("run")

@@ -35,11 +35,13 @@ options:
                        the NCFM evaluation protocols, at the benchmark's epoch budget (results/protocol_bench.md)
   --arch-bench         the same sets (made by --protocol-bench) trained by AlexNet, VGG-11 and ResNet-18,
                        2 networks x 200 epochs (results/arch_bench.md)
-  --full-cell          CIFAR-10-LT IPC 10 at the field's full budget (20,000 iterations at batch-real 256;
-                       5 networks x 1000 epochs under DM's and NCFM's protocols): csdm, dm and random at IF 200
-                       then IF 10, DM as published (factor 1, class pairing), sdm, the full long-tailed set;
-                       finished sets released as results/sets/cifar10-if<IF>-ipc10-<method>.pt
-                       (results/full_cell.md)
+  --full-cell          CIFAR-10-LT IPC 10 at the field's full budget (20,000 iterations at batch-real 256, bf16
+                       unless --precision says otherwise; 5 networks x 1000 epochs), in this order: csdm, dm and
+                       random (factor 2) at IF 200, the same at IF 10, DM as published (dm-f1: factor 1, class
+                       pairing) with random-f1, the IF 200 and IF 10 sets under NCFM's protocol, sdm at IF 200,
+                       the full long-tailed set at IF 200 (5 networks x 200 epochs); finished sets released as
+                       results/sets/cifar10-if<IF>-ipc10-<method>.pt (results/full_cell.md). Takes no --quick,
+                       --datasets, --ifs, --ipcs or --methods
   --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing,
                        balanced-calibration
                        (validation split)
@@ -47,28 +49,33 @@ options:
   --out DIR            results folder (default: results)
   --device DEV         auto, cpu, cuda, cuda:N (default: auto)
   --seed N             the seed of every run (default: 0)
+  --precision P        auto, fp32 or bf16, passed to distill.py and evaluate.py (default: auto; bf16 for
+                       --full-cell, so that its checkpoints resume on any machine)
 EOF
 }
 
 fail() { echo "run_all.sh: error: $*" >&2; exit 2; }
 
 MODE=grid; ABLATION=""; QUICK=0; DATASETS="cifar10 cifar100"; IF_LIST=""; IPC_LIST=""
-METHODS="random dm mmd ncfm sdm csdm full"; DATA_DIR=""; OUT="results"; DEVICE="auto"; SEED=0
+METHODS="random dm mmd ncfm sdm csdm full"; DATA_DIR=""; OUT="results"; DEVICE="auto"; SEED=0; PRECISION=""
+GRID_OPTIONS=()  # options that only shape the grid (--quick, --datasets, ...), for refusing them with --full-cell
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --quick) QUICK=1; shift ;;
+    --quick) QUICK=1; GRID_OPTIONS+=("$1"); shift ;;
     --cpu-bench) MODE=cpu-bench; shift ;;
     --fair-random) MODE=fair-random; shift ;;
     --protocol-bench) MODE=protocol-bench; shift ;;
     --arch-bench) MODE=arch-bench; shift ;;
     --full-cell) MODE=full-cell; shift ;;
-    --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed|--ablation)
+    --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed|--ablation|--precision)
       [[ $# -ge 2 ]] || fail "$1 needs a value; see ./run_all.sh --help"
       case "$1" in
         --datasets) DATASETS="$2" ;; --ifs) IF_LIST="$2" ;; --ipcs) IPC_LIST="$2" ;;
         --methods) METHODS="$2" ;; --data-dir) DATA_DIR="$2" ;; --out) OUT="$2" ;;
         --device) DEVICE="$2" ;; --seed) SEED="$2" ;; --ablation) MODE=ablation; ABLATION="$2" ;;
+        --precision) PRECISION="$2" ;;
       esac
+      case "$1" in --datasets|--ifs|--ipcs|--methods) GRID_OPTIONS+=("$1") ;; esac
       shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) fail "unknown option '$1'; see ./run_all.sh --help" ;;
@@ -87,6 +94,11 @@ done
 [[ -z "$DATA_DIR" || -d "$DATA_DIR" ]] ||
   fail "--data-dir: $DATA_DIR does not exist; give the data folder or omit it to download"
 [[ "$SEED" =~ ^[0-9]+$ ]] || fail "--seed: '$SEED' is not a non-negative integer"
+case "$PRECISION" in ""|auto|fp32|bf16) ;; *) fail "--precision: '$PRECISION' is not auto, fp32 or bf16" ;; esac
+if [[ "$MODE" == full-cell && ${#GRID_OPTIONS[@]} -gt 0 ]]; then
+  fail "--full-cell: ${GRID_OPTIONS[0]} does not apply (the cell is fixed: CIFAR-10-LT IPC 10 at the full budget); drop it"
+fi
+[[ -n "$PRECISION" ]] || { [[ "$MODE" == full-cell ]] && PRECISION=bf16 || PRECISION=auto; }
 case "$MODE:$ABLATION" in
   ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration|ablation:pairing|ablation:balanced-calibration) ;;
   grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:|full-cell:) ;;
@@ -107,7 +119,7 @@ run_one() {
   if [[ -f "$dir/results.json" ]]; then echo "== $dir: done, skipped"; return; fi
   echo "== $dir"
   local common=(--dataset "$dataset" "${DATA_ARGS[@]}" --imbalance-factor "$imbalance" --seed "$SEED" --device "$DEVICE"
-                "${SPLIT_ARGS[@]}")
+                --precision "$PRECISION" "${SPLIT_ARGS[@]}")
   case "$method" in
     random)
       "$PYTHON" evaluate.py --baseline random --ipc "$ipc" --factor "$(factor_of "$@")" "${common[@]}" \
@@ -118,7 +130,7 @@ run_one() {
       local resume=(); [[ -e "$dir" ]] && resume=(--resume)
       "$PYTHON" distill.py --method "$method" --ipc "$ipc" "${common[@]}" "${DISTILL_BUDGET[@]}" "$@" \
         "${resume[@]}" --out "$dir"
-      "$PYTHON" evaluate.py --syn "$dir/synthetic.pt" "${EVAL_BUDGET[@]}" --device "$DEVICE" ;;
+      "$PYTHON" evaluate.py --syn "$dir/synthetic.pt" "${EVAL_BUDGET[@]}" --device "$DEVICE" --precision "$PRECISION" ;;
   esac
 }
 
@@ -138,9 +150,9 @@ eval_into() {
   case "$method" in
     random)
       "$PYTHON" evaluate.py --baseline random --ipc "$ipc" --factor 2 --dataset "$dataset" "${DATA_ARGS[@]}" \
-        --imbalance-factor "$imbalance" --seed "$SEED" --device "$DEVICE" "$@" --out "$out" ;;
+        --imbalance-factor "$imbalance" --seed "$SEED" --device "$DEVICE" --precision "$PRECISION" "$@" --out "$out" ;;
     *)
-      "$PYTHON" evaluate.py --syn "$set/synthetic.pt" --device "$DEVICE" "$@" --out "$out" ;;
+      "$PYTHON" evaluate.py --syn "$set/synthetic.pt" --device "$DEVICE" --precision "$PRECISION" "$@" --out "$out" ;;
   esac
 }
 
@@ -272,7 +284,7 @@ case "$MODE" in
     done
     cell_run sdm sdm 200
     # the full long-tailed set (11,203 images at IF 200): 5 x 1000 epochs would cost 28 sets' evaluations, so
-    # 5 networks x 200 epochs, the budget stated beside its row
+    # 5 networks x 200 epochs (its results.json records them; the README states it beside the row)
     EVAL_BUDGET=(--num-eval 5 --epochs 200 --compile)
     run_full "$tree/dm" cifar10 200 10
     "$PYTHON" report.py "$tree/dm" "$tree/ncfm" --table "$OUT/full_cell.md" ;;

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import json
 import os
 import platform
@@ -71,24 +70,25 @@ def keep_freed_memory() -> bool:
 
     On CPU a ConvNet's activations for 64 images are tens of MB. By default glibc serves blocks that large
     with mmap and trims the heap top above ~2x that threshold, so every forward pass maps fresh pages and
-    the kernel zeroes them on first touch: a third of a distillation iteration went to system time on a
-    2-core EPYC. Heap blocks up to 32 MB (glibc's largest mmap threshold on 64-bit), no trimming below
-    2 GB and 256 MB of padding per heap growth keep those pages mapped: the same numbers, ~1.4x faster.
-    Peak memory is unchanged (the pages were needed anyway); freed memory is simply not returned until
-    the process ends. A no-op off glibc, and where the user set any MALLOC_*_ variable of these (the user's
-    choice wins). Returns whether the settings were applied."""
-    if any(name in os.environ for name in MALLOC_ENV):
+    the kernel zeroes them on first touch: a third of a float32 distillation iteration went to system time
+    on a 2-core EPYC. Heap blocks up to 32 MB (glibc's largest mmap threshold on 64-bit), no trimming below
+    2 GB and 256 MB of padding per heap growth keep those pages mapped: the same numbers, 1.5x faster in
+    float32 and 1.08x in bf16 (BENCHMARKS.md). Freed memory is not returned to the system until the process
+    ends; it is reused by the next iteration. The price is peak memory: 2.98 GB against 2.56 GB for an IPC-50
+    distillation on the EPYC (bench.py's peak_rss_gb, each in a fresh child process). Set for the whole process by run_script (so also for the rest
+    of a caller that runs main() in-process). A no-op off glibc, and where the user chose malloc settings
+    (any of MALLOC_ENV, or GLIBC_TUNABLES naming glibc.malloc). Returns whether all were applied."""
+    if any(name in os.environ for name in MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
-    library = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(library) if library else None
-        mallopt = getattr(libc, "mallopt", None) if libc else None
-    except OSError:
-        mallopt = None
-    if mallopt is None or platform.libc_ver()[0] != "glibc":
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, ValueError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(parameter, value) == 1 for parameter, value in MALLOC_SETTINGS.items())
+    applied = [mallopt(parameter, value) == 1 for parameter, value in MALLOC_SETTINGS.items()]
+    return all(applied)
 
 
 def check_positive(options: dict[str, float], strict: bool = True) -> None:

@@ -5,7 +5,8 @@ channel axis makes one call do K networks' work, with results that equal K separ
 floating-point rounding. On a CPU it does not pay: on the 2-core AMD EPYC (bf16, compiled, 5 networks,
 400 images of 32 px) an epoch of the five takes 1.26 s stacked against 0.98 s one at a time, both close to
 the CPU's matmul rate (BENCHMARKS.md), so evaluate.py stacks only on GPUs, where a ConvNet's kernels on 256
-small images are launch-bound and fewer, larger calls should pay; not measured yet (--stacked on CPU).
+small images are launch-bound and fewer, larger calls should pay (not measured on a GPU yet; --stacked
+forces it on a CPU).
 
 - StackedConvNet: the K networks' layers side by side. Convolutions are grouped (groups=K) over
   channel-concatenated inputs (B, K*C, H, W): output channels k*width..(k+1)*width-1 see only network

@@ -480,7 +480,9 @@ def test_run_all_rejects_bad_options():
     for argv, option in ((["--methods", "gan"], "--methods"), (["--frobnicate"], "--frobnicate"),
                          (["--data-dir", "/nonexistent/x"], "--data-dir"), (["--ifs"], "--ifs"),
                          (["--ablation", "colour"], "--ablation"), (["--cpu-bench"], "--data-dir"),
-                         (["--seed", "-1"], "--seed"), (["--datasets", "mnist"], "--datasets")):
+                         (["--seed", "-1"], "--seed"), (["--datasets", "mnist"], "--datasets"),
+                         (["--precision", "fp16"], "--precision"), (["--full-cell", "--quick"], "--quick"),
+                         (["--full-cell", "--ifs", "10"], "--ifs")):
         done = subprocess.run(["bash", str(ROOT / "run_all.sh"), *argv], capture_output=True, text=True)
         assert done.returncode == 2 and option in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
@@ -502,6 +504,8 @@ if script == "distill.py":
     (out / "continued_from").write_text(before)
     (out / "synthetic.pt").write_text(" ".join(argv))
 elif script == "evaluate.py" and ("--syn" in argv or "--baseline" in argv):
+    if "--syn" in argv and not pathlib.Path(value("--syn")).exists():
+        sys.exit("evaluate.py: error: --syn: no such file " + value("--syn"))
     out = pathlib.Path(value("--out")) if "--out" in argv else pathlib.Path(value("--syn")).parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text("{{}}")
@@ -552,6 +556,11 @@ def test_full_cell_runs_the_headline_first_at_the_full_budget_and_releases_sets(
     assert evaluations[2].startswith("evaluate.py --baseline random") and "--imbalance-factor 200" in evaluations[2]
     assert sum("--protocol ncfm" in line for line in evaluations) == 6
     assert all("--num-eval 5 --epochs 1000" in line for line in evaluations if "--baseline full" not in line)
+    full = [line for line in evaluations if "--baseline full" in line]
+    assert len(full) == 1 and "--num-eval 5 --epochs 200" in full[0] and "--imbalance-factor 200" in full[0]
+    randoms = [line for line in evaluations if "--baseline random" in line]
+    assert [line.split("--factor ")[1].split()[0] for line in randoms] == ["2", "2", "1", "2", "2"]
+    assert all("--precision bf16" in line for line in distills + evaluations)  # resumable on any machine
     assert calls[-1].startswith("report.py") and "--table" in calls[-1]
     released = sorted(path.name for path in (results / "sets").iterdir())
     assert released == sorted(f"cifar10-if{i}-ipc10-{m}.pt" for i, m in
