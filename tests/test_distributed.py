@@ -30,10 +30,11 @@ def cifar_args(cifar10_dir):
 
 def test_two_processes_distill_the_same_set_as_one(cifar10_dir, tmp_path):
     """At distill.py's defaults (width 128, M 1024, factor 2): 2 processes give 1 process's set up to
-    rounding, ||two - one|| <= 1e-3 ||one - start||. Measured: bit-identical on the 2-core AMD EPYC (fp32
+    rounding, ||two - one|| <= 5e-2 ||one - start||. Measured: bit-identical on the 2-core AMD EPYC (fp32
     eager and bf16 compiled, also over 20 iterations at IPC 10, batch-real 256); on an Intel Xeon with AMX
-    oneDNN rounded other batch shapes differently, up to 5.8e-4 max abs after 3 iterations. A wrong class
-    dealing or a missing gather moves whole classes (relative difference of order 1)."""
+    oneDNN rounded other batch shapes differently, up to 5.8e-4 max abs after 3 iterations, which is at most
+    0.033 of the set's change here even if every pixel differed that much. A wrong class dealing or a missing
+    gather moves whole classes (relative difference of order 1)."""
     args = ["--dataset", "cifar10", "--data-dir", cifar10_dir, "--imbalance-factor", 100, "--ipc", 2,
             "--batch-real", 8, "--device", "cpu", "--log-every", 100, "--iterations", 3, "--bandwidth-rule", "median"]
     run([sys.executable], "distill.py", *args, "--out", tmp_path / "one")
@@ -46,7 +47,7 @@ def test_two_processes_distill_the_same_set_as_one(cifar10_dir, tmp_path):
     start = decode(initial_synthetic(data, 2, 0, 2)[0], 2)
     moved = (one["images"] - start).norm()
     assert moved > 1.0  # three Adam steps moved the set
-    assert (two["images"] - one["images"]).norm() <= 1e-3 * moved
+    assert (two["images"] - one["images"]).norm() <= 5e-2 * moved
     loss_one = (tmp_path / "one" / "loss.csv").read_text().splitlines()[-1].split(",")[1]
     loss_two = (tmp_path / "two" / "loss.csv").read_text().splitlines()[-1].split(",")[1]
     assert float(loss_one) == pytest.approx(float(loss_two), rel=1e-4)
