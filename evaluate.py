@@ -168,15 +168,20 @@ def train_one_at_a_time(indices, net, accuracy, images, labels, args, network, p
     """Networks `indices` trained in turn through the one `net`; [(k, final accuracy, per class, tests)]."""
     mine = []
     for k in indices:
-        start, tests = time.perf_counter(), []
+        start, tests, last = time.perf_counter(), [], {}
         generator = eval_generator(args, k, device)
         reset_parameters_(net, generator)
         progress = progress_bar(processes, epochs, f"network {k + 1}/{args.num_eval}")
+
+        def test(epoch):
+            last[epoch] = accuracy()
+            tests.append((epoch, last[epoch][0]))
+
         train_network(net, images, labels, generator, protocol, epochs, progress, args.precision, args.compile,
-                      on_evaluation=lambda epoch: tests.append((epoch, accuracy()[0])))
+                      on_evaluation=test)
         if progress is not None:
             progress.close()
-        overall, per_class = accuracy()
+        overall, per_class = last.get(epochs) or accuracy()  # every protocol tests after the last epoch
         mine.append((k, overall, per_class, tests))
         print(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
               f"({time.perf_counter() - start:.0f}s)", flush=True)
@@ -190,12 +195,14 @@ def train_together(indices, net, accuracy, images, labels, args, network, protoc
     start = time.perf_counter()
     generators = [eval_generator(args, k, device) for k in indices]
     nets = [reset_parameters_(build_network(device=device, **network), g) for g in generators]
-    tests = [[] for _ in indices]
+    tests, final = [[] for _ in indices], [None] * len(indices)
 
     def test_each(epoch):
-        for trained, network_tests in zip(nets, tests):
+        for j, (trained, network_tests) in enumerate(zip(nets, tests)):
             net.load_state_dict(trained.state_dict())
-            network_tests.append((epoch, accuracy()[0]))
+            result = accuracy()
+            network_tests.append((epoch, result[0]))
+            final[j] = result if epoch == epochs else None
 
     progress = progress_bar(processes, epochs, f"{len(indices)} networks together")
     train_networks_stacked(nets, images, labels, generators, protocol, epochs, args.precision, args.compile,
@@ -203,9 +210,9 @@ def train_together(indices, net, accuracy, images, labels, args, network, protoc
     if progress is not None:
         progress.close()
     seconds, mine = time.perf_counter() - start, []
-    for k, trained, network_tests in zip(indices, nets, tests):
+    for k, trained, network_tests, result in zip(indices, nets, tests, final):
         net.load_state_dict(trained.state_dict())
-        overall, per_class = accuracy()
+        overall, per_class = result or accuracy()  # every protocol tests after the last epoch
         mine.append((k, overall, per_class, network_tests))
         print(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
               f"({seconds:.0f}s for {len(indices)} networks trained together)", flush=True)
