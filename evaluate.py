@@ -157,6 +157,19 @@ def eval_generator(args, k: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_EVAL, k))
 
 
+class Tests:
+    """A network's tests during training: the curve [(epoch, accuracy)], and the whole result (accuracy, per
+    class) of the test after the last epoch, which every protocol makes (so the final test is not run twice)."""
+
+    def __init__(self, epochs: int):
+        self.epochs, self.curve, self.final = epochs, [], None
+
+    def record(self, epoch: int, result: tuple) -> None:
+        self.curve.append((epoch, result[0]))
+        if epoch == self.epochs:
+            self.final = result
+
+
 def stacks(stacking: str | None, device: torch.device) -> bool:
     """--stacked / --one-at-a-time, or by default stacked on GPUs and one at a time on CPUs (measured on the
     2-core EPYC: 0.98 s an epoch of 5 ConvNets one at a time against 1.26 s stacked, bench.py)."""
@@ -168,21 +181,16 @@ def train_one_at_a_time(indices, net, accuracy, images, labels, args, network, p
     """Networks `indices` trained in turn through the one `net`; [(k, final accuracy, per class, tests)]."""
     mine = []
     for k in indices:
-        start, tests, last = time.perf_counter(), [], {}
+        start, tests = time.perf_counter(), Tests(epochs)
         generator = eval_generator(args, k, device)
         reset_parameters_(net, generator)
         progress = progress_bar(processes, epochs, f"network {k + 1}/{args.num_eval}")
-
-        def test(epoch):
-            last[epoch] = accuracy()
-            tests.append((epoch, last[epoch][0]))
-
         train_network(net, images, labels, generator, protocol, epochs, progress, args.precision, args.compile,
-                      on_evaluation=test)
+                      on_evaluation=lambda epoch: tests.record(epoch, accuracy()))
         if progress is not None:
             progress.close()
-        overall, per_class = last.get(epochs) or accuracy()  # every protocol tests after the last epoch
-        mine.append((k, overall, per_class, tests))
+        overall, per_class = tests.final or accuracy()
+        mine.append((k, overall, per_class, tests.curve))
         print(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
               f"({time.perf_counter() - start:.0f}s)", flush=True)
     return mine
@@ -195,14 +203,12 @@ def train_together(indices, net, accuracy, images, labels, args, network, protoc
     start = time.perf_counter()
     generators = [eval_generator(args, k, device) for k in indices]
     nets = [reset_parameters_(build_network(device=device, **network), g) for g in generators]
-    tests, final = [[] for _ in indices], [None] * len(indices)
+    tests = [Tests(epochs) for _ in indices]
 
     def test_each(epoch):
-        for j, (trained, network_tests) in enumerate(zip(nets, tests)):
+        for trained, network_tests in zip(nets, tests):
             net.load_state_dict(trained.state_dict())
-            result = accuracy()
-            network_tests.append((epoch, result[0]))
-            final[j] = result if epoch == epochs else None
+            network_tests.record(epoch, accuracy())
 
     progress = progress_bar(processes, epochs, f"{len(indices)} networks together")
     train_networks_stacked(nets, images, labels, generators, protocol, epochs, args.precision, args.compile,
@@ -210,10 +216,10 @@ def train_together(indices, net, accuracy, images, labels, args, network, protoc
     if progress is not None:
         progress.close()
     seconds, mine = time.perf_counter() - start, []
-    for k, trained, network_tests, result in zip(indices, nets, tests, final):
+    for k, trained, network_tests in zip(indices, nets, tests):
         net.load_state_dict(trained.state_dict())
-        overall, per_class = result or accuracy()  # every protocol tests after the last epoch
-        mine.append((k, overall, per_class, network_tests))
+        overall, per_class = network_tests.final or accuracy()
+        mine.append((k, overall, per_class, network_tests.curve))
         print(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
               f"({seconds:.0f}s for {len(indices)} networks trained together)", flush=True)
     return mine

@@ -57,13 +57,19 @@ def resolve_precision(precision: str, device: torch.device, compiled: bool = Fal
     return "bf16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "fp32"
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+def cpuinfo(field: str) -> str:
+    """The first value of `field` ("flags", "model name", ...) in Linux's /proc/cpuinfo; "" elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+            values = [line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field]
     except OSError:
-        return set()
+        values = []
+    return values[0] if values else ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    return set(cpuinfo("flags").split())
 
 
 def micro_batch_size(device: torch.device, image_size: int = 32) -> int | None:

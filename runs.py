@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from data_lt import UsageError
+from networks import cpuinfo
 
 # version of synthetic.pt and checkpoint.pt; a reader refuses another version with the fix
 FORMAT_VERSION = 1
@@ -275,12 +276,7 @@ def environment() -> dict:
 
 def cpu_model() -> str:
     """The CPU's model name as Linux reports it (e.g. "AMD EPYC"), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or "unknown"
+    return cpuinfo("model name") or platform.processor() or "unknown"
 
 
 class Progress:
