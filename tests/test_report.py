@@ -65,6 +65,18 @@ def test_improvement_over_random_needs_the_same_number_of_images(tmp_path):
     assert report.over_random([r for r in records if r["method"] == "csdm"][0], records) == 8.0
 
 
+def test_published_convnet_figures_only_beside_convnet_tables(tmp_path):
+    """The published CIFAR-10-LT figures are ConvNet-3's: a cross-architecture table gets none."""
+    for model in ("convnet", "alexnet"):
+        folder = tmp_path / model / "cifar10" / "if200" / "ipc10" / "dm"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(dict(fake_result(40.0), model=model)))
+    table = report.write_report(tmp_path / "convnet", more_roots=(tmp_path / "alexnet",),
+                                table=tmp_path / "t.md").read_text()
+    alexnet, convnet = table.split("## cifar10-LT, dm protocol, alexnet")[1].split("## cifar10-LT, dm protocol, convnet")
+    assert "LAD (published)" in convnet and "LAD (published)" not in alexnet
+
+
 def test_a_factor_1_set_is_ruled_by_the_factor_1_random_run(tmp_path):
     """DM as published (factor 1) beside the default (factor 2): each against random at its own factor."""
     for method, factor, acc in (("dm", 2, 48.0), ("dm-f1", 1, 36.0), ("random", 2, 40.0), ("random-f1", 1, 30.0)):
