@@ -127,10 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the pool classifier's logits minus tau x log prior of the long-tailed set, so that a "
                         "classifier trained on the long-tailed set scores classes as if they were balanced; 0: "
                         "NCFM's term unchanged")
-    g.add_argument("--pool-rebalance", default="none", choices=("none", "crt"),
-                   help="--extractor pool: crt re-trains each pool network's last layer on class-balanced batches "
-                        "after its training on the long-tailed set (classifier re-training, Kang et al., ICLR 2020), "
-                        "so that its trained classifier (the calibrator) leans less to the head")
+    g.add_argument("--pool-rebalance", default="none", choices=("none", "crt", "la"),
+                   help="--extractor pool: make the pool's classifiers (the calibrators) lean less to the head. crt "
+                        "re-trains each pool network's last layer on class-balanced batches after its training on "
+                        "the long-tailed set (classifier re-training, Kang et al., ICLR 2020); la trains each pool "
+                        "network with the logit-adjusted cross-entropy, CE(f(x) + log prior) (Menon et al., ICLR "
+                        "2021; the balanced softmax), whose raw logits f(x) are balanced")
     g.add_argument("--class-chunk", type=int, default=0,
                    help="classes embedded and matched together (0: as many as keep about 4096 images, at most "
                         "1024 of them synthetic, in a chunk); bounds memory for many classes, the result is the same")
@@ -197,9 +199,11 @@ def check_options(args) -> None:
         raise UsageError("--calibration needs trained classifiers: add --extractor pool, or drop --calibration")
     if args.calibration_tau != 0 and args.calibration == 0:
         raise UsageError("--calibration-tau adjusts the calibration term: add --calibration LAMBDA, or drop it")
-    if args.pool_rebalance != "none" and args.calibration == 0:
-        raise UsageError("--pool-rebalance re-trains the pool's classifiers, which only the calibration term uses: "
+    if args.pool_rebalance == "crt" and args.calibration == 0:
+        raise UsageError("--pool-rebalance crt re-trains the pool's classifiers, which only the calibration term uses: "
                          "add --extractor pool --calibration LAMBDA, or drop it")
+    if args.pool_rebalance == "la" and args.extractor != "pool":
+        raise UsageError("--pool-rebalance la trains the extractor pool: add --extractor pool, or drop it")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them")
 
@@ -334,6 +338,17 @@ def retrain_classifier_balanced(net, images: torch.Tensor, labels: torch.Tensor,
     return seen
 
 
+def log_prior(data: LongTailedData, device) -> torch.Tensor:
+    """log pi_c = log(n_c / sum n) of the long-tailed training set, (C,)."""
+    counts = torch.tensor(data.class_counts, dtype=torch.float32, device=device)
+    return torch.log(counts / counts.sum())
+
+
+def pool_logit_shift(args, data: LongTailedData, device) -> torch.Tensor | None:
+    """The pool's training-loss logit shift: log prior for --pool-rebalance la (the logit-adjusted loss), else none."""
+    return log_prior(data, device) if args.pool_rebalance == "la" else None
+
+
 def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device, processes: Processes,
                    log=print) -> list[dict]:
     """NCFM's pool: --pool-size ConvNets, each trained --pool-epochs epochs on the long-tailed set
@@ -355,7 +370,7 @@ def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device,
         net = reset_parameters_(convnet(args, data, depth, device), generator)
         init = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
         train_network(net, images, labels, generator, PROTOCOLS["dm"], args.pool_epochs, precision=precision,
-                      compile=args.compile)
+                      compile=args.compile, logit_shift=pool_logit_shift(args, data, device))
         if args.pool_rebalance == "crt":
             retrain_classifier_balanced(net, images, labels, data.num_classes, generator)
         trained = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
@@ -417,8 +432,7 @@ class Extractor:
         self.calibrator = None
         if args.calibration > 0:
             self.calibrator = convnet(args, data, config["depth"], device).requires_grad_(False)
-            counts = torch.tensor(data.class_counts, dtype=torch.float32, device=device)
-            self.logit_shift = -args.calibration_tau * torch.log(counts / counts.sum())  # (C,)
+            self.logit_shift = -args.calibration_tau * log_prior(data, device)  # (C,)
 
     @property
     def feature_dim(self) -> int:

@@ -354,13 +354,16 @@ case "$MODE" in
         variant csdm-no-l2 csdm 200 "${base[@]}" --optimizer adam --feature-norm none ;;
       balanced-calibration)
         # NCFM's calibration term made class-balanced: the logit adjustment tau in {0, 1} crossed with the pool's
-        # classifiers as trained on the long-tailed set or re-trained on class-balanced batches (crt), at the
-        # default factor 2, each method's calibration weight from the calibration ablation (dm 1, csdm 0.01 and
-        # 0.002); the rows without calibration are the references
+        # classifiers as trained on the long-tailed set, re-trained on class-balanced batches (crt) or trained
+        # with the logit-adjusted loss (la), at the default factor 2, each method's calibration weight from the
+        # calibration ablation (dm 1, csdm 0.01 and 0.002); the rows without calibration are the references
         base=(--extractor pool --factor 2)
         variant dm-pool dm 200 "${base[@]}"
         variant csdm-pool csdm 200 "${base[@]}"
-        for rebalance in none crt; do
+        # the logit-adjusted loss also changes the pool's features, the extractor itself: without calibration too
+        variant dm-pool-la dm 200 "${base[@]}" --pool-rebalance la
+        variant csdm-pool-la csdm 200 "${base[@]}" --pool-rebalance la
+        for rebalance in none crt la; do
           for tau in 0 1; do
             variant "dm-pool-$rebalance-calib1-tau$tau" dm 200 "${base[@]}" --pool-rebalance "$rebalance" \
               --calibration 1 --calibration-tau "$tau"

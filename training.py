@@ -119,19 +119,23 @@ def augment_batch(x: torch.Tensor, protocol: Protocol, generator: torch.Generato
 
 def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
                   protocol: Protocol = PROTOCOLS["dm"], epochs: int | None = None, progress=None,
-                  precision: str = "fp32", compile: bool = False, on_evaluation=None) -> nn.Module:
+                  precision: str = "fp32", compile: bool = False, on_evaluation=None,
+                  logit_shift: torch.Tensor | None = None) -> nn.Module:
     """Train net on (images, labels) under `protocol` for `epochs` (default: the protocol's).
 
     The whole set stays on the device; batches are index slices of a seeded permutation; every draw
     (order, augmentation, CutMix) comes from `generator`. The loss of a batch is the mean cross-entropy
     (with CutMix: own * CE(y) + (1 - own) * CE(y_partner)). on_evaluation(epoch) is called after each of
-    the protocol's evaluation epochs (the network in train mode; the callee switches as it needs)."""
+    the protocol's evaluation epochs (the network in train mode; the callee switches as it needs).
+    logit_shift (C,), if given, is added to the logits inside the loss only: with shift = tau log pi (pi the
+    training set's class prior) this is the logit-adjusted loss of Menon et al. (ICLR 2021), whose minimiser's
+    raw logits f(x) score the classes as if the set were balanced (tau = 1: the balanced softmax)."""
     epochs = epochs or protocol.epochs
     optimizer, scheduler = make_optimizer(net.parameters(), protocol, epochs)
     has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
-    summed_loss = compile_or_eager(lambda x, y: _summed_cross_entropy(net, x, y, precision), compile)
-    mixed_loss = compile_or_eager(lambda x, y, partner, own: _mixed_cross_entropy(net, x, y, partner, own, precision),
-                                  compile)
+    summed_loss = compile_or_eager(lambda x, y: _summed_cross_entropy(net, x, y, precision, logit_shift), compile)
+    mixed_loss = compile_or_eager(
+        lambda x, y, partner, own: _mixed_cross_entropy(net, x, y, partner, own, precision, logit_shift), compile)
     micro = None if has_batch_norm else micro_batch_size(images.device, images.shape[-1])
     tests = set(evaluation_epochs(protocol, epochs)) if on_evaluation else set()
     net.train()
@@ -161,16 +165,20 @@ def finish_epoch(scheduler, progress, loss: float) -> None:
         progress.set_postfix(loss=f"{loss:.3f}")
 
 
-def _summed_cross_entropy(net, x, y, precision):
-    with autocast(x.device, precision):
-        logits = net(x)
-    return F.cross_entropy(logits.float(), y, reduction="sum")
-
-
-def _mixed_cross_entropy(net, x, y, partner, own, precision):
-    """CutMix's loss from one forward: own * CE_sum(logits, y) + (1 - own) * CE_sum(logits, partner)."""
+def _logits(net, x, precision, shift):
+    """net(x) in float32, plus the loss's logit shift if any."""
     with autocast(x.device, precision):
         logits = net(x).float()
+    return logits if shift is None else logits + shift
+
+
+def _summed_cross_entropy(net, x, y, precision, shift=None):
+    return F.cross_entropy(_logits(net, x, precision, shift), y, reduction="sum")
+
+
+def _mixed_cross_entropy(net, x, y, partner, own, precision, shift=None):
+    """CutMix's loss from one forward: own * CE_sum(logits, y) + (1 - own) * CE_sum(logits, partner)."""
+    logits = _logits(net, x, precision, shift)
     return own * F.cross_entropy(logits, y, reduction="sum") + (1 - own) * F.cross_entropy(logits, partner,
                                                                                              reduction="sum")
 

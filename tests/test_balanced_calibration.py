@@ -1,5 +1,7 @@
-"""Balanced calibration: the logit-adjusted calibration term and the class-balanced re-training of the pool."""
+"""Balanced calibration: the logit-adjusted calibration term, the class-balanced re-training of the pool and the
+pool trained with the logit-adjusted loss."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import distill
 from conftest import make_tiny_data
 from distill import adjusted_logits, retrain_classifier_balanced
 from networks import build_network
+from training import PROTOCOLS, train_network
 
 
 def pool_args(out, *extra):
@@ -77,8 +80,46 @@ def test_rebalanced_pool_is_cached_apart_and_options_are_checked(tmp_path, capsy
     data = make_tiny_data()
     plain, rebalanced = pool_args(tmp_path), pool_args(tmp_path, "--pool-rebalance", "crt")
     assert distill.pool_file(plain, data, 2, "fp32") != distill.pool_file(rebalanced, data, 2, "fp32")
-    for argv, option in ((["--calibration-tau", "1"], "--calibration-tau"), (["--pool-rebalance", "crt"], "--pool-rebalance")):
+    for argv, option in ((["--calibration-tau", "1"], "--calibration-tau"), (["--pool-rebalance", "crt"], "--pool-rebalance"),
+                         (["--pool-rebalance", "la"], "--pool-rebalance la")):
         with pytest.raises(SystemExit) as exit_info:
             distill.main(argv + ["--out", str(tmp_path / "x"), "--device", "cpu"])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and option in err and len(err.splitlines()) == 1
+
+
+class BiasOnly(torch.nn.Module):
+    """Logits that do not depend on the image: the loss's minimiser is then a closed form of the labels."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, x):
+        return self.bias.expand(len(x), -1)
+
+
+def test_logit_adjusted_training_balances_the_raw_logits():
+    """Cross-entropy of image-independent logits b on labels with prior pi is minimised at softmax(b) = pi;
+    the logit-adjusted loss CE(b + log pi) at softmax(b + log pi) = pi, i.e. softmax(b) uniform: the network
+    trained with --pool-rebalance la scores the classes as if they were balanced."""
+    counts = torch.tensor([60, 25, 10, 5])
+    labels = torch.repeat_interleave(torch.arange(4), counts)
+    images = torch.zeros(len(labels), 3, 8, 8)
+    prior = counts.float() / counts.sum()
+    protocol = replace(PROTOCOLS["dm"], batch_size=len(labels), lr=0.5, weight_decay=0.0, milestones=())  # full batch
+    plain = train_network(BiasOnly(4), images, labels, torch.Generator().manual_seed(0), protocol, epochs=200)
+    adjusted = train_network(BiasOnly(4), images, labels, torch.Generator().manual_seed(0), protocol, epochs=200,
+                             logit_shift=prior.log())
+    assert torch.allclose(plain.bias.detach().softmax(0), prior, atol=0.002)
+    assert torch.allclose(adjusted.bias.detach().softmax(0), torch.full((4,), 0.25), atol=0.002)
+
+
+def test_la_pool_trains_with_the_log_prior_and_is_cached_apart(tmp_path):
+    data = make_tiny_data()
+    plain, crt, la = (pool_args(tmp_path, *extra) for extra in ((), ("--pool-rebalance", "crt"),
+                                                                  ("--pool-rebalance", "la")))
+    assert len({distill.pool_file(args, data, 2, "fp32") for args in (plain, crt, la)}) == 3
+    prior = torch.tensor(data.class_counts, dtype=torch.float32) / sum(data.class_counts)
+    assert torch.allclose(distill.pool_logit_shift(la, data, "cpu"), prior.log())
+    assert distill.pool_logit_shift(plain, data, "cpu") is None and distill.pool_logit_shift(crt, data, "cpu") is None
