@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "re-trains each pool network's last layer on class-balanced batches after its training on "
                         "the long-tailed set (classifier re-training, Kang et al., ICLR 2020); la trains each pool "
                         "network with the logit-adjusted cross-entropy, CE(f(x) + log prior) (Menon et al., ICLR "
-                        "2021; the balanced softmax), whose raw logits f(x) are balanced")
+                        "2021; the balanced softmax), whose raw logits f(x) are balanced; as that loss also shapes the "
+                        "pool's features, la acts on the extractor without --calibration too")
     g.add_argument("--class-chunk", type=int, default=0,
                    help="classes embedded and matched together (0: as many as keep about 4096 images, at most "
                         "1024 of them synthetic, in a chunk); bounds memory for many classes, the result is the same")
