@@ -434,6 +434,7 @@ class Extractor:
         if args.calibration > 0:
             self.calibrator = convnet(args, data, config["depth"], device).requires_grad_(False)
             self.logit_shift = -args.calibration_tau * log_prior(data, device)  # (C,)
+            self.classify = compile_or_eager(self._classify, args.compile)
 
     @property
     def feature_dim(self) -> int:
@@ -443,7 +444,7 @@ class Extractor:
         with autocast(self.device, self.precision):
             return self.net.embed(x).float()
 
-    def classify(self, x):
+    def _classify(self, x):
         """The calibrator's float32 logits (autocast as embed), logit-adjusted: f(x) - tau log prior."""
         with autocast(self.device, self.precision):
             return adjusted_logits(self.calibrator(x).float(), self.logit_shift)
