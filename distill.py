@@ -365,13 +365,13 @@ def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device,
     log(f"training the extractor pool: {args.pool_size} networks x {args.pool_epochs} epochs on "
         f"{len(data.train_labels)} images -> {path}")
     images, labels = data.normalise(data.train_images).to(device), data.train_labels.to(device)
-    mine = []
+    logit_shift, mine = pool_logit_shift(args, data, device), []
     for k in range(processes.rank, args.pool_size, processes.world):
         generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_POOL, k))
         net = reset_parameters_(convnet(args, data, depth, device), generator)
         init = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
         train_network(net, images, labels, generator, PROTOCOLS["dm"], args.pool_epochs, precision=precision,
-                      compile=args.compile, logit_shift=pool_logit_shift(args, data, device))
+                      compile=args.compile, logit_shift=logit_shift)
         if args.pool_rebalance == "crt":
             retrain_classifier_balanced(net, images, labels, data.num_classes, generator)
         trained = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}

@@ -80,7 +80,8 @@ def test_rebalanced_pool_is_cached_apart_and_options_are_checked(tmp_path, capsy
     data = make_tiny_data()
     plain, rebalanced = pool_args(tmp_path), pool_args(tmp_path, "--pool-rebalance", "crt")
     assert distill.pool_file(plain, data, 2, "fp32") != distill.pool_file(rebalanced, data, 2, "fp32")
-    for argv, option in ((["--calibration-tau", "1"], "--calibration-tau"), (["--pool-rebalance", "crt"], "--pool-rebalance"),
+    for argv, option in ((["--calibration-tau", "1"], "--calibration-tau"),
+                         (["--pool-rebalance", "crt"], "--pool-rebalance"),
                          (["--pool-rebalance", "la"], "--pool-rebalance la")):
         with pytest.raises(SystemExit) as exit_info:
             distill.main(argv + ["--out", str(tmp_path / "x"), "--device", "cpu"])
