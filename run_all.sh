@@ -9,6 +9,7 @@
 #   ./run_all.sh --fair-random --data-dir data/cifar10    # the CPU benchmark's random rows at factor 2 and 1
 #   ./run_all.sh --protocol-bench --data-dir data/cifar10 # CPU-benchmark sets under DM's and NCFM's evaluation
 #   ./run_all.sh --arch-bench --data-dir data/cifar10     # the same sets on AlexNet, VGG-11, ResNet-18
+#   ./run_all.sh --calibration-bench --data-dir data/cifar10  # the balanced calibration beside those sets
 #   ./run_all.sh --full-cell --data-dir data/cifar10      # the paper's headline cell at the field's full budget
 #                                                         #   (many hours on a CPU: stop and rerun to continue)
 #   ./run_all.sh --ablation kernel --data-dir data/cifar10  # one ablation table, on the validation split
@@ -35,6 +36,10 @@ options:
                        the NCFM evaluation protocols, at the benchmark's epoch budget (results/protocol_bench.md)
   --arch-bench         the same sets (made by --protocol-bench) trained by AlexNet, VGG-11 and ResNet-18,
                        2 networks x 200 epochs (results/arch_bench.md)
+  --calibration-bench  dm and csdm at IF 200 with the best balanced calibration of the ablation (pool re-trained
+                       on balanced batches, logit adjustment tau 1) at the protocol bench's budget, test split,
+                       in fp32 unless --precision says otherwise, tabulated beside --protocol-bench's sets
+                       (results/calibration_bench.md)
   --full-cell          CIFAR-10-LT IPC 10 at the field's full budget (20,000 iterations at batch-real 256, bf16
                        unless --precision says otherwise; 5 networks x 1000 epochs), in this order: csdm, dm and
                        random (factor 2) at IF 200, the same at IF 10, DM as published (dm-f1: factor 1, class
@@ -66,6 +71,7 @@ while [[ $# -gt 0 ]]; do
     --fair-random) MODE=fair-random; shift ;;
     --protocol-bench) MODE=protocol-bench; shift ;;
     --arch-bench) MODE=arch-bench; shift ;;
+    --calibration-bench) MODE=calibration-bench; shift ;;
     --full-cell) MODE=full-cell; shift ;;
     --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed|--ablation|--precision)
       [[ $# -ge 2 ]] || fail "$1 needs a value; see ./run_all.sh --help"
@@ -98,10 +104,13 @@ case "$PRECISION" in ""|auto|fp32|bf16) ;; *) fail "--precision: '$PRECISION' is
 if [[ "$MODE" == full-cell && ${#GRID_OPTIONS[@]} -gt 0 ]]; then
   fail "--full-cell: ${GRID_OPTIONS[0]} does not apply (the cell is fixed: CIFAR-10-LT IPC 10 at the full budget); drop it"
 fi
-[[ -n "$PRECISION" ]] || { [[ "$MODE" == full-cell ]] && PRECISION=bf16 || PRECISION=auto; }
+# the full cell's checkpoints resume on any machine in bf16; the calibration bench matches the protocol bench (fp32)
+if [[ -z "$PRECISION" ]]; then
+  case "$MODE" in full-cell) PRECISION=bf16 ;; calibration-bench) PRECISION=fp32 ;; *) PRECISION=auto ;; esac
+fi
 case "$MODE:$ABLATION" in
   ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration|ablation:pairing|ablation:balanced-calibration) ;;
-  grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:|full-cell:) ;;
+  grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:|calibration-bench:|full-cell:) ;;
   *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing or balanced-calibration" ;;
 esac
 if [[ "$MODE" != grid && "$MODE" != full-cell && -z "$DATA_DIR" ]]; then
@@ -257,6 +266,19 @@ case "$MODE" in
     else
       "$PYTHON" report.py "$tree/dm" "$OUT"/arch_bench/* --table "$OUT/arch_bench.md"
     fi ;;
+
+  calibration-bench)
+    # the test-split check of the balanced-calibration ablation's best rows (val, IF 200): both methods with pool
+    # classifiers re-trained on class-balanced batches (crt) and the logit adjustment tau 1, each at its best
+    # weight there (dm 1, csdm 0.002), at the protocol bench's budget and precision, so that its random, dm and
+    # csdm sets (the defaults) are the rows to read them against
+    DISTILL_BUDGET=(--iterations 400 --batch-real 64 --compile)
+    EVAL_BUDGET=(--num-eval 3 --epochs 200 --compile)
+    tree="$OUT/calibration_bench"
+    balanced=(--extractor pool --pool-rebalance crt --calibration-tau 1)
+    run_one "$tree/cifar10/if200/ipc10/dm-crt-tau1" dm cifar10 200 10 "${balanced[@]}" --calibration 1
+    run_one "$tree/cifar10/if200/ipc10/csdm-crt-tau1" csdm cifar10 200 10 "${balanced[@]}" --calibration 0.002
+    "$PYTHON" report.py "$tree" "$OUT/protocol_bench/dm" --table "$OUT/calibration_bench.md" ;;
 
   full-cell)
     # the field's full budget for one cell, most telling runs first, so that a stopped script has the
