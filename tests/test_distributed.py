@@ -14,9 +14,11 @@ from data_lt import decode, initial_synthetic, load_long_tailed
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def run(prefix, script, *argv):
+def run(prefix, script, *argv, threads=None):
     # C++ stack traces on: a crash inside a collective or at teardown then says where it happened
     env = dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="1")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     done = subprocess.run([*prefix, str(ROOT / script), *map(str, argv)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return done.stdout
@@ -57,9 +59,11 @@ def test_two_processes_evaluate_like_one(cifar_args, tmp_path):
     run([sys.executable], "distill.py", *cifar_args, "--iterations", 1, "--out", tmp_path / "set")
     syn = tmp_path / "set" / "synthetic.pt"
     # one at a time: one process would stack networks 0-2, two would stack 0 and 2 and train 1 alone, which
-    # agree only up to rounding (tests/test_stacked.py); the process split itself must change nothing
+    # agree only up to rounding (tests/test_stacked.py); the process split itself must change nothing.
+    # torchrun gives each worker one thread; the single process gets one too, since a weight gradient
+    # reduced over 2 threads rounds differently from 1 and can flip a prediction now and then
     common = ["--syn", syn, "--num-eval", 3, "--epochs", 2, "--device", "cpu", "--one-at-a-time"]
-    run([sys.executable], "evaluate.py", *common, "--out", tmp_path / "one")
+    run([sys.executable], "evaluate.py", *common, "--out", tmp_path / "one", threads=1)
     run(TORCHRUN, "evaluate.py", *common, "--out", tmp_path / "two")
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
