@@ -38,8 +38,8 @@ options:
                        2 networks x 200 epochs (results/arch_bench.md)
   --calibration-bench  dm and csdm at IF 200 with the best balanced calibration of the ablation (pool re-trained
                        on balanced batches, logit adjustment tau 1) at the protocol bench's budget, test split,
-                       in fp32 unless --precision says otherwise, tabulated beside --protocol-bench's sets
-                       (results/calibration_bench.md)
+                       in fp32 unless --precision says otherwise, beside --protocol-bench's random, dm and csdm
+                       sets evaluated again (run --protocol-bench first; results/calibration_bench.md)
   --full-cell          CIFAR-10-LT IPC 10 at the field's full budget (20,000 iterations at batch-real 256, bf16
                        unless --precision says otherwise; 5 networks x 1000 epochs), in this order: csdm, dm and
                        random (factor 2) at IF 200, the same at IF 10, DM as published (dm-f1: factor 1, class
@@ -55,7 +55,8 @@ options:
   --device DEV         auto, cpu, cuda, cuda:N (default: auto)
   --seed N             the seed of every run (default: 0)
   --precision P        auto, fp32 or bf16, passed to distill.py and evaluate.py (default: auto; bf16 for
-                       --full-cell, so that its checkpoints resume on any machine)
+                       --full-cell, so that its checkpoints resume on any machine; fp32 for --calibration-bench,
+                       the protocol bench's precision)
 EOF
 }
 
@@ -270,15 +271,23 @@ case "$MODE" in
   calibration-bench)
     # the test-split check of the balanced-calibration ablation's best rows (val, IF 200): both methods with pool
     # classifiers re-trained on class-balanced batches (crt) and the logit adjustment tau 1, each at its best
-    # weight there (dm 1, csdm 0.002), at the protocol bench's budget and precision, so that its random, dm and
-    # csdm sets (the defaults) are the rows to read them against
+    # weight there (dm 1, csdm 0.002), at the protocol bench's budget and precision; the protocol bench's random,
+    # dm and csdm sets (the defaults) are evaluated again beside them, by the same code
     DISTILL_BUDGET=(--iterations 400 --batch-real 64 --compile)
     EVAL_BUDGET=(--num-eval 3 --epochs 200 --compile)
-    tree="$OUT/calibration_bench"
+    tree="$OUT/calibration_bench/cifar10/if200/ipc10"
+    defaults="$OUT/protocol_bench/dm/cifar10/if200/ipc10"
+    for method in dm csdm; do
+      [[ -f "$defaults/$method/synthetic.pt" ]] ||
+        fail "--calibration-bench: $defaults/$method/synthetic.pt is missing; run --protocol-bench first"
+    done
+    for method in random dm csdm; do
+      eval_into "$defaults/$method" "$tree/$method" "$method" cifar10 200 10 "${EVAL_BUDGET[@]}"
+    done
     balanced=(--extractor pool --pool-rebalance crt --calibration-tau 1)
-    run_one "$tree/cifar10/if200/ipc10/dm-crt-tau1" dm cifar10 200 10 "${balanced[@]}" --calibration 1
-    run_one "$tree/cifar10/if200/ipc10/csdm-crt-tau1" csdm cifar10 200 10 "${balanced[@]}" --calibration 0.002
-    "$PYTHON" report.py "$tree" "$OUT/protocol_bench/dm" --table "$OUT/calibration_bench.md" ;;
+    run_one "$tree/dm-crt-tau1" dm cifar10 200 10 "${balanced[@]}" --calibration 1
+    run_one "$tree/csdm-crt-tau1" csdm cifar10 200 10 "${balanced[@]}" --calibration 0.002
+    "$PYTHON" report.py "$OUT/calibration_bench" --table "$OUT/calibration_bench.md" ;;
 
   full-cell)
     # the field's full budget for one cell, most telling runs first, so that a stopped script has the

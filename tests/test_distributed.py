@@ -60,11 +60,11 @@ def test_two_processes_evaluate_like_one(cifar_args, tmp_path):
     syn = tmp_path / "set" / "synthetic.pt"
     # one at a time: one process would stack networks 0-2, two would stack 0 and 2 and train 1 alone, which
     # agree only up to rounding (tests/test_stacked.py); the process split itself must change nothing.
-    # torchrun gives each worker one thread; the single process gets one too, since a weight gradient
-    # reduced over 2 threads rounds differently from 1 and can flip a prediction now and then
+    # one thread for the single process and for each worker (torchrun's own choice only where the variable is
+    # unset): a weight gradient reduced over 2 threads rounds differently from 1 and can flip a prediction
     common = ["--syn", syn, "--num-eval", 3, "--epochs", 2, "--device", "cpu", "--one-at-a-time"]
     run([sys.executable], "evaluate.py", *common, "--out", tmp_path / "one", threads=1)
-    run(TORCHRUN, "evaluate.py", *common, "--out", tmp_path / "two")
+    run(TORCHRUN, "evaluate.py", *common, "--out", tmp_path / "two", threads=1)
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert one["accs"] == pytest.approx(two["accs"], abs=1e-9)
