@@ -77,8 +77,9 @@ def keep_freed_memory() -> bool:
     float32 and 1.08x in bf16 (BENCHMARKS.md). Freed memory is not returned to the system until the process
     ends; it is reused by the next iteration. The price is peak memory: 0.3-0.4 GB more for an IPC-50
     distillation on the EPYC (2.98 / 3.11 GB against 2.56 / 2.82 GB in two measurements, BENCHMARKS.md). Set
-    for the whole process by run_script (so also for the rest of a caller that runs main() in-process). A no-op off glibc, and where the user chose malloc settings
-    (any of MALLOC_ENV, or GLIBC_TUNABLES naming glibc.malloc). Returns whether all were applied."""
+    for the whole process by run_script (so also for the rest of a caller that runs main() in-process). A
+    no-op off glibc, and where the user chose malloc settings (any of MALLOC_ENV, or GLIBC_TUNABLES naming
+    glibc.malloc). Returns whether all were applied."""
     if any(name in os.environ for name in MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
