@@ -14,8 +14,8 @@ Each network is trained from scratch under a protocol of training.py (--protocol
 evaluation) and tested once after its last epoch on the balanced test split (or, with --split val,
 on the validation split used to choose hyperparameters). That final-epoch accuracy is the result;
 nothing is chosen on the test set. Where a protocol also tests during training (ncfm, every twentieth
-of it: every 100 of 2000 epochs), the best of those tests is recorded beside it as `best_*`, labelled, because the published
-figures report it. The mean and std are over --num-eval networks, each seeded from --seed and its index.
+of it: every 100 of 2000 epochs), the best of those tests is recorded beside it as `best_*`, labelled, because the
+published figures report it. The mean and std are over --num-eval networks, each seeded from --seed and its index.
 On a GPU the ConvNets of a process train together as one grouped network (stacked.py; each network its
 own draws, the same results up to floating-point rounding); on a CPU one after another, which measured
 faster there (BENCHMARKS.md). --stacked and --one-at-a-time choose either.
@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm", default=None, choices=NORMS,
                    help="normalisation (default: the distilled ConvNet's, or the model's own)")
     g.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
-                   help="bf16: bfloat16 autocast; fp32: float32; auto: bf16 where it is fast (GPUs; CPUs with AMX or AVX512-BF16 "
-                        "when --compile)")
+                   help="bf16: bfloat16 autocast; fp32: float32; auto: bf16 where it is fast (GPUs; CPUs with AMX or "
+                        "AVX512-BF16 when --compile)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network's training step")
     stacking = g.add_mutually_exclusive_group()
     stacking.add_argument("--stacked", dest="stacking", action="store_const", const="stacked",
@@ -350,7 +350,8 @@ def network_options(args, data, config: dict | None) -> dict:
     for baselines), the model's own defaults otherwise; --norm overrides the normalisation."""
     network = dict(model=args.model, channels=data.channels, num_classes=data.num_classes, image_size=data.image_size)
     if args.model == "convnet":
-        config = config or {"width": 128, "depth": depth_for_size(data.image_size), "pooling": "avg", "norm": "instance"}
+        config = config or {"width": 128, "depth": depth_for_size(data.image_size), "pooling": "avg",
+                            "norm": "instance"}
         network.update(width=config["width"], depth=config["depth"], pooling=config["pooling"], norm=config["norm"])
     if args.norm:
         network["norm"] = args.norm

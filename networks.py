@@ -233,7 +233,8 @@ class ResNet18(_FeatureClassifier):
         in_channels = 64
         for stage, out_channels in enumerate((64, 128, 256, 512)):
             stride = 1 if stage == 0 else 2
-            layers += [BasicBlock(in_channels, out_channels, stride, norm), BasicBlock(out_channels, out_channels, 1, norm)]
+            layers += [BasicBlock(in_channels, out_channels, stride, norm),
+                       BasicBlock(out_channels, out_channels, 1, norm)]
             in_channels = out_channels
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
         self.feature_dim = 512

@@ -139,7 +139,8 @@ def test_field_layouts_at_32px():
     assert [m.out_channels for m in alexnet.modules() if isinstance(m, nn.Conv2d)] == [128, 192, 256, 192, 192]
     assert alexnet.feature_dim == 192 * 4 * 4
     vgg = build_network("vgg11", 3, 10, 32)
-    assert [m.out_channels for m in vgg.modules() if isinstance(m, nn.Conv2d)] == [64, 128, 256, 256, 512, 512, 512, 512]
+    conv_widths = [m.out_channels for m in vgg.modules() if isinstance(m, nn.Conv2d)]
+    assert conv_widths == [64, 128, 256, 256, 512, 512, 512, 512]
     assert sum(isinstance(m, nn.MaxPool2d) for m in vgg.modules()) == 5
     resnet = build_network("resnet18", 3, 10, 32)
     stem = resnet.features[0]

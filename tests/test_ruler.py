@@ -104,7 +104,8 @@ def test_train_network_follows_the_protocol_row(monkeypatch):
     for name in ("dm", "ncfm"):
         net = build_network("convnet", 3, 3, 16, width=8, depth=2)
         before = [p.detach().clone() for p in net.parameters()]
-        frozen = dataclasses.replace(PROTOCOLS[name], lr=0.0, batch_size=4, cutmix_prob=min(PROTOCOLS[name].cutmix_prob * 2, 1))
+        frozen = dataclasses.replace(PROTOCOLS[name], lr=0.0, batch_size=4,
+                                     cutmix_prob=min(PROTOCOLS[name].cutmix_prob * 2, 1))
         train_network(net, images, labels, torch.Generator().manual_seed(0), frozen, epochs=2)
         assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())), name
         if name == "dm":
