@@ -27,13 +27,15 @@ tiles, decoded): the fair baseline of a distilled set is the random set at its f
 results.json: acc_mean, acc_std (percent), accs (one per network), per_class (mean over networks,
 class order), head / medium / tail (mean accuracy of the first, middle and last third of the classes
 in long-tail order: for 10 classes 3 / 4 / 3), best_acc_mean / best_accs (best over the protocol's
-evaluations), the protocol's settings, the model, and the configuration; per_class.png shows the
+evaluations), the protocol's settings, the model, the configuration and, for --syn, syn_sha256 (the
+evaluated file's SHA-256, to check a copy against); per_class.png shows the
 per-class accuracy beside the class counts, and the run folder's README.md is updated with the numbers.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -410,6 +412,8 @@ def write_result(result: dict, out: Path, what: str, data, args, device, process
     result.update(evaluated=what, dataset=data.name, seconds=round(time.perf_counter() - start, 1),
                   config={key: value for key, value in vars(args).items()},
                   environment=dict(environment(), device=str(device), processes=processes.world))
+    if args.syn:  # which file was evaluated, checkable against a released copy: sha256sum FILE
+        result["syn_sha256"] = hashlib.sha256(Path(args.syn).read_bytes()).hexdigest()
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     try:

@@ -1,4 +1,5 @@
 """End to end on the real CIFAR-10-LT (JPEG copy): distill.py and evaluate.py as a user runs them."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -54,6 +55,8 @@ def test_evaluate_writes_results(distilled):
     # the test split is balanced, so the overall accuracy is the mean of the per-class ones
     assert sum(result["per_class"]) / 10 == pytest.approx(result["acc_mean"], abs=1e-6)
     assert "test acc" in stdout and stdout.count("\n") >= 1
+    # the evaluated file is named by its hash, so that a released copy can be checked against the result
+    assert result["syn_sha256"] == hashlib.sha256((out / "synthetic.pt").read_bytes()).hexdigest()
 
 
 def test_evaluate_on_the_validation_split(distilled, tmp_path):
@@ -71,6 +74,7 @@ def test_random_baseline_is_the_distillation_starting_point(cifar10_dir, tmp_pat
     assert result["class_counts"][-1] == 25 and result["num_eval"] == 1
     # the default --factor 2 is recorded, in the configuration and in what was evaluated
     assert result["config"]["factor"] == 2 and "factor 2" in result["evaluated"]
+    assert "syn_sha256" not in result  # no file was evaluated
 
 
 @pytest.mark.parametrize("factor", [None, 1, 3])
