@@ -10,10 +10,10 @@ import pytest
 import torch
 from torchvision.io import read_image
 
+from conftest import ROOT
 from evaluate import load_synthetic
 from runs import export_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 SETS = sorted((ROOT / "results" / "sets").glob("*.pt"))
 NAME = re.compile(r"(?P<dataset>[a-z0-9]+)-if(?P<imbalance>\d+)-ipc(?P<ipc>\d+)-(?P<label>[a-z0-9-]+)\.pt")
 each_set = pytest.mark.parametrize("path", SETS or [pytest.param(None, marks=pytest.mark.skip("none released"))],
@@ -51,13 +51,14 @@ def test_released_set_is_the_evaluated_one(path):
     name = name_of(path)
     run = ROOT / "results" / "full_cell" / "dm" / name["dataset"] / f"if{name['imbalance']}" / f"ipc{name['ipc']}"
     run = run / name["label"]
-    assert (run / "synthetic.pt").read_bytes() == path.read_bytes()
+    released = path.read_bytes()
+    assert (run / "synthetic.pt").read_bytes() == released
     result = json.loads((run / "results.json").read_text())
     assert (result["num_eval"], result["epochs"], result["protocol"], result["split"]) == (5, 1000, "dm", "test")
     evaluated = Path(re.fullmatch(r".*\((.+)\)", result["evaluated"]).group(1))
     assert (ROOT / evaluated).resolve() == (run / "synthetic.pt").resolve()
     if "syn_sha256" in result:
-        assert result["syn_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert result["syn_sha256"] == hashlib.sha256(released).hexdigest()
 
 
 @each_set
