@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import sys
 import time
@@ -271,12 +272,14 @@ def plot_per_class(result: dict, path: Path) -> None:
 # What is evaluated: a synthetic file, or a baseline built from the data
 
 def load_synthetic(path: str) -> dict:
-    """Read a synthetic set safely (weights_only) and check its keys and format version."""
+    """Read a synthetic set safely (weights_only) and check its keys and format version; its "sha256" is
+    that of the bytes read, the very ones evaluated."""
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"--syn: {path} does not exist; give the synthetic.pt written by distill.py")
+    content = file.read_bytes()
     try:
-        synthetic = torch.load(file, map_location="cpu", weights_only=True)
+        synthetic = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as error:
         raise UsageError(f"--syn: {path} is not a readable synthetic set ({type(error).__name__}); "
                          f"give the synthetic.pt written by distill.py")
@@ -287,7 +290,7 @@ def load_synthetic(path: str) -> dict:
     if version != FORMAT_VERSION:
         raise UsageError(f"--syn: {path} has format version {version}, this code reads {FORMAT_VERSION}; "
                          f"distill it again with this version")
-    return synthetic
+    return synthetic | {"sha256": hashlib.sha256(content).hexdigest()}
 
 
 def check_matches(synthetic: dict, data, path: str) -> None:
@@ -315,7 +318,8 @@ def check_options(args) -> None:
 
 
 def synthetic_job(args, log) -> tuple:
-    """(images, labels, data, network, what, out) for --syn."""
+    """(images, labels, data, network, what, out, record) for --syn; record: what results.json adds about
+    the set (its factor, the ruler's number of images, and the sha256 of the file evaluated)."""
     synthetic = load_synthetic(args.syn)
     config = synthetic["config"]
     # the data the set was distilled from; only its location may be given anew
@@ -323,14 +327,14 @@ def synthetic_job(args, log) -> tuple:
                             config["seed"], config["val_per_class"], config["n_max"], config["image_size"], log=log)
     check_matches(synthetic, data, args.syn)
     network = network_options(args, data, config)
-    network["factor"] = config.get("factor", 1)  # recorded in results.json: the ruler's number of images
+    record = {"factor": config.get("factor", 1), "syn_sha256": synthetic["sha256"]}
     what = f"{config['method']}, IPC {config['ipc']} ({args.syn})"
     out = Path(args.out) if args.out else Path(args.syn).parent
-    return synthetic["images"].float(), synthetic["labels"].long(), data, network, what, out
+    return synthetic["images"].float(), synthetic["labels"].long(), data, network, what, out, record
 
 
 def baseline_job(args, log) -> tuple:
-    """(images, labels, data, network, what, out) for --baseline random|full."""
+    """(images, labels, data, network, what, out, record) for --baseline random|full."""
     data = load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, args.seed, args.val_per_class,
                             args.n_max, args.image_size, log=log)
     if args.baseline == "random":
@@ -342,9 +346,8 @@ def baseline_job(args, log) -> tuple:
         images, labels = data.normalise(data.train_images), data.train_labels
         what = f"full long-tailed set ({len(labels)} images)"
     out = Path(args.out) if args.out else Path("runs") / f"baseline-{args.baseline}"
-    network = network_options(args, data, None)
-    network["factor"] = args.factor if args.baseline == "random" else None
-    return images, labels, data, network, what, out
+    record = {"factor": args.factor if args.baseline == "random" else None}
+    return images, labels, data, network_options(args, data, None), what, out, record
 
 
 def network_options(args, data, config: dict | None) -> dict:
@@ -386,11 +389,10 @@ def job(args, holder) -> None:
     holder[0] = processes
     args.precision = resolve_precision(args.precision, device, args.compile)
     log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
-    images, labels, data, network, what, out = (synthetic_job if args.syn else baseline_job)(args, log)
+    images, labels, data, network, what, out, record = (synthetic_job if args.syn else baseline_job)(args, log)
     epochs = args.epochs or PROTOCOLS[args.protocol].epochs
     log(f"evaluate.py: {what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x {epochs} epochs "
         f"on {device} ({args.precision})" + (f", {processes.world} processes" if processes.world > 1 else ""))
-    factor = network.pop("factor")
     try:
         build_network(**network)
     except ValueError as error:
@@ -398,7 +400,7 @@ def job(args, holder) -> None:
     start = time.perf_counter()
     result = evaluate(images, labels, data, args, network, device, processes=processes)
     if result is not None:
-        result["factor"] = factor
+        result.update(record)
     if processes.main:
         write_result(result, out, what, data, args, device, processes, start)
 
@@ -412,8 +414,6 @@ def write_result(result: dict, out: Path, what: str, data, args, device, process
     result.update(evaluated=what, dataset=data.name, seconds=round(time.perf_counter() - start, 1),
                   config={key: value for key, value in vars(args).items()},
                   environment=dict(environment(), device=str(device), processes=processes.world))
-    if args.syn:  # which file was evaluated, checkable against a released copy: sha256sum FILE
-        result["syn_sha256"] = hashlib.sha256(Path(args.syn).read_bytes()).hexdigest()
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     try:

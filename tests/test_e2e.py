@@ -86,10 +86,11 @@ def test_random_baseline_holds_ipc_times_factor_squared_images_per_class(cifar10
     data_options = ["--dataset", "cifar10", "--data-dir", cifar10_dir, "--imbalance-factor", 200, "--ipc", 2]
     data_options += ["--factor", factor] if factor else []
     args = evaluate.build_parser().parse_args(list(map(str, ["--baseline", "random", *data_options])))
-    images, labels, data, _, _, _ = evaluate.baseline_job(args, log=lambda m: None)
+    images, labels, data, _, _, _, record = evaluate.baseline_job(args, log=lambda m: None)
     f = factor or 2
     assert images.shape == (10 * 2 * f * f, 3, 32, 32) and torch.isfinite(images).all()
     assert torch.bincount(labels, minlength=10).tolist() == [2 * f * f] * 10
+    assert record == {"factor": f}  # results.json's ruler: the same factor as the sets it is compared with
     start = distill.distill(distill.build_parser().parse_args(list(map(str, [
         *data_options, "--iterations", 1, "--batch-real", 4, "--width", 8, "--device", "cpu", "--out", tmp_path]))),
         data, torch.device("cpu"), log=lambda m: None)

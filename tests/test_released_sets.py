@@ -57,6 +57,7 @@ def test_released_set_is_the_evaluated_one(path):
     assert (result["num_eval"], result["epochs"], result["protocol"], result["split"]) == (5, 1000, "dm", "test")
     evaluated = Path(re.fullmatch(r".*\((.+)\)", result["evaluated"]).group(1))
     assert (ROOT / evaluated).resolve() == (run / "synthetic.pt").resolve()
+    assert load_synthetic(str(path))["sha256"] == hashlib.sha256(released).hexdigest()
     if "syn_sha256" in result:
         assert result["syn_sha256"] == hashlib.sha256(released).hexdigest()
 

@@ -27,6 +27,7 @@ def test_grid_report_and_summary(tmp_path):
     # each cell beside its improvement over the random baseline of the same cell: 51 - 30, 43.5 - 28
     assert "| csdm | 51.0 ± 0.5 (+21.0) | 43.5 ± 0.5 (+15.5) |" in table
     assert "| random | 30.0 ± 0.5 | 28.0 ± 0.5 |" in table
+    assert "in brackets: minus the random baseline of the same cell" in table
     assert "| LAD (published) | 58.1 | 52.2 |" in table  # published numbers beside ours, labelled
     assert (tmp_path / "accuracy_vs_if.png").stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -34,6 +35,15 @@ def test_grid_report_and_summary(tmp_path):
     assert summary["csdm/if200"] == {"acc_mean": 43.5, "acc_std": 0.5, "num_eval": 3, "tail": 40.5,
                                      "over_random": 15.5}
     assert summary["random/if200"]["over_random"] is None
+
+
+def test_no_brackets_announced_before_a_ruler_exists(tmp_path):
+    """A grid whose random baseline has not run yet shows no differences and says of none."""
+    folder = tmp_path / "cifar10" / "if200" / "ipc10" / "csdm"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(fake_result(52.9)))
+    table = report.write_report(tmp_path).read_text()
+    assert "| csdm | 52.9 ± 0.5 |" in table and "in brackets" not in table
 
 
 def test_improvement_over_random_needs_the_same_protocol_and_model(tmp_path):

@@ -25,7 +25,7 @@ def test_random_baseline_is_the_starting_set_of_distillation(factor, tmp_path, m
     data = make_tiny_data(size=16)
     monkeypatch.setattr(evaluate, "load_long_tailed", lambda *a, **k: data)
     args = evaluate.build_parser().parse_args(["--baseline", "random", "--ipc", "2", "--factor", str(factor)])
-    images, labels, _, _, what, _ = evaluate.baseline_job(args, log=lambda m: None)
+    images, labels, _, _, what, _, _ = evaluate.baseline_job(args, log=lambda m: None)
     start = distill.distill(tiny_distill_args(tmp_path, "--factor", str(factor)), data, torch.device("cpu"),
                             log=lambda m: None)
     assert torch.equal(images, decode(start["init_images"], factor))
