@@ -277,8 +277,8 @@ def load_synthetic(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"--syn: {path} does not exist; give the synthetic.pt written by distill.py")
-    content = file.read_bytes()
     try:
+        content = file.read_bytes()
         synthetic = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as error:
         raise UsageError(f"--syn: {path} is not a readable synthetic set ({type(error).__name__}); "
@@ -319,7 +319,8 @@ def check_options(args) -> None:
 
 def synthetic_job(args, log) -> tuple:
     """(images, labels, data, network, what, out, record) for --syn; record: what results.json adds about
-    the set (its factor, the ruler's number of images, and the sha256 of the file evaluated)."""
+    the set (its factor, which sets the random ruler's number of images, and the SHA-256 of the bytes
+    evaluated)."""
     synthetic = load_synthetic(args.syn)
     config = synthetic["config"]
     # the data the set was distilled from; only its location may be given anew

@@ -327,7 +327,7 @@ def write_run_readme(out: Path) -> None:
                   f"commit {run.get('commit')}; torch {run.get('torch')}; {run.get('gpu', run.get('machine'))}; "
                   f"device {run.get('device', '?')}"]
         if "wall_seconds" in run:
-            lines.append(f"; distillation {run['iterations_done']} iterations in {run['wall_seconds']:.0f} s")
+            lines[-1] += f"; distillation {run['iterations_done']} iterations in {run['wall_seconds']:.0f} s"
         lines.append("")
     if results:
         lines += [f"**{results['split']} accuracy {results['acc_mean']:.2f} +- {results['acc_std']:.2f} %** "

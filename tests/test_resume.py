@@ -143,6 +143,7 @@ def test_the_run_folder_explains_itself(folder_data, tmp_path):
     assert info["iterations_done"] == 3 and "commit" in info and info["device"] == "cpu"
     readme = (out / "README.md").read_text()
     assert "csdm on folder-LT" in readme and "init_vs_final.png" in readme and "loss.png" in readme
+    assert "; device cpu; distillation 3 iterations in " in readme  # one line: where and how long
     for picture in ("init_vs_final.png", "loss.png", "synthetic.png", "init.png"):
         assert (out / picture).stat().st_size > 0
 
