@@ -75,6 +75,6 @@ def test_released_set_exports_to_the_same_pixels(path, tmp_path):
     seen: dict[int, int] = {}
     for image, label in zip(synthetic["images"], synthetic["labels"].tolist()):
         with Image.open(tmp_path / synthetic["class_names"][label] / f"{seen.get(label, 0)}.png") as file:
-            png = torch.from_numpy(np.atleast_3d(np.asarray(file))).permute(2, 0, 1) / 255  # C x H x W
+            png = torch.from_numpy(np.atleast_3d(np.array(file))).permute(2, 0, 1) / 255  # C x H x W
         seen[label] = seen.get(label, 0) + 1
         assert (png - (image * std + mean).clamp(0, 1)).abs().max() <= 1 / 255
