@@ -58,15 +58,16 @@ def test_released_set_is_the_evaluated_one(path):
     assert (result["num_eval"], result["epochs"], result["protocol"], result["split"]) == (5, 1000, "dm", "test")
     evaluated = Path(re.fullmatch(r".*\((.+)\)", result["evaluated"]).group(1))
     assert (ROOT / evaluated).resolve() == (run / "synthetic.pt").resolve()
-    assert load_synthetic(str(path))["sha256"] == hashlib.sha256(released).hexdigest()
+    digest = hashlib.sha256(released).hexdigest()
+    assert load_synthetic(str(path))["sha256"] == digest
     if "syn_sha256" in result:
-        assert result["syn_sha256"] == hashlib.sha256(released).hexdigest()
+        assert result["syn_sha256"] == digest
 
 
 @each_set
 def test_released_set_exports_to_the_same_pixels(path, tmp_path):
-    """evaluate.py --export writes 8-bit PNGs: read back, every image is the set's de-normalised image to one
-    level of 255."""
+    """evaluate.py --export writes 8-bit PNGs: read back, every image is the set's de-normalised image to
+    half a level of 255 (save_image rounds)."""
     synthetic = load_synthetic(str(path))
     count = export_image_folder(synthetic["images"], synthetic["labels"], synthetic["mean"], synthetic["std"],
                                 synthetic["class_names"], tmp_path)
@@ -77,4 +78,4 @@ def test_released_set_exports_to_the_same_pixels(path, tmp_path):
         with Image.open(tmp_path / synthetic["class_names"][label] / f"{seen.get(label, 0)}.png") as file:
             png = torch.from_numpy(np.atleast_3d(np.array(file))).permute(2, 0, 1) / 255  # C x H x W
         seen[label] = seen.get(label, 0) + 1
-        assert (png - (image * std + mean).clamp(0, 1)).abs().max() <= 1 / 255
+        assert (png - (image * std + mean).clamp(0, 1)).abs().max() <= 0.5 / 255 + 1e-6
