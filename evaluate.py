@@ -317,10 +317,23 @@ def check_options(args) -> None:
         raise UsageError("--summary goes with --report DIR; add it, or drop --summary")
 
 
-def synthetic_job(args, log) -> tuple:
-    """(images, labels, data, network, what, out, record) for --syn; record: what results.json adds about
-    the set (its factor, which sets the random ruler's number of images, and the SHA-256 of the bytes
-    evaluated)."""
+@dataclasses.dataclass
+class Job:
+    """One evaluation: the images the networks train on (normalised, decoded) and their labels, the data set
+    they are tested on, build_network's arguments, a one-line description, the output folder, and what
+    results.json records about the set (its factor, which sets the random ruler's number of images, and for
+    --syn the SHA-256 of the bytes evaluated)."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    data: object
+    network: dict
+    what: str
+    out: Path
+    record: dict
+
+
+def synthetic_job(args, log) -> Job:
+    """The Job of --syn: the distilled set, tested on the data set it was distilled from."""
     synthetic = load_synthetic(args.syn)
     config = synthetic["config"]
     # the data the set was distilled from; only its location may be given anew
@@ -331,11 +344,11 @@ def synthetic_job(args, log) -> tuple:
     record = {"factor": config.get("factor", 1), "syn_sha256": synthetic["sha256"]}
     what = f"{config['method']}, IPC {config['ipc']} ({args.syn})"
     out = Path(args.out) if args.out else Path(args.syn).parent
-    return synthetic["images"].float(), synthetic["labels"].long(), data, network, what, out, record
+    return Job(synthetic["images"].float(), synthetic["labels"].long(), data, network, what, out, record)
 
 
-def baseline_job(args, log) -> tuple:
-    """(images, labels, data, network, what, out, record) for --baseline random|full."""
+def baseline_job(args, log) -> Job:
+    """The Job of --baseline random|full."""
     data = load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, args.seed, args.val_per_class,
                             args.n_max, args.image_size, log=log)
     if args.baseline == "random":
@@ -348,7 +361,7 @@ def baseline_job(args, log) -> tuple:
         what = f"full long-tailed set ({len(labels)} images)"
     out = Path(args.out) if args.out else Path("runs") / f"baseline-{args.baseline}"
     record = {"factor": args.factor if args.baseline == "random" else None}
-    return images, labels, data, network_options(args, data, None), what, out, record
+    return Job(images, labels, data, network_options(args, data, None), what, out, record)
 
 
 def network_options(args, data, config: dict | None) -> dict:
@@ -390,20 +403,18 @@ def job(args, holder) -> None:
     holder[0] = processes
     args.precision = resolve_precision(args.precision, device, args.compile)
     log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
-    images, labels, data, network, what, out, record = (synthetic_job if args.syn else baseline_job)(args, log)
+    run = (synthetic_job if args.syn else baseline_job)(args, log)
     epochs = args.epochs or PROTOCOLS[args.protocol].epochs
-    log(f"evaluate.py: {what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x {epochs} epochs "
-        f"on {device} ({args.precision})" + (f", {processes.world} processes" if processes.world > 1 else ""))
+    log(f"evaluate.py: {run.what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x {epochs} "
+        f"epochs on {device} ({args.precision})" + (f", {processes.world} processes" if processes.world > 1 else ""))
     try:
-        build_network(**network)
+        build_network(**run.network)
     except ValueError as error:
         raise UsageError(f"--model {args.model}: {error}")
     start = time.perf_counter()
-    result = evaluate(images, labels, data, args, network, device, processes=processes)
-    if result is not None:
-        result.update(record)
+    result = evaluate(run.images, run.labels, run.data, args, run.network, device, processes=processes)
     if processes.main:
-        write_result(result, out, what, data, args, device, processes, start)
+        write_result(result | run.record, run.out, run.what, run.data, args, device, processes, start)
 
 
 def main(argv=None) -> None:

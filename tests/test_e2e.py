@@ -86,16 +86,16 @@ def test_random_baseline_holds_ipc_times_factor_squared_images_per_class(cifar10
     data_options = ["--dataset", "cifar10", "--data-dir", cifar10_dir, "--imbalance-factor", 200, "--ipc", 2]
     data_options += ["--factor", factor] if factor else []
     args = evaluate.build_parser().parse_args(list(map(str, ["--baseline", "random", *data_options])))
-    images, labels, data, _, _, _, record = evaluate.baseline_job(args, log=lambda m: None)
+    run = evaluate.baseline_job(args, log=lambda m: None)
     f = factor or 2
-    assert images.shape == (10 * 2 * f * f, 3, 32, 32) and torch.isfinite(images).all()
-    assert torch.bincount(labels, minlength=10).tolist() == [2 * f * f] * 10
-    assert record == {"factor": f}  # results.json's ruler: the same factor as the sets it is compared with
+    assert run.images.shape == (10 * 2 * f * f, 3, 32, 32) and torch.isfinite(run.images).all()
+    assert torch.bincount(run.labels, minlength=10).tolist() == [2 * f * f] * 10
+    assert run.record == {"factor": f}  # results.json's ruler: the same factor as the sets it is compared with
     start = distill.distill(distill.build_parser().parse_args(list(map(str, [
         *data_options, "--iterations", 1, "--batch-real", 4, "--width", 8, "--device", "cpu", "--out", tmp_path]))),
-        data, torch.device("cpu"), log=lambda m: None)
-    assert torch.equal(images, distill.decode(start["init_images"], f))
-    assert torch.equal(labels, start["labels"])
+        run.data, torch.device("cpu"), log=lambda m: None)
+    assert torch.equal(run.images, distill.decode(start["init_images"], f))
+    assert torch.equal(run.labels, start["labels"])
 
 
 def test_evaluate_refuses_a_set_of_another_shape(distilled, tmp_path):

@@ -25,13 +25,13 @@ def test_random_baseline_is_the_starting_set_of_distillation(factor, tmp_path, m
     data = make_tiny_data(size=16)
     monkeypatch.setattr(evaluate, "load_long_tailed", lambda *a, **k: data)
     args = evaluate.build_parser().parse_args(["--baseline", "random", "--ipc", "2", "--factor", str(factor)])
-    images, labels, _, _, what, _, _ = evaluate.baseline_job(args, log=lambda m: None)
+    run = evaluate.baseline_job(args, log=lambda m: None)
     start = distill.distill(tiny_distill_args(tmp_path, "--factor", str(factor)), data, torch.device("cpu"),
                             log=lambda m: None)
-    assert torch.equal(images, decode(start["init_images"], factor))
-    assert torch.equal(labels, start["labels"])
-    assert torch.equal(torch.bincount(labels), torch.full((data.num_classes,), 2 * factor ** 2))
-    assert f"factor {factor}" in what
+    assert torch.equal(run.images, decode(start["init_images"], factor))
+    assert torch.equal(run.labels, start["labels"])
+    assert torch.equal(torch.bincount(run.labels), torch.full((data.num_classes,), 2 * factor ** 2))
+    assert f"factor {factor}" in run.what
 
 
 def test_class_pairing_gives_a_class_one_transformation():
