@@ -422,8 +422,14 @@ def load_long_tailed(dataset: str, data_dir: str | None = None, imbalance_factor
     wanted = long_tailed_counts(head, num_classes, imbalance_factor)
     left = (available - val_per_class).clamp_min(0).tolist()
     counts = [min(w, a) for w, a in zip(wanted, left)]
+    if min(wanted) < 1:
+        raise UsageError(f"--imbalance-factor {imbalance_factor:g}: the tail class would get {head} / "
+                         f"{imbalance_factor:g} < 1 images (head {head}); lower --imbalance-factor, or raise --n-max")
     if min(counts) < 1:
-        raise UsageError(f"--val-per-class {val_per_class} leaves a class without training images; lower it")
+        empty = class_names[counts.index(0)]
+        raise UsageError(f"--val-per-class {val_per_class} leaves class '{empty}' without training images; lower it"
+                         if val_per_class > 0 else f"class '{empty}' has no training images in {dataset}; "
+                         f"give a --data-dir whose every class holds images")
     short = [c for c in range(num_classes) if counts[c] < wanted[c]]
     if short:
         log(f"note: {len(short)} class(es) have fewer images than the profile asks "
@@ -587,6 +593,13 @@ def dsa_uniforms_siamese(seed: int, step: int, classes: torch.Tensor, positions:
 
 # ----------------------------------------------------------------------------------------
 # The starting synthetic set (real initialisation, multi-formation) and the real batches of an iteration
+
+def check_factor(factor: int, image_size: int) -> None:
+    """Multi-formation shrinks each real image to a tile of image_size // factor pixels: at least one."""
+    if factor > image_size:
+        raise UsageError(f"--factor {factor}: a {image_size}-pixel image holds at most {image_size} x {image_size} "
+                         f"tiles; lower --factor")
+
 
 def initial_synthetic(data: LongTailedData, ipc: int, seed: int, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Real initialisation: ipc normalised real images per class, (C * ipc, ch, H, W), and labels.

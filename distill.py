@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 
 from data_lt import (DSA_PAIRINGS, LongTailedData, RealBatchSampler, UsageError, add_data_arguments, cache_dir,
-                     counter_seed, counter_uniform, decode, dsa_augment, dsa_uniforms_siamese, initial_synthetic,
-                     load_from_args)
+                     check_factor, counter_seed, counter_uniform, decode, dsa_augment, dsa_uniforms_siamese,
+                     initial_synthetic, load_from_args)
 from networks import (NORMS, POOLINGS, PRECISIONS, autocast, build_network, depth_for_size, in_micro_batches,
                       micro_batch_size, reset_parameters_, resolve_precision)
 from runs import (FORMAT_VERSION, OneLineParser, Processes, Progress, atomic_save, check_positive, compile_or_eager,
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pool's features, la acts on the extractor without --calibration too")
     g.add_argument("--class-chunk", type=int, default=0,
                    help="classes embedded and matched together (0: as many as keep about 4096 images, at most "
-                        "1024 of them synthetic, in a chunk); bounds memory for many classes, the result is the same")
+                        "1024 of them synthetic, in a chunk; with --norm batch always one); bounds memory for many "
+                        "classes, the result is the same")
     g = p.add_argument_group("loss")
     g.add_argument("--kernel", default="gaussian", choices=KERNELS, help="universal kernel of the spectral methods")
     g.add_argument("--num-freqs", type=int, default=1024, help="frequencies M drawn per iteration")
@@ -186,6 +187,9 @@ def check_options(args) -> None:
         raise UsageError(f"--lr-img must be > 0 (got {args.lr_img})")
     if not args.bandwidth > 0:
         raise UsageError(f"--bandwidth must be > 0 (got {args.bandwidth})")
+    if args.bandwidth_rule == "median" and args.batch_real < 2:
+        raise UsageError("--bandwidth-rule median needs two real images of a class to measure a distance: "
+                         "raise --batch-real to 2 or more, or use --bandwidth-rule fixed")
     if args.class_aware and args.method not in ("sdm", "ncfm", "csdm"):
         raise UsageError(f"--class-aware applies to the spectral losses sdm and ncfm, not {args.method}; drop it")
     if class_aware(args) and not (0 < args.alpha_tail <= args.alpha_head < 1):
@@ -489,10 +493,11 @@ def chunk_classes(batch_real: int, decoded_per_class: int, images: int = 4096, w
     return max(1, min(images // (batch_real + decoded_per_class), with_grad // decoded_per_class))
 
 
-def embed_in_chunks(embed, images: torch.Tensor, chunk: int | None = 1024) -> torch.Tensor:
-    """embed(images) over row chunks, without building a graph (real images need no gradient)."""
+def embed_in_chunks(embed, images: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """embed(images) over row chunks (None: in one call), without building a graph (real images need no
+    gradient)."""
     with torch.no_grad():
-        return in_micro_batches(embed, images.contiguous(memory_format=torch.channels_last), chunk or 1024)
+        return in_micro_batches(embed, images.contiguous(memory_format=torch.channels_last), chunk)
 
 
 class Matcher:
@@ -511,9 +516,12 @@ class Matcher:
         self.normalise_features = args.method != "dm" and args.feature_norm == "l2"
         # the spectral loss's projection w . x follows the network's precision (sdd.class_characteristic_functions)
         self.projection_dtype = torch.bfloat16 if config["precision"] == "bf16" else None
-        # batch norm statistics would change with the micro-batches: keep whole batches then
-        self.micro = micro_batch_size(device, data.image_size) if args.norm != "batch" else None
-        per_chunk = args.class_chunk or chunk_classes(args.batch_real, args.ipc * self.tiles)
+        # batch norm: each class's real and synthetic images go through the network alone and whole (as in
+        # DM's code), so its batch statistics are the class's, whatever the chunks, micro-batches or processes
+        per_class = args.norm == "batch"
+        self.micro = None if per_class else micro_batch_size(device, data.image_size)
+        self.real_chunk = None if per_class else self.micro or 1024
+        per_chunk = 1 if per_class else args.class_chunk or chunk_classes(args.batch_real, args.ipc * self.tiles)
         self.chunks = [(a, min(a + per_chunk, len(shard.classes))) for a in range(0, len(shard.classes), per_chunk)]
 
     def backward(self, syn: torch.Tensor, iteration: int, extractor: Extractor, freqs) -> torch.Tensor:
@@ -541,7 +549,7 @@ class Matcher:
         syn_aug = dsa_augment(decoded, dsa_uniforms_siamese(args.seed, iteration, syn_class,
                                                             shard.syn_position[in_syn], args.dsa_pairing))
         syn_aug = syn_aug.contiguous(memory_format=torch.channels_last)
-        real_features = embed_in_chunks(extractor.embed, real, self.micro)
+        real_features = embed_in_chunks(extractor.embed, real, self.real_chunk)
         syn_features = in_micro_batches(extractor.embed, syn_aug, self.micro)
         if self.normalise_features:
             real_features, syn_features = F.normalize(real_features, dim=1), F.normalize(syn_features, dim=1)
@@ -706,6 +714,7 @@ def prepare_out_folder(args, data: LongTailedData, processes: Processes, log) ->
     if checkpoint is not None and checkpoint["iteration"] > args.iterations:
         raise UsageError(f"--iterations {args.iterations}: the checkpoint in {out} is already at iteration "
                          f"{checkpoint['iteration']}; resume with --iterations {checkpoint['iteration']} or more")
+    check_no_evaluation_replaced(args, out, checkpoint)
     if args.overwrite and processes.main:
         for name in OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)
@@ -714,12 +723,30 @@ def prepare_out_folder(args, data: LongTailedData, processes: Processes, log) ->
     return checkpoint
 
 
+def check_no_evaluation_replaced(args, out: Path, checkpoint: dict | None) -> None:
+    """Refuse a run that would replace a set already evaluated, leaving the evaluation to describe a set that
+    is gone: --resume continuing a set evaluated in --out (results.json) or in a folder inside it (as
+    `evaluate.py --out DIR/ncfm` writes), and --overwrite of a set evaluated in a folder inside --out
+    (its own results.json it removes with the run)."""
+    nested = sorted(str(path.parent) for path in out.glob("*/results.json"))
+    if args.resume and checkpoint is not None:
+        evaluations = ([str(out)] if (out / "results.json").exists() else []) + nested
+        if evaluations:
+            raise UsageError(f"--resume --iterations {args.iterations}: the set in {out} was evaluated "
+                             f"({', '.join(evaluations)}) and this run would replace it; copy checkpoint.pt into "
+                             f"a new --out and resume there")
+    if args.overwrite and nested:
+        raise UsageError(f"--overwrite: {', '.join(nested)} holds an evaluation of the set in {out}, which this run "
+                         f"would replace; move it out of {out} first, or give another --out")
+
+
 def check_network(args, data: LongTailedData) -> None:
     """The ConvNet must fit the images (a depth that pools them below one pixel does not)."""
     try:
         convnet(args, data, args.depth or depth_for_size(data.image_size), torch.device("cpu"))
     except ValueError as error:
         raise UsageError(f"--depth: {error}")
+    check_factor(args.factor, data.image_size)
 
 
 class Finished(Exception):

@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_lt import UsageError, add_data_arguments, counter_seed, decode, initial_synthetic, load_long_tailed
+from data_lt import (UsageError, add_data_arguments, check_factor, counter_seed, decode, initial_synthetic,
+                     load_long_tailed)
 from networks import MODELS, NORMS, PRECISIONS, build_network, depth_for_size, reset_parameters_, resolve_precision
 from runs import (FORMAT_VERSION, OneLineParser, Processes, check_positive, environment, export_image_folder, pyplot,
                   run_script, start_processes, write_run_readme)
@@ -98,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the networks and batches (and of the data subset "
                                                        "for baselines)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--out", default=None, help="folder for results.json (default: next to --syn)")
+    g.add_argument("--out", default=None,
+                   help="folder for results.json (default: next to --syn; for baselines runs/baseline-<kind>-<dataset>-"
+                        "if<IF>[-ipc<IPC>-f<factor>])")
+    g.add_argument("--overwrite", action="store_true", help="replace a results.json already in --out")
     g.add_argument("--export", default=None, metavar="DIR",
                    help="with --syn: write the set as DIR/<class>/<n>.png (an image folder other tools read) "
                         "and stop; DIR must not exist yet")
@@ -296,9 +300,12 @@ def load_synthetic(path: str) -> dict:
 def check_matches(synthetic: dict, data, path: str) -> None:
     """The synthetic images must fit the data set the networks are tested on."""
     images, labels = synthetic["images"], synthetic["labels"]
+    if images.dim() != 4:
+        raise UsageError(f"--syn: {path} holds images of shape {tuple(images.shape)}, not (N, channels, height, "
+                         f"width); give a synthetic.pt that distill.py wrote")
     have = (images.shape[1], images.shape[2], images.shape[3], len(synthetic["class_names"]))
     want = (data.channels, data.image_size, data.image_size, data.num_classes)
-    if images.dim() != 4 or have != want:
+    if have != want:
         raise UsageError(f"--syn: {path} holds {have[0]} x {have[1]} x {have[2]} images of {have[3]} classes, but "
                          f"{data.name} has {want[0]} x {want[1]} x {want[2]} images of {want[3]} classes; "
                          f"evaluate it with the data set it was distilled from")
@@ -352,6 +359,7 @@ def baseline_job(args, log) -> Job:
     data = load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, args.seed, args.val_per_class,
                             args.n_max, args.image_size, log=log)
     if args.baseline == "random":
+        check_factor(args.factor, data.image_size)
         packed, labels = initial_synthetic(data, args.ipc, args.seed, args.factor)
         images, labels = decode(packed, args.factor), labels.repeat_interleave(args.factor ** 2)
         what = (f"random, IPC {args.ipc}, factor {args.factor} ({args.ipc * args.factor ** 2} real images per "
@@ -359,9 +367,21 @@ def baseline_job(args, log) -> Job:
     else:
         images, labels = data.normalise(data.train_images), data.train_labels
         what = f"full long-tailed set ({len(labels)} images)"
-    out = Path(args.out) if args.out else Path("runs") / f"baseline-{args.baseline}"
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"baseline-{args.baseline}-{args.dataset}-if{args.imbalance_factor:g}"
+        + (f"-ipc{args.ipc}-f{args.factor}" if args.baseline == "random" else ""))
     record = {"factor": args.factor if args.baseline == "random" else None}
     return Job(images, labels, data, network_options(args, data, None), what, out, record)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Before any training: --out must be a folder (or not exist yet), and an evaluation already in it is
+    replaced only with --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if (out / "results.json").exists() and not overwrite:
+        raise UsageError(f"--out {out} already holds an evaluation (results.json); give another --out, or "
+                         f"--overwrite to replace it")
 
 
 def network_options(args, data, config: dict | None) -> dict:
@@ -404,6 +424,7 @@ def job(args, holder) -> None:
     args.precision = resolve_precision(args.precision, device, args.compile)
     log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
     run = (synthetic_job if args.syn else baseline_job)(args, log)
+    check_out(run.out, args.overwrite)
     epochs = args.epochs or PROTOCOLS[args.protocol].epochs
     log(f"evaluate.py: {run.what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x {epochs} "
         f"epochs on {device} ({args.precision})" + (f", {processes.world} processes" if processes.world > 1 else ""))

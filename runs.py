@@ -395,12 +395,13 @@ def plot_loss(history, path: Path, title: str) -> None:
 
 def export_image_folder(images: torch.Tensor, labels: torch.Tensor, mean, std, class_names, folder: Path) -> int:
     """Write a set as folder/<class name>/<n>.png (8-bit RGB or grey, pixels (x std + mean) clamped to [0, 1]),
-    the layout image-folder tools read; returns the number of files written."""
+    the layout image-folder tools read, a slash in a class name written as "_" (Fashion-MNIST's
+    "T-shirt/top": T-shirt_top/); returns the number of files written."""
     from torchvision.utils import save_image
     pixels = (images.float() * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)).clamp(0, 1)
     counts: dict[int, int] = {}
     for image, label in zip(pixels, labels.tolist()):
-        target = folder / str(class_names[label])
+        target = folder / str(class_names[label]).replace("/", "_").replace("\\", "_")
         target.mkdir(parents=True, exist_ok=True)
         save_image(image, str(target / f"{counts.get(label, 0)}.png"))
         counts[label] = counts.get(label, 0) + 1

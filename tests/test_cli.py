@@ -42,6 +42,7 @@ DISTILL_ERRORS = [
     (["--device", "tpu"], "--device"),
     (["--calibration", "1"], "--extractor pool"),
     (["--calibration", "-1", "--extractor", "pool"], "--calibration"),
+    (["--bandwidth-rule", "median", "--batch-real", "1"], "--batch-real"),
 ]
 
 
@@ -80,6 +81,23 @@ def test_evaluate_bad_input(capsys, tmp_path):
         assert code == 2 and len(err.splitlines()) == 1 and option in err, (argv, err)
 
 
+def test_evaluate_checks_its_output_folder_before_training(capsys, tmp_path, monkeypatch):
+    """An evaluation already in --out is replaced only with --overwrite, and --out must not be a file: both
+    refused in one line before any network trains."""
+    from conftest import make_tiny_data
+    monkeypatch.setattr(evaluate, "load_long_tailed", lambda *a, **k: make_tiny_data(size=16))
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("trained before checking --out"))
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "results.json").write_text('{"acc_mean": 50.0}')
+    (tmp_path / "file").write_text("")
+    for out, words in ((tmp_path / "done", "already holds an evaluation"), (tmp_path / "file", "is a file")):
+        code, err = run_main(evaluate, ["--baseline", "random", "--ipc", "1", "--out", str(out)], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and f"--out {out}" in err and words in err, err
+    assert (tmp_path / "done" / "results.json").read_text() == '{"acc_mean": 50.0}'
+    code, err = run_main(evaluate, ["--baseline", "random", "--ipc", "1", "--factor", "17"], capsys)
+    assert code == 2 and err.endswith("--factor 17: a 16-pixel image holds at most 16 x 16 tiles; lower --factor")
+
+
 class _RunsCode:
     def __reduce__(self):
         return (exec, ("open(__import__('os').environ['CSDM_PWNED'], 'w').write('ran')",))
@@ -102,18 +120,21 @@ def test_real_command_line_prints_no_traceback(tmp_path):
 
 
 def test_export_writes_an_image_folder_and_refuses_to_overwrite(tmp_path, capsys):
-    """evaluate.py --syn S --export DIR writes DIR/<class>/<n>.png, one file per image, pixels denormalised;
-    an existing DIR is refused before anything is written."""
+    """evaluate.py --syn S --export DIR writes DIR/<class>/<n>.png, one file per image, pixels denormalised,
+    a slash in a class name as "_" (Fashion-MNIST's "T-shirt/top"); an existing DIR is refused before anything
+    is written."""
     from PIL import Image
     images = torch.rand(6, 3, 8, 8) * 2 - 1
-    synthetic = {"images": images, "labels": torch.tensor([0, 0, 0, 1, 1, 1]), "class_names": ["cat", "dog"],
+    synthetic = {"images": images, "labels": torch.tensor([0, 0, 0, 1, 1, 1]), "class_names": ["cat", "T-shirt/top"],
                  "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "class_counts": [3, 3],
                  "config": {"format_version": 1}}
     torch.save(synthetic, tmp_path / "synthetic.pt")
     evaluate.main(["--syn", str(tmp_path / "synthetic.pt"), "--export", str(tmp_path / "images")])
     files = sorted(p.relative_to(tmp_path / "images").as_posix() for p in (tmp_path / "images").rglob("*.png"))
-    assert files == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png", "dog/2.png"]
-    pixels = torch.from_numpy(__import__("numpy").array(Image.open(tmp_path / "images" / "dog" / "1.png"))).float()
+    assert files == ["T-shirt_top/0.png", "T-shirt_top/1.png", "T-shirt_top/2.png", "cat/0.png", "cat/1.png",
+                     "cat/2.png"]
+    pixels = torch.from_numpy(__import__("numpy").array(Image.open(tmp_path / "images" / "T-shirt_top" / "1.png")))
+    pixels = pixels.float()
     expected = ((images[4] * 0.25 + 0.5).clamp(0, 1) * 255).permute(1, 2, 0)
     assert (pixels - expected).abs().max() <= 1.0  # 8-bit rounding
     code, err = run_main(evaluate, ["--syn", str(tmp_path / "synthetic.pt"), "--export", str(tmp_path / "images")],

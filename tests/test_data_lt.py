@@ -117,6 +117,18 @@ def test_load_long_tailed_from_a_folder(tmp_path):
     assert len(data.mean) == 3 and all(s > 0 for s in data.std)
 
 
+def test_a_profile_without_tail_images_names_the_option_that_empties_it(tmp_path):
+    """Each way of leaving a class without training images is reported against the option that does it."""
+    write_folder(tmp_path, sizes=[12], per_class=(8, 8, 8))
+    with pytest.raises(UsageError, match=r"--imbalance-factor 9: the tail class would get 8 / 9 < 1 images"):
+        load_long_tailed("folder", str(tmp_path), imbalance_factor=9, seed=0, val_per_class=0, log=lambda m: None)
+    with pytest.raises(UsageError, match=r"--imbalance-factor 10: .*--n-max"):
+        load_long_tailed("folder", str(tmp_path), imbalance_factor=10, seed=0, val_per_class=0, n_max=6,
+                         log=lambda m: None)
+    with pytest.raises(UsageError, match=r"--val-per-class 8 leaves class 'ant' without training images"):
+        load_long_tailed("folder", str(tmp_path), imbalance_factor=4, seed=0, val_per_class=8, log=lambda m: None)
+
+
 def write_idx(path, array: torch.Tensor):
     header = b"\x00\x00\x08" + bytes([array.dim()]) + b"".join(struct.pack(">I", s) for s in array.shape)
     with gzip.open(path, "wb") as f:

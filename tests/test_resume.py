@@ -118,6 +118,28 @@ def test_an_occupied_output_folder_needs_resume_or_overwrite(folder_data, tmp_pa
     assert "nothing to do" in done.stdout
 
 
+def test_a_run_that_would_replace_an_evaluated_set_is_refused(folder_data, tmp_path):
+    """Continuing (--resume with more iterations) or replacing (--overwrite) a set that evaluate.py has scored
+    would leave results.json describing a set that is gone: refused, nothing touched; continuing in a new
+    folder works."""
+    out = tmp_path / "run"
+    run(command(folder_data, out, iterations=2))
+    (out / "results.json").write_text("{}")
+    before = (out / "synthetic.pt").read_bytes()
+    done = run(command(folder_data, out, "--resume", iterations=4), code=2)
+    assert done.stderr.startswith(f"distill.py: error: --resume --iterations 4: the set in {out} was evaluated")
+    assert "new --out" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    (out / "results.json").unlink()
+    (out / "ncfm").mkdir()
+    (out / "ncfm" / "results.json").write_text("{}")  # evaluate.py --syn run/synthetic.pt --out run/ncfm
+    done = run(command(folder_data, out, "--overwrite", iterations=2), code=2)
+    assert done.stderr.startswith(f"distill.py: error: --overwrite: {out / 'ncfm'} holds an evaluation")
+    assert (out / "synthetic.pt").read_bytes() == before and (out / "checkpoint.pt").exists()
+    (tmp_path / "longer").mkdir()
+    (tmp_path / "longer" / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
+    assert "resuming from iteration 2" in run(command(folder_data, tmp_path / "longer", "--resume", iterations=4)).stdout
+
+
 def test_a_diverging_run_stops_and_keeps_its_last_checkpoint(folder_data, tmp_path):
     # lr 1e30 on dm: the first step leaves finite images, the second overflows; a checkpoint after every
     # iteration, so the first one is on disk when the run diverges

@@ -142,6 +142,8 @@ def test_class_median_distances():
         x = real[real_labels == c]
         i, j = torch.triu_indices(len(x), len(x), 1)
         assert l1[c] == (x[i] - x[j]).abs().sum(1).median() == median_distance(x, p=1)
+    # one row per class (a class chunk of one-image classes): no distance anywhere, the bandwidth as given
+    assert torch.equal(class_median_distances(real[:4], torch.arange(4), 4), torch.ones(4, dtype=real.dtype))
 
 
 def test_median_distance():
