@@ -19,6 +19,12 @@
 # started again. The grid ends with results/table.md and results/accuracy_vs_if.png.
 set -euo pipefail
 cd "$(dirname "$0")"
+if (( BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4) )); then
+  # empty arrays under set -u, as below, need bash 4.4 (macOS ships 3.2)
+  echo "run_all.sh: error: needs bash 4.4 or newer (this is $BASH_VERSION); on macOS install it" \
+       "(brew install bash) and run: \$(brew --prefix)/bin/bash run_all.sh ..." >&2
+  exit 2
+fi
 
 usage() {
   awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
@@ -29,6 +35,7 @@ options:
   --ipcs LIST          images per class (default: 10 20 50 for cifar10, 10 20 for cifar100)
   --methods LIST       among random dm mmd ncfm sdm csdm full (default: all)
   --quick              CPU budget: 200 iterations, batch-real 64, 2 networks x 300 epochs
+                       (these five shape the grid; the jobs below run fixed sets of runs and refuse them)
   --cpu-bench          the CPU benchmark of the README (writes results/cpu_bench.json)
   --fair-random        the CPU benchmark's random baseline at factor 2 (the distilled sets' number of
                        images) and factor 1 (writes results/fair_random.json)
@@ -62,24 +69,30 @@ EOF
 
 fail() { echo "run_all.sh: error: $*" >&2; exit 2; }
 
+MODE_FLAG=""  # the option that chose a job other than the grid, for the messages
+set_mode() {  # set_mode MODE OPTION: one job per call of the script
+  [[ -z "$MODE_FLAG" || "$MODE_FLAG" == "$2" ]] || fail "$MODE_FLAG and $2 are two jobs; run ./run_all.sh once for each"
+  MODE="$1"; MODE_FLAG="$2"
+}
+
 MODE=grid; ABLATION=""; QUICK=0; DATASETS="cifar10 cifar100"; IF_LIST=""; IPC_LIST=""
 METHODS="random dm mmd ncfm sdm csdm full"; DATA_DIR=""; OUT="results"; DEVICE="auto"; SEED=0; PRECISION=""
-GRID_OPTIONS=()  # options that only shape the grid (--quick, --datasets, ...), for refusing them with --full-cell
+GRID_OPTIONS=()  # options that only shape the grid (--quick, --datasets, ...), refused with the other jobs
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) QUICK=1; GRID_OPTIONS+=("$1"); shift ;;
-    --cpu-bench) MODE=cpu-bench; shift ;;
-    --fair-random) MODE=fair-random; shift ;;
-    --protocol-bench) MODE=protocol-bench; shift ;;
-    --arch-bench) MODE=arch-bench; shift ;;
-    --calibration-bench) MODE=calibration-bench; shift ;;
-    --full-cell) MODE=full-cell; shift ;;
+    --cpu-bench) set_mode cpu-bench "$1"; shift ;;
+    --fair-random) set_mode fair-random "$1"; shift ;;
+    --protocol-bench) set_mode protocol-bench "$1"; shift ;;
+    --arch-bench) set_mode arch-bench "$1"; shift ;;
+    --calibration-bench) set_mode calibration-bench "$1"; shift ;;
+    --full-cell) set_mode full-cell "$1"; shift ;;
     --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed|--ablation|--precision)
       [[ $# -ge 2 ]] || fail "$1 needs a value; see ./run_all.sh --help"
       case "$1" in
         --datasets) DATASETS="$2" ;; --ifs) IF_LIST="$2" ;; --ipcs) IPC_LIST="$2" ;;
         --methods) METHODS="$2" ;; --data-dir) DATA_DIR="$2" ;; --out) OUT="$2" ;;
-        --device) DEVICE="$2" ;; --seed) SEED="$2" ;; --ablation) MODE=ablation; ABLATION="$2" ;;
+        --device) DEVICE="$2" ;; --seed) SEED="$2" ;; --ablation) set_mode ablation --ablation; ABLATION="$2" ;;
         --precision) PRECISION="$2" ;;
       esac
       case "$1" in --datasets|--ifs|--ipcs|--methods) GRID_OPTIONS+=("$1") ;; esac
@@ -102,8 +115,10 @@ done
   fail "--data-dir: $DATA_DIR does not exist; give the data folder or omit it to download"
 [[ "$SEED" =~ ^[0-9]+$ ]] || fail "--seed: '$SEED' is not a non-negative integer"
 case "$PRECISION" in ""|auto|fp32|bf16) ;; *) fail "--precision: '$PRECISION' is not auto, fp32 or bf16" ;; esac
-if [[ "$MODE" == full-cell && ${#GRID_OPTIONS[@]} -gt 0 ]]; then
-  fail "--full-cell: ${GRID_OPTIONS[0]} does not apply (the cell is fixed: CIFAR-10-LT IPC 10 at the full budget); drop it"
+if [[ "$MODE" != grid && ${#GRID_OPTIONS[@]} -gt 0 ]]; then
+  if [[ "$MODE" == full-cell ]]; then why="the cell is fixed: CIFAR-10-LT IPC 10 at the full budget"
+  else why="it shapes the grid; $MODE_FLAG runs a fixed set of runs"; fi
+  fail "$MODE_FLAG: ${GRID_OPTIONS[0]} does not apply ($why); drop it"
 fi
 # the full cell's checkpoints resume on any machine in bf16; the calibration bench matches the protocol bench (fp32)
 if [[ -z "$PRECISION" ]]; then

@@ -482,7 +482,9 @@ def test_run_all_rejects_bad_options():
                          (["--ablation", "colour"], "--ablation"), (["--cpu-bench"], "--data-dir"),
                          (["--seed", "-1"], "--seed"), (["--datasets", "mnist"], "--datasets"),
                          (["--precision", "fp16"], "--precision"), (["--full-cell", "--quick"], "--quick"),
-                         (["--full-cell", "--ifs", "10"], "--ifs")):
+                         (["--full-cell", "--ifs", "10"], "--ifs"),
+                         (["--ablation", "kernel", "--full-cell"], "--full-cell"),
+                         (["--cpu-bench", "--methods", "dm", "--data-dir", "/tmp"], "--methods")):
         done = subprocess.run(["bash", str(ROOT / "run_all.sh"), *argv], capture_output=True, text=True)
         assert done.returncode == 2 and option in done.stderr and len(done.stderr.strip().splitlines()) == 1
 

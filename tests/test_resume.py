@@ -137,7 +137,8 @@ def test_a_run_that_would_replace_an_evaluated_set_is_refused(folder_data, tmp_p
     assert (out / "synthetic.pt").read_bytes() == before and (out / "checkpoint.pt").exists()
     (tmp_path / "longer").mkdir()
     (tmp_path / "longer" / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
-    assert "resuming from iteration 2" in run(command(folder_data, tmp_path / "longer", "--resume", iterations=4)).stdout
+    done = run(command(folder_data, tmp_path / "longer", "--resume", iterations=4))
+    assert "resuming from iteration 2" in done.stdout
 
 
 def test_a_diverging_run_stops_and_keeps_its_last_checkpoint(folder_data, tmp_path):
