@@ -308,10 +308,15 @@ class Diverged(RuntimeError):
 
 
 def pool_file(args, data: LongTailedData, depth: int, precision: str) -> Path:
-    """Where the trained extractor pool for this data and network is cached."""
+    """Where the trained extractor pool for this data and network is cached. An image-folder tree is known by
+    its class names and the SHA-1 of its training images (two trees of the same counts and size are two data
+    sets); the named data sets by their name."""
     key = (data.name, tuple(data.class_counts), data.channels, data.image_size, args.val_per_class, args.seed,
            args.width, depth, args.norm, args.pooling, args.pool_size, args.pool_epochs, precision) + (
            (args.pool_rebalance,) if args.pool_rebalance != "none" else ())  # older pools keep their files
+    if args.dataset == "folder":
+        pixels = hashlib.sha1(data.train_images.contiguous().numpy().tobytes()).hexdigest()
+        key += (tuple(data.class_names), pixels)
     digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
     return cache_dir() / "pools" / f"pool-{digest}.pt"
 

@@ -63,6 +63,16 @@ def test_cuda_device_without_cuda(capsys, tmp_path):
     assert code == 2 and "--device" in err and "--device cpu" in err
 
 
+def test_a_cuda_index_beyond_the_machine_is_refused(monkeypatch):
+    from data_lt import UsageError
+    from runs import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UsageError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+
+
 def test_evaluate_bad_input(capsys, tmp_path):
     cases = [
         (["--syn", str(tmp_path / "none.pt")], "--syn"),

@@ -154,6 +154,16 @@ def test_extractor_pool_is_trained_once_and_cached(tiny_data, tmp_path):
     assert not torch.equal(first["images"], plain["images"])
 
 
+def test_pool_cache_tells_image_folders_of_the_same_shape_apart(tmp_path):
+    """Two image-folder trees with the same classes, counts and image size but other pictures get two cached
+    pools; the same tree gets the same one."""
+    args = tiny_args(tmp_path, "--dataset", "folder", "--extractor", "pool")
+    first, second = make_tiny_data(seed=0), make_tiny_data(seed=1)
+    assert first.class_counts == second.class_counts and first.name == second.name
+    assert pool_file(args, first, 3, "fp32") != pool_file(args, second, 3, "fp32")
+    assert pool_file(args, first, 3, "fp32") == pool_file(args, make_tiny_data(seed=0), 3, "fp32")
+
+
 def test_calibration_lowers_the_pool_classifiers_cross_entropy(tiny_data, tmp_path):
     """NCFM's calibration term: the trained pool networks classify the synthetic set better with it than without."""
     from networks import ConvNet
