@@ -425,11 +425,13 @@ def load_long_tailed(dataset: str, data_dir: str | None = None, imbalance_factor
     if min(wanted) < 1:
         raise UsageError(f"--imbalance-factor {imbalance_factor:g}: the tail class would get {head} / "
                          f"{imbalance_factor:g} < 1 images (head {head}); lower --imbalance-factor, or raise --n-max")
+    if min(available.tolist()) < 1:
+        empty = class_names[available.tolist().index(0)]
+        raise UsageError(f"--data-dir: class '{empty}' has no training images in {dataset}; give a data folder whose "
+                         f"every class holds images")
     if min(counts) < 1:
         empty = class_names[counts.index(0)]
-        raise UsageError(f"--val-per-class {val_per_class} leaves class '{empty}' without training images; lower it"
-                         if val_per_class > 0 else f"class '{empty}' has no training images in {dataset}; "
-                         f"give a --data-dir whose every class holds images")
+        raise UsageError(f"--val-per-class {val_per_class} leaves class '{empty}' without training images; lower it")
     short = [c for c in range(num_classes) if counts[c] < wanted[c]]
     if short:
         log(f"note: {len(short)} class(es) have fewer images than the profile asks "

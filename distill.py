@@ -309,14 +309,15 @@ class Diverged(RuntimeError):
 
 def pool_file(args, data: LongTailedData, depth: int, precision: str) -> Path:
     """Where the trained extractor pool for this data and network is cached. An image-folder tree is known by
-    its class names and the SHA-1 of its training images (two trees of the same counts and size are two data
-    sets); the named data sets by their name."""
+    its class names and the SHA-1 of its training images and labels (two trees of the same counts and size are
+    two data sets); the named data sets by their name."""
     key = (data.name, tuple(data.class_counts), data.channels, data.image_size, args.val_per_class, args.seed,
            args.width, depth, args.norm, args.pooling, args.pool_size, args.pool_epochs, precision) + (
            (args.pool_rebalance,) if args.pool_rebalance != "none" else ())  # older pools keep their files
     if args.dataset == "folder":
-        pixels = hashlib.sha1(data.train_images.contiguous().numpy().tobytes()).hexdigest()
-        key += (tuple(data.class_names), pixels)
+        content = hashlib.sha1(memoryview(data.train_images.contiguous().numpy()))  # no copy of the images
+        content.update(memoryview(data.train_labels.contiguous().numpy()))
+        key += (tuple(data.class_names), content.hexdigest())
     digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
     return cache_dir() / "pools" / f"pool-{digest}.pt"
 
@@ -719,7 +720,7 @@ def prepare_out_folder(args, data: LongTailedData, processes: Processes, log) ->
     if checkpoint is not None and checkpoint["iteration"] > args.iterations:
         raise UsageError(f"--iterations {args.iterations}: the checkpoint in {out} is already at iteration "
                          f"{checkpoint['iteration']}; resume with --iterations {checkpoint['iteration']} or more")
-    check_no_evaluation_replaced(args, out, checkpoint)
+    check_no_evaluation_replaced(args, out)
     if args.overwrite and processes.main:
         for name in OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)
@@ -728,13 +729,35 @@ def prepare_out_folder(args, data: LongTailedData, processes: Processes, log) ->
     return checkpoint
 
 
-def check_no_evaluation_replaced(args, out: Path, checkpoint: dict | None) -> None:
+def evaluations_inside(out: Path) -> list[str]:
+    """Folders inside `out` whose results.json scores the set in `out` (as `evaluate.py --syn out/synthetic.pt
+    --out out/ncfm` writes): its syn_sha256 is the set's, or its --syn names the set's file. A folder holding
+    a run of its own (synthetic.pt or checkpoint.pt) is that run's. Evaluations kept elsewhere are not seen."""
+    target = out / "synthetic.pt"
+    digest = hashlib.sha256(target.read_bytes()).hexdigest() if target.exists() else None
+    found = []
+    for path in sorted(out.glob("*/results.json")):
+        if (path.parent / "synthetic.pt").exists() or (path.parent / "checkpoint.pt").exists():
+            continue
+        try:
+            result = json.loads(path.read_text())
+            syn = (result.get("config") or {}).get("syn")
+            scores_it = (digest is not None and result.get("syn_sha256") == digest) or (
+                syn is not None and Path(syn).resolve() == target.resolve())
+        except (OSError, ValueError, AttributeError):  # unreadable: assume it may be
+            scores_it = True
+        if scores_it:
+            found.append(str(path.parent))
+    return found
+
+
+def check_no_evaluation_replaced(args, out: Path) -> None:
     """Refuse a run that would replace a set already evaluated, leaving the evaluation to describe a set that
-    is gone: --resume continuing a set evaluated in --out (results.json) or in a folder inside it (as
-    `evaluate.py --out DIR/ncfm` writes), and --overwrite of a set evaluated in a folder inside --out
-    (its own results.json it removes with the run)."""
-    nested = sorted(str(path.parent) for path in out.glob("*/results.json"))
-    if args.resume and checkpoint is not None:
+    is gone: --resume continuing (or restarting) a set evaluated in --out or in a folder inside it, and
+    --overwrite of a set evaluated in a folder inside --out (its own results.json it removes with the run).
+    Called only once a run is sure to write a set (a finished --resume has stopped before)."""
+    nested = evaluations_inside(out) if args.resume or args.overwrite else []
+    if args.resume:
         evaluations = ([str(out)] if (out / "results.json").exists() else []) + nested
         if evaluations:
             raise UsageError(f"--resume --iterations {args.iterations}: the set in {out} was evaluated "

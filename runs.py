@@ -401,10 +401,13 @@ def export_image_folder(images: torch.Tensor, labels: torch.Tensor, mean, std, c
     the layout image-folder tools read, a slash in a class name written as "_" (Fashion-MNIST's
     "T-shirt/top": T-shirt_top/); returns the number of files written."""
     from torchvision.utils import save_image
+    names = [str(name).replace("/", "_").replace("\\", "_") for name in class_names]
+    if len(set(names)) < len(names):
+        raise UsageError(f"--export: class names {class_names} give two classes one folder name; rename a class")
     pixels = (images.float() * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)).clamp(0, 1)
     counts: dict[int, int] = {}
     for image, label in zip(pixels, labels.tolist()):
-        target = folder / str(class_names[label]).replace("/", "_").replace("\\", "_")
+        target = folder / names[label]
         target.mkdir(parents=True, exist_ok=True)
         save_image(image, str(target / f"{counts.get(label, 0)}.png"))
         counts[label] = counts.get(label, 0) + 1

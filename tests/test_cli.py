@@ -150,3 +150,7 @@ def test_export_writes_an_image_folder_and_refuses_to_overwrite(tmp_path, capsys
     code, err = run_main(evaluate, ["--syn", str(tmp_path / "synthetic.pt"), "--export", str(tmp_path / "images")],
                          capsys)
     assert code == 2 and "--export" in err and len(err.splitlines()) == 1
+    synthetic["class_names"] = ["T-shirt/top", "T-shirt_top"]  # one folder for two classes: refused, none written
+    torch.save(synthetic, tmp_path / "clash.pt")
+    code, err = run_main(evaluate, ["--syn", str(tmp_path / "clash.pt"), "--export", str(tmp_path / "clash")], capsys)
+    assert code == 2 and "--export" in err and "rename a class" in err and not (tmp_path / "clash").exists()

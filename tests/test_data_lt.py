@@ -127,6 +127,10 @@ def test_a_profile_without_tail_images_names_the_option_that_empties_it(tmp_path
                          log=lambda m: None)
     with pytest.raises(UsageError, match=r"--val-per-class 8 leaves class 'ant' without training images"):
         load_long_tailed("folder", str(tmp_path), imbalance_factor=4, seed=0, val_per_class=8, log=lambda m: None)
+    empty = tmp_path / "empty-class"
+    write_folder(empty, sizes=[12], per_class=(8, 8, 0))  # cat/ holds no image: no --val-per-class helps
+    with pytest.raises(UsageError, match=r"--data-dir: class 'cat' has no training images"):
+        load_long_tailed("folder", str(empty), imbalance_factor=4, seed=0, val_per_class=1, log=lambda m: None)
 
 
 def write_idx(path, array: torch.Tensor):

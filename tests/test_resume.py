@@ -1,4 +1,5 @@
 """Runs that survive stops: checkpoints, --resume, signals, refusals, non-finite losses."""
+import json
 import signal
 import subprocess
 import sys
@@ -129,11 +130,16 @@ def test_a_run_that_would_replace_an_evaluated_set_is_refused(folder_data, tmp_p
     done = run(command(folder_data, out, "--resume", iterations=4), code=2)
     assert done.stderr.startswith(f"distill.py: error: --resume --iterations 4: the set in {out} was evaluated")
     assert "new --out" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "nothing to do" in run(command(folder_data, out, "--resume", iterations=2)).stdout  # finished: untouched
     (out / "results.json").unlink()
-    (out / "ncfm").mkdir()
-    (out / "ncfm" / "results.json").write_text("{}")  # evaluate.py --syn run/synthetic.pt --out run/ncfm
-    done = run(command(folder_data, out, "--overwrite", iterations=2), code=2)
-    assert done.stderr.startswith(f"distill.py: error: --overwrite: {out / 'ncfm'} holds an evaluation")
+    (out / "ncfm").mkdir()  # evaluate.py --syn run/synthetic.pt --out run/ncfm
+    (out / "ncfm" / "results.json").write_text(json.dumps({"config": {"syn": str(out / "synthetic.pt")}}))
+    (out / "other").mkdir()  # an evaluation of another set, kept inside: not this set's
+    (out / "other" / "results.json").write_text(json.dumps({"config": {"syn": "elsewhere/synthetic.pt"}}))
+    for option, iterations in (("--resume", 4), ("--overwrite", 2)):
+        done = run(command(folder_data, out, option, iterations=iterations), code=2)
+        assert done.stderr.startswith(f"distill.py: error: {option}") and str(out / "ncfm") in done.stderr
+        assert str(out / "other") not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert (out / "synthetic.pt").read_bytes() == before and (out / "checkpoint.pt").exists()
     (tmp_path / "longer").mkdir()
     (tmp_path / "longer" / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
