@@ -425,7 +425,7 @@ def load_long_tailed(dataset: str, data_dir: str | None = None, imbalance_factor
     if min(wanted) < 1:
         raise UsageError(f"--imbalance-factor {imbalance_factor:g}: the tail class would get {head} / "
                          f"{imbalance_factor:g} < 1 images (head {head}); lower --imbalance-factor, or raise --n-max")
-    if min(available.tolist()) < 1:
+    if 0 in available.tolist():
         empty = class_names[available.tolist().index(0)]
         raise UsageError(f"--data-dir: class '{empty}' has no training images in {dataset}; give a data folder whose "
                          f"every class holds images")

@@ -733,12 +733,13 @@ def evaluations_inside(out: Path) -> list[str]:
     """Folders inside `out` whose results.json scores the set in `out` (as `evaluate.py --syn out/synthetic.pt
     --out out/ncfm` writes): its syn_sha256 is the set's, or its --syn names the set's file. A folder holding
     a run of its own (synthetic.pt or checkpoint.pt) is that run's. Evaluations kept elsewhere are not seen."""
+    candidates = [path for path in sorted(out.glob("*/results.json"))
+                  if not ((path.parent / "synthetic.pt").exists() or (path.parent / "checkpoint.pt").exists())]
     target = out / "synthetic.pt"
-    digest = hashlib.sha256(target.read_bytes()).hexdigest() if target.exists() else None
+    # the set is hashed only when some folder inside may score it (a plain --resume reads nothing more)
+    digest = hashlib.sha256(target.read_bytes()).hexdigest() if candidates and target.exists() else None
     found = []
-    for path in sorted(out.glob("*/results.json")):
-        if (path.parent / "synthetic.pt").exists() or (path.parent / "checkpoint.pt").exists():
-            continue
+    for path in candidates:
         try:
             result = json.loads(path.read_text())
             syn = (result.get("config") or {}).get("syn")
