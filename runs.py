@@ -201,12 +201,13 @@ class compile_or_eager:
     """fn compiled with torch.compile on its first call; if compiling fails (no C compiler for Inductor
     or Triton's launcher, an unsupported platform), one warning line and fn in eager mode from then on.
     The eager and the compiled function compute the same thing, so the run's result does not depend on
-    which one ran (up to floating-point rounding)."""
+    which one ran (up to floating-point rounding). dynamic: torch.compile's (None: its default, a
+    dynamic-shape graph once a second shape appears; False: one static graph per shape)."""
     warned = False  # one warning per process, however many functions fall back
 
-    def __init__(self, fn, enabled: bool = True):
+    def __init__(self, fn, enabled: bool = True, dynamic: bool | None = None):
         self.eager = fn
-        self.call = torch.compile(fn) if enabled else fn
+        self.call = torch.compile(fn, dynamic=dynamic) if enabled else fn
         self.enabled = enabled
 
     def __call__(self, *args, **kwargs):

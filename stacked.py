@@ -151,8 +151,11 @@ def train_networks_stacked(nets: list[ConvNet], images: torch.Tensor, labels: to
     stack = stack_networks(nets)
     optimizer, scheduler = make_optimizer(stack.parameters(), protocol, epochs)
     micro = stacked_micro_batch_size(device, images.shape[-1], count) if micro == 0 else micro
+    # static graphs, one per batch size (the full batch and the epoch's last one): the dynamic-shape graph
+    # that torch.compile makes at the second size failed in its backward pass on an NVIDIA H200 under torch
+    # 2.11 (an Inductor stride assertion on the stacked logits)
     summed_loss = compile_or_eager(lambda x, y, partner, own: _summed_losses(stack, x, y, partner, own, precision),
-                                   compile)
+                                   compile, dynamic=False)
     tests = set(evaluation_epochs(protocol, epochs)) if on_evaluation else set()
     stack.train()
     for epoch in range(1, epochs + 1):
