@@ -552,7 +552,9 @@ def test_full_cell_runs_the_headline_first_at_the_full_budget_and_releases_sets(
     distills = [line for line in calls if line.startswith("distill.py")]
     assert all("--iterations 20000 --batch-real 256" in line and "--val-per-class" not in line for line in distills)
     assert [line.split("--method ")[1].split()[0] + " " + line.split("--imbalance-factor ")[1].split()[0]
-            for line in distills] == ["csdm 200", "dm 200", "csdm 10", "dm 10", "dm 200", "sdm 200"]
+            for line in distills] == ["csdm 200", "dm 200", "csdm 10", "dm 10", "dm 200", "sdm 200", "csdm 200", "dm 200"]
+    assert ["--seed 1" in line for line in distills] == [False] * 6 + [True] * 2
+    assert all("_seed1/" in line for line in distills[6:])
     assert "--factor 1 --dsa-pairing class" in distills[4]
     evaluations = [line for line in calls if line.startswith("evaluate.py")]
     assert evaluations[2].startswith("evaluate.py --baseline random") and "--imbalance-factor 200" in evaluations[2]
@@ -561,13 +563,15 @@ def test_full_cell_runs_the_headline_first_at_the_full_budget_and_releases_sets(
     full = [line for line in evaluations if "--baseline full" in line]
     assert len(full) == 1 and "--num-eval 5 --epochs 200" in full[0] and "--imbalance-factor 200" in full[0]
     randoms = [line for line in evaluations if "--baseline random" in line]
-    assert [line.split("--factor ")[1].split()[0] for line in randoms] == ["2", "2", "1", "2", "2"]
+    assert [line.split("--factor ")[1].split()[0] for line in randoms] == ["2", "2", "1", "2", "2", "2"]
+    assert "--seed 1" in randoms[-1] and "--seed 0" in randoms[0]
     assert all("--precision bf16" in line for line in distills + evaluations)  # resumable on any machine
-    assert calls[-1].startswith("report.py") and "--table" in calls[-1]
+    assert calls[-1].startswith("report.py") and "full_cell_seed1.md" in calls[-1]
+    assert calls[-2].startswith("report.py") and "full_cell.md" in calls[-2]
     released = sorted(path.name for path in (results / "sets").iterdir())
     assert released == sorted(f"cifar10-if{i}-ipc10-{m}.pt" for i, m in
                               [(200, "csdm"), (200, "dm"), (10, "csdm"), (10, "dm"), (200, "dm-f1"), (200, "sdm")])
     assert "--method dm" in (results / "sets" / "cifar10-if200-ipc10-dm-f1.pt").read_text()
     subprocess.run(command, capture_output=True, text=True, check=True, env=dict(os.environ, PYTHON=str(fake)))
     again = log.read_text().splitlines()[len(calls):]
-    assert [line.split()[0] for line in again] == ["report.py"]
+    assert [line.split()[0] for line in again] == ["report.py", "report.py"]
