@@ -121,6 +121,8 @@ if [[ "$MODE" != grid && ${#GRID_OPTIONS[@]} -gt 0 ]]; then
   else why="it shapes the grid; $MODE_FLAG runs a fixed set of runs"; fi
   fail "$MODE_FLAG: ${GRID_OPTIONS[0]} does not apply ($why); drop it"
 fi
+[[ "$MODE" != full-cell || "$SEED" == 0 ]] ||
+  fail "--full-cell: --seed does not apply (the cell runs seed 0, then seed 1 for its second seed); drop it"
 # the full cell's checkpoints resume on any machine in bf16; the calibration bench matches the protocol bench (fp32)
 if [[ -z "$PRECISION" ]]; then
   case "$MODE" in full-cell) PRECISION=bf16 ;; calibration-bench) PRECISION=fp32 ;; *) PRECISION=auto ;; esac
@@ -334,7 +336,7 @@ case "$MODE" in
     # the distillation changes (the long-tailed subset, the starting images, its networks and augmentation);
     # the sets are evaluated as every set is (networks seeded 0), the random baseline draws all with seed 1
     for method in csdm dm random; do
-      SEED=1 run_one "${tree}_seed1/dm/cifar10/if200/ipc10/$method" "$method" cifar10 200 10
+      ( SEED=1; run_one "${tree}_seed1/dm/cifar10/if200/ipc10/$method" "$method" cifar10 200 10 )
     done
     # the full long-tailed set (11,203 images at IF 200): 5 x 1000 epochs would cost 28 sets' evaluations, so
     # 5 networks x 200 epochs (its results.json records them; the README states it beside the row)

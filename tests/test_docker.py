@@ -482,7 +482,7 @@ def test_run_all_rejects_bad_options():
                          (["--ablation", "colour"], "--ablation"), (["--cpu-bench"], "--data-dir"),
                          (["--seed", "-1"], "--seed"), (["--datasets", "mnist"], "--datasets"),
                          (["--precision", "fp16"], "--precision"), (["--full-cell", "--quick"], "--quick"),
-                         (["--full-cell", "--ifs", "10"], "--ifs"),
+                         (["--full-cell", "--ifs", "10"], "--ifs"), (["--full-cell", "--seed", "3"], "--seed"),
                          (["--ablation", "kernel", "--full-cell"], "--full-cell"),
                          (["--cpu-bench", "--methods", "dm", "--data-dir", "/tmp"], "--methods")):
         done = subprocess.run(["bash", str(ROOT / "run_all.sh"), *argv], capture_output=True, text=True)
@@ -553,7 +553,7 @@ def test_full_cell_runs_the_headline_first_at_the_full_budget_and_releases_sets(
     assert all("--iterations 20000 --batch-real 256" in line and "--val-per-class" not in line for line in distills)
     assert [line.split("--method ")[1].split()[0] + " " + line.split("--imbalance-factor ")[1].split()[0]
             for line in distills] == ["csdm 200", "dm 200", "csdm 10", "dm 10", "dm 200", "sdm 200", "csdm 200", "dm 200"]
-    assert ["--seed 1" in line for line in distills] == [False] * 6 + [True] * 2
+    assert ["--seed 1 " in line for line in distills] == [False] * 6 + [True] * 2
     assert all("_seed1/" in line for line in distills[6:])
     assert "--factor 1 --dsa-pairing class" in distills[4]
     evaluations = [line for line in calls if line.startswith("evaluate.py")]
@@ -562,9 +562,12 @@ def test_full_cell_runs_the_headline_first_at_the_full_budget_and_releases_sets(
     assert all("--num-eval 5 --epochs 1000" in line for line in evaluations if "--baseline full" not in line)
     full = [line for line in evaluations if "--baseline full" in line]
     assert len(full) == 1 and "--num-eval 5 --epochs 200" in full[0] and "--imbalance-factor 200" in full[0]
+    assert "--seed 0 " in full[0]  # the second seed's runs leave the seed as it was
+    seed1_sets = [line for line in evaluations if "_seed1/" in line and "--syn" in line]
+    assert len(seed1_sets) == 2 and all("--epochs 1000" in line and "--seed" not in line for line in seed1_sets)
     randoms = [line for line in evaluations if "--baseline random" in line]
     assert [line.split("--factor ")[1].split()[0] for line in randoms] == ["2", "2", "1", "2", "2", "2"]
-    assert "--seed 1" in randoms[-1] and "--seed 0" in randoms[0]
+    assert "--seed 1 " in randoms[-1] and "--seed 0 " in randoms[0]
     assert all("--precision bf16" in line for line in distills + evaluations)  # resumable on any machine
     assert calls[-1].startswith("report.py") and "full_cell_seed1.md" in calls[-1]
     assert calls[-2].startswith("report.py") and "full_cell.md" in calls[-2]

@@ -157,3 +157,16 @@ def test_stacking_defaults_to_the_device_that_gains():
     assert evaluate.stacks("stacked", torch.device("cpu")) and not evaluate.stacks("one", torch.device("cuda"))
     with pytest.raises(SystemExit):
         evaluate.build_parser().parse_args(["--stacked", "--one-at-a-time"])
+
+
+def test_compiled_stacked_training_asks_for_static_graphs(monkeypatch):
+    """The stacked loss is compiled with dynamic=False: one static graph per batch size (the dynamic-shape
+    graph made at an epoch's second batch size failed in its backward on a GPU). torch.compile is replaced
+    by a recorder, so the test checks what is asked for and trains eagerly."""
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None: asked.append(dynamic) or fn)
+    nets, generators = fresh_networks()
+    images, labels = tiny_set()
+    protocol = dataclasses.replace(PROTOCOLS["dm"], batch_size=10)  # batches of 10, 10 and 4
+    train_networks_stacked(nets, images, labels, generators, protocol, epochs=1, compile=True)
+    assert asked == [False]
