@@ -63,7 +63,7 @@ from networks import (NORMS, POOLINGS, PRECISIONS, autocast, build_network, dept
                       micro_batch_size, reset_parameters_, resolve_precision)
 from runs import (FORMAT_VERSION, OneLineParser, Processes, Progress, atomic_save, check_positive, compile_or_eager,
                   environment, plot_loss, plot_side_by_side, resolve_device, run_script, save_grid, start_processes,
-                  write_run_readme)
+                  step_or_fall_back, write_run_readme)
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
                  kernel_metric_p, per_class_loss, sample_frequencies)
 from training import PROTOCOLS, train_network
@@ -436,6 +436,7 @@ class Extractor:
         self.args, self.device, self.precision = args, device, config["precision"]
         self.net = convnet(args, data, config["depth"], device).requires_grad_(False)
         self.embed = compile_or_eager(self._embed, args.compile)
+        self.compiled = [self.embed]  # the compiled functions a step runs through
         self.pool = None
         if args.extractor == "pool":
             self.pool = [{part: {name: value.to(device) for name, value in network[part].items()} for part in network}
@@ -445,6 +446,7 @@ class Extractor:
             self.calibrator = convnet(args, data, config["depth"], device).requires_grad_(False)
             self.logit_shift = -args.calibration_tau * log_prior(data, device)  # (C,)
             self.classify = compile_or_eager(self._classify, args.compile)
+            self.compiled.append(self.classify)
 
     @property
     def feature_dim(self) -> int:
@@ -651,9 +653,7 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     for iteration in range(state.start_iteration, args.iterations):
         extractor.draw(iteration)
         freqs = draw_frequencies(args, iteration, extractor.feature_dim, device)
-        state.optimizer.zero_grad(set_to_none=True)
-        loss = matcher.backward(state.syn, iteration, extractor, freqs)
-        state.optimizer.step()
+        loss = step_or_fall_back(lambda: update(state, matcher, iteration, extractor, freqs), extractor.compiled)
         value, signalled = check_finite(loss, state.syn, stop, processes, iteration)
         elapsed = state.elapsed_before + time.perf_counter() - start
         state.history.append((iteration, value, elapsed))
@@ -673,6 +673,15 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
         "alpha": alpha.tolist(), "config": config, "history": state.history, "stopped": stopped,
         "iterations_done": state.history[-1][0] + 1 if state.history else state.start_iteration,
     }
+
+
+def update(state: LoopState, matcher: Matcher, iteration: int, extractor: Extractor, freqs) -> torch.Tensor:
+    """One step on the synthetic pixels; every draw is a function of the seed and the iteration, so it can
+    be repeated (runs.step_or_fall_back). Returns the loss."""
+    state.optimizer.zero_grad(set_to_none=True)
+    loss = matcher.backward(state.syn, iteration, extractor, freqs)
+    state.optimizer.step()
+    return loss
 
 
 # ----------------------------------------------------------------------------------------

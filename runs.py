@@ -5,7 +5,8 @@ distill.py and evaluate.py import this module; it imports neither of them. It ho
   (parse, run, turn a UsageError into one line and exit 2, leave the torchrun group cleanly);
 - `Processes`: one process, or several under torchrun, each owning a share of the classes or networks;
 - devices and compilation: `resolve_device`, `compile_or_eager` (eager mode with one warning where
-  torch.compile cannot work, e.g. no C compiler), `keep_freed_memory` (glibc's malloc settings for CPU runs);
+  torch.compile cannot work, e.g. no C compiler), `step_or_fall_back` (the same for a failure in a compiled
+  backward pass), `keep_freed_memory` (glibc's malloc settings for CPU runs);
 - run folders: `atomic_save`, `environment` (command, commit, versions, machine), `write_run_readme`,
   `Progress`, and the pictures (`save_grid`, `plot_side_by_side`, `plot_loss`).
 """
@@ -19,6 +20,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,7 +201,9 @@ def start_processes(device_name: str) -> tuple[Processes, torch.device]:
 
 class compile_or_eager:
     """fn compiled with torch.compile on its first call; if compiling fails (no C compiler for Inductor
-    or Triton's launcher, an unsupported platform), one warning line and fn in eager mode from then on.
+    or Triton's launcher, an unsupported platform, an error in the generated code), one warning line and fn
+    in eager mode from then on. A failure in the compiled backward pass surfaces in loss.backward(), out of
+    this wrapper's reach: `step_or_fall_back` catches that one.
     The eager and the compiled function compute the same thing, so the run's result does not depend on
     which one ran (up to floating-point rounding). dynamic: torch.compile's (None: its default, a
     dynamic-shape graph once a second shape appears; False: one static graph per shape)."""
@@ -218,22 +222,56 @@ class compile_or_eager:
         except Exception as error:  # Inductor raises many types (BackendCompilerFailed, CalledProcessError..)
             if not _is_compile_failure(error):
                 raise
-            if not compile_or_eager.warned:
-                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-                warnings.warn(f"--compile: torch.compile failed ({type(error).__name__}: {first_line}); "
-                              f"running in eager mode (install a C/C++ compiler to compile)", stacklevel=2)
-                compile_or_eager.warned = True
-            self.enabled = False
+            self.fall_back(error)
             return self.eager(*args, **kwargs)
+
+    def fall_back(self, error: Exception) -> None:
+        """Eager mode from now on; the process's one warning names the first failure."""
+        if not compile_or_eager.warned:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            warnings.warn(f"--compile: torch.compile failed ({type(error).__name__}: {first_line}); "
+                          f"running in eager mode (install a C/C++ compiler to compile, or pass --no-compile)",
+                          stacklevel=3)
+            compile_or_eager.warned = True
+        self.enabled = False
+
+
+def step_or_fall_back(step, compiled: list[compile_or_eager]):
+    """step() (a training step: zero the gradients, a loss through `compiled`, its backward, the update);
+    if it raises a compiler failure while any of `compiled` is compiled, they all fall back to eager mode
+    and step() runs once more. This catches what compile_or_eager cannot: Inductor's generated backward runs
+    inside loss.backward() (an NVIDIA H200 under torch 2.11 failed a stride assertion there). step must be
+    repeatable: no random draws, gradients zeroed before its backward, and the update after it (an error
+    in the backward leaves the parameters untouched), so the run goes on as an eager one would (batch-norm
+    running statistics aside, which the failed forward has already updated once)."""
+    try:
+        return step()
+    except Exception as error:
+        active = [function for function in compiled if function.enabled]
+        if not active or not _is_compile_failure(error):
+            raise
+        for function in active:
+            function.fall_back(error)
+        return step()
 
 
 def _is_compile_failure(error: Exception) -> bool:
-    """Errors raised by the compiler stack rather than by the computation itself."""
+    """Errors raised by the compiler stack or its generated code rather than by the computation itself."""
     module = type(error).__module__ or ""
     text = f"{type(error).__name__} {error}"
     return (module.startswith(("torch._dynamo", "torch._inductor", "triton"))
             or isinstance(error, (subprocess.CalledProcessError, FileNotFoundError, OSError))
-            or "BackendCompilerFailed" in text or "InductorError" in text or "CppCompileError" in text)
+            or "BackendCompilerFailed" in text or "InductorError" in text or "CppCompileError" in text
+            or isinstance(error, AssertionError) and _raised_in_generated_code(error))
+
+
+def _raised_in_generated_code(error: Exception) -> bool:
+    """The error passed through Inductor's runtime (torch/_inductor/: the generated code's caller) or a module
+    Inductor wrote (its cache, torchinductor_<user>/ by default): the generated code's own checks
+    (assert_size_stride) raise plain AssertionErrors."""
+    inductor = f"{os.sep}_inductor{os.sep}"
+    return any(inductor in frame.filename or "torchinductor" in frame.filename
+               for frame in traceback.extract_tb(error.__traceback__))
 
 
 # ----------------------------------------------------------------------------------------

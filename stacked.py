@@ -36,8 +36,7 @@ import torch.nn.functional as F
 
 from networks import ConvNet, autocast, micro_batch_size
 from runs import compile_or_eager
-from training import (PROTOCOLS, Protocol, augment_batch, cutmix, evaluation_epochs, finish_epoch, make_optimizer,
-                      take_step)
+from training import PROTOCOLS, Protocol, drawn_batch, evaluation_epochs, finish_epoch, make_optimizer, take_step
 
 _ELEMENTWISE = (nn.ReLU, nn.AvgPool2d, nn.MaxPool2d, nn.Identity)
 
@@ -162,17 +161,13 @@ def train_networks_stacked(nets: list[ConvNet], images: torch.Tensor, labels: to
         batches = [torch.randperm(len(labels), generator=g, device=device).split(protocol.batch_size)
                    for g in generators]
         for step in range(len(batches[0])):
-            xs, ys, partners, owns = [], [], [], []
-            for g, network_batches in zip(generators, batches):
-                x, y = _augmented(images[network_batches[step]], labels[network_batches[step]], protocol, g)
-                xs.append(x), ys.append(y[0]), partners.append(y[1]), owns.append(y[2])
-            x = torch.cat(xs, 1).contiguous(memory_format=torch.channels_last)
-            y, partner = torch.stack(ys), torch.stack(partners)
-            own = torch.tensor(owns, device=device, dtype=torch.float32)
-            size = micro or len(x)
-            loss = sum(summed_loss(xp, yp, pp, own) for xp, yp, pp in
-                       zip(x.split(size), y.split(size, 1), partner.split(size, 1))) / len(x)
-            take_step(optimizer, loss)
+            drawn = [drawn_batch(images[network_batches[step]], labels[network_batches[step]], protocol, g)
+                     for g, network_batches in zip(generators, batches)]
+            x = torch.cat([x for x, _, _, _ in drawn], 1).contiguous(memory_format=torch.channels_last)
+            y = torch.stack([y for _, y, _, _ in drawn])
+            partner = torch.stack([y if partner is None else partner for _, y, partner, _ in drawn])
+            own = torch.tensor([own for _, _, _, own in drawn], device=device, dtype=torch.float32)
+            loss = take_step(optimizer, lambda: _mean_loss(summed_loss, x, y, partner, own, micro), [summed_loss])
         finish_epoch(scheduler, progress, loss.item() / count)
         if epoch in tests:
             for k, net in enumerate(nets):
@@ -183,13 +178,11 @@ def train_networks_stacked(nets: list[ConvNet], images: torch.Tensor, labels: to
     return nets
 
 
-def _augmented(x, y, protocol: Protocol, generator):
-    """training._batch_loss's draws for one network's batch: (images, (labels, partner labels, own weight))."""
-    x = augment_batch(x, protocol, generator)
-    if protocol.cutmix_prob > 0 and float(torch.rand(1, generator=generator, device=x.device)) < protocol.cutmix_prob:
-        x, y, partner, own = cutmix(x, y, generator)
-        return x, (y, partner, own)
-    return x, (y, y, 1.0)
+def _mean_loss(summed_loss, x, y, partner, own, micro: int | None) -> torch.Tensor:
+    """The stack's loss, the sum over networks of each one's mean batch loss, its forward in micro-batches."""
+    size = micro or len(x)
+    return sum(summed_loss(xp, yp, pp, own) for xp, yp, pp in
+               zip(x.split(size), y.split(size, 1), partner.split(size, 1))) / len(x)
 
 
 def _summed_losses(stack, x, y, partner, own, precision):

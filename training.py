@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from data_lt import dsa_augment, dsa_uniforms_per_sample
 from networks import autocast, in_micro_batches, micro_batch_size
-from runs import compile_or_eager
+from runs import compile_or_eager, step_or_fall_back
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,9 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ge
     for epoch in range(1, epochs + 1):
         permutation = torch.randperm(len(labels), generator=generator, device=images.device)
         for batch in permutation.split(protocol.batch_size):
-            loss = _batch_loss(summed_loss, mixed_loss, images[batch], labels[batch], protocol, generator, micro)
-            take_step(optimizer, loss)
+            drawn = drawn_batch(images[batch], labels[batch], protocol, generator)
+            loss = take_step(optimizer, lambda: _batch_loss(summed_loss, mixed_loss, *drawn, micro),
+                             [summed_loss, mixed_loss])
         finish_epoch(scheduler, progress, loss.item())
         if epoch in tests:
             on_evaluation(epoch)
@@ -151,10 +152,17 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ge
     return net
 
 
-def take_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+def take_step(optimizer: torch.optim.Optimizer, batch_loss, compiled: list[compile_or_eager]) -> torch.Tensor:
+    """One update on the loss batch_loss() (a function without random draws, through the `compiled`
+    functions); returns the loss. If the compiled backward pass fails, the step is taken again in eager mode
+    (runs.step_or_fall_back)."""
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = batch_loss()
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step_or_fall_back(step, compiled)
 
 
 def finish_epoch(scheduler, progress, loss: float) -> None:
@@ -183,14 +191,18 @@ def _mixed_cross_entropy(net, x, y, partner, own, precision, shift=None):
                                                                                              reduction="sum")
 
 
-def _batch_loss(summed_loss, mixed_loss, x, y, protocol: Protocol, generator, micro: int | None) -> torch.Tensor:
-    """The batch's mean loss, its forward in cache-sized micro-batches (the same gradient: no batch norm
-    statistics cross them; micro is None with batch norm)."""
+def drawn_batch(x, y, protocol: Protocol, generator) -> tuple:
+    """The batch's random draws done: (augmented images, labels, CutMix partner labels or None, own weight)."""
     x = augment_batch(x, protocol, generator)
-    partner = None
+    partner, own = None, 1.0
     if protocol.cutmix_prob > 0 and float(torch.rand(1, generator=generator, device=x.device)) < protocol.cutmix_prob:
         x, y, partner, own = cutmix(x, y, generator)
-    x = x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last), y, partner, own
+
+
+def _batch_loss(summed_loss, mixed_loss, x, y, partner, own: float, micro: int | None) -> torch.Tensor:
+    """The batch's mean loss, its forward in cache-sized micro-batches (the same gradient: no batch norm
+    statistics cross them; micro is None with batch norm)."""
     size = micro or len(x)
     if partner is None:
         return sum(summed_loss(xp, yp) for xp, yp in zip(x.split(size), y.split(size))) / len(x)

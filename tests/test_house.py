@@ -1,14 +1,20 @@
 """The house: imports flow one way, --overwrite never loses a run to a bad option, --compile falls back."""
 import ast
+import dataclasses
 import hashlib
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import distill
-from conftest import ROOT
+import runs
+from conftest import ROOT, make_tiny_data
+from networks import build_network, reset_parameters_
+from stacked import train_networks_stacked
+from training import PROTOCOLS, train_network
 
 
 def local_imports(path) -> set[str]:
@@ -141,3 +147,95 @@ def test_keep_freed_memory_serves_activations_from_the_heap(mode, env, expect_ap
     applied, mapped = out[0] == "True", int(out[1])
     assert applied is expect_applied
     assert (mapped >= 16 << 20) is expect_mapped, mapped
+
+
+# ------------------------------------------------------------------------------------------
+# A compiled backward pass that fails: the step is taken again in eager mode
+
+GENERATED_CODE = '''
+import torch
+
+class FailingBackward(torch.autograd.Function):
+    """The identity, whose backward fails as Inductor's generated code failed on an NVIDIA H200."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("expected size 5==5, stride 2048==256 at dim=0")
+'''
+
+
+@pytest.fixture
+def failing_compiled_backward(tmp_path, monkeypatch):
+    """torch.compile replaced by fn whose output's backward raises a plain AssertionError from a module under an
+    Inductor cache folder (as assert_size_stride does); returns the calls of compiled functions."""
+    namespace = {}
+    exec(compile(GENERATED_CODE, str(tmp_path / "torchinductor_test" / "generated.py"), "exec"), namespace)
+    calls = []
+
+    def fake_compile(fn, dynamic=None):
+        return lambda *args: calls.append(fn) or namespace["FailingBackward"].apply(fn(*args))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(runs.compile_or_eager, "warned", False)
+    return calls
+
+
+def trained_parameters(trainer: str, compile: bool) -> list[torch.Tensor]:
+    """Two ConvNets x 2 epochs of the ncfm protocol (CutMix, crops) on 24 random images, batches of 10."""
+    generators = [torch.Generator().manual_seed(100 + k) for k in range(2)]
+    nets = [reset_parameters_(build_network("convnet", 3, 4, 16, width=8, depth=2), g) for g in generators]
+    images = torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels, protocol = torch.arange(24) % 4, dataclasses.replace(PROTOCOLS["ncfm"], batch_size=10)
+    if trainer == "stacked":
+        train_networks_stacked(nets, images, labels, generators, protocol, epochs=2, compile=compile)
+    else:
+        for net, g in zip(nets, generators):
+            train_network(net, images, labels, g, protocol, epochs=2, compile=compile)
+    return [p.detach().clone() for net in nets for p in net.parameters()]
+
+
+@pytest.mark.parametrize("trainer", ["one at a time", "stacked"])
+def test_a_failing_compiled_backward_leaves_the_eager_run(trainer, failing_compiled_backward):
+    """Evaluation's training: the first compiled step fails in its backward; one warning, eager mode from then
+    on, and the trained networks equal those of an eager run bit for bit (the failed step's draws are kept)."""
+    eager = trained_parameters(trainer, compile=False)
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(AssertionError: expected size") as caught:
+        fell_back = trained_parameters(trainer, compile=True)
+    assert failing_compiled_backward, "the compiled path never ran"
+    assert len([w for w in caught if "torch.compile failed" in str(w.message)]) == 1
+    assert all(torch.equal(a, b) for a, b in zip(eager, fell_back))
+
+
+def test_a_failing_compiled_backward_leaves_the_eager_distillation(tmp_path, failing_compiled_backward):
+    """Distillation: the same for the compiled extractor (3 iterations of csdm on the tiny set)."""
+    def run(*extra):
+        args = distill.build_parser().parse_args([
+            "--ipc", "2", "--iterations", "3", "--batch-real", "4", "--num-freqs", "16", "--width", "8",
+            "--device", "cpu", "--precision", "fp32", "--log-every", "100", "--out", str(tmp_path / "out"), *extra])
+        return distill.distill(args, make_tiny_data(), torch.device("cpu"), log=lambda m: None)
+
+    eager = run()
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        fell_back = run("--compile")
+    assert failing_compiled_backward, "the compiled path never ran"
+    assert torch.equal(eager["packed_images"], fell_back["packed_images"])
+    assert [loss for _, loss, _ in eager["history"]] == [loss for _, loss, _ in fell_back["history"]]
+
+
+def test_other_errors_in_a_step_are_not_taken_for_compiler_failures():
+    """An AssertionError of the project's own code, or any error with nothing compiled, passes through and
+    leaves compilation on."""
+    compiled = runs.compile_or_eager(lambda x: x, enabled=True)
+
+    def step():
+        raise AssertionError("a check of the computation itself")
+
+    with pytest.raises(AssertionError, match="the computation itself"):
+        runs.step_or_fall_back(step, [compiled])
+    assert compiled.enabled
+    with pytest.raises(ValueError):
+        runs.step_or_fall_back(lambda: int("x"), [runs.compile_or_eager(lambda x: x, enabled=False)])
