@@ -82,7 +82,7 @@ def counter_uniform(*keys, device=None) -> torch.Tensor:
 
 
 def counter_seed(*keys) -> int:
-    """A 63-bit integer seed for torch.Generator derived from integer keys."""
+    """A 48-bit integer seed for torch.Generator derived from integer keys (two 24-bit halves)."""
     high = int(counter_uniform(*keys, 0x5EED) * (1 << 24))
     low = int(counter_uniform(*keys, 0x5EEE) * (1 << 24))
     return (high << 24) | low
@@ -279,14 +279,13 @@ def _read_image_folder_split(split_dir: Path, image_size: int | None):
 
 
 def _folder_key(split_dir: Path) -> tuple:
-    """Identity of an image-folder split for the cache: path, file count, total size, newest change."""
-    count = size = newest = 0
-    for class_dir in split_dir.iterdir():
-        if class_dir.is_dir():
-            for entry in os.scandir(class_dir):
-                stat = entry.stat()
-                count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
-    return (str(split_dir.resolve()), count, size, newest)
+    """Identity of an image-folder split for the cache: its path and a digest of its class folders and of
+    every file's name, size and change time in each (a file moved to another class, a class renamed or
+    emptied, changes it)."""
+    classes = sorted(d for d in split_dir.iterdir() if d.is_dir())
+    listing = [(class_dir.name, sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                                       for entry in os.scandir(class_dir))) for class_dir in classes]
+    return (str(split_dir.resolve()), hashlib.sha1(repr(listing).encode()).hexdigest())
 
 
 def read_image_folder(root: Path, train: bool, image_size: int | None):
@@ -397,6 +396,19 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
+def check_test_classes(class_names: list[str], test_names: list[str], test_labels: torch.Tensor) -> None:
+    """The test split numbers its classes as the training split does, and holds images of every class:
+    labels are class-folder positions, so a folder missing from test/ would shift every later label."""
+    if list(test_names) != list(class_names):
+        missing = sorted(set(class_names) - set(test_names)) or sorted(set(test_names) - set(class_names))
+        raise UsageError(f"--data-dir: the test split's classes differ from the training split's ({missing[:3]} in "
+                         f"one only); give test/ the same class folders as train/")
+    empty = [name for name, n in zip(class_names, torch.bincount(test_labels, minlength=len(class_names)).tolist())
+             if n == 0]
+    if empty:
+        raise UsageError(f"--data-dir: class '{empty[0]}' has no test images; put its test images in test/{empty[0]}/")
+
+
 def load_long_tailed(dataset: str, data_dir: str | None = None, imbalance_factor: float = 100.0, seed: int = 0,
                      val_per_class: int = 0, n_max: int | None = None, image_size: int | None = None,
                      log=print) -> LongTailedData:
@@ -412,10 +424,11 @@ def load_long_tailed(dataset: str, data_dir: str | None = None, imbalance_factor
         raise UsageError(f"--n-max must be >= 1 (got {n_max})")
     if image_size is not None and image_size < 8:
         raise UsageError(f"--image-size must be >= 8 (got {image_size})")
-    if imbalance_factor < 1:
-        raise UsageError(f"--imbalance-factor must be >= 1 (got {imbalance_factor}); 1 keeps the data balanced")
+    if not imbalance_factor >= 1 or math.isinf(imbalance_factor):
+        raise UsageError(f"--imbalance-factor must be a number >= 1 (got {imbalance_factor}); 1 keeps the data "
+                         f"balanced")
     train_images, train_labels, class_names = read_split(dataset, data_dir, True, image_size)
-    test_images, test_labels, _ = read_split(dataset, data_dir, False, image_size)
+    test_images, test_labels, test_names = read_split(dataset, data_dir, False, image_size)
     num_classes = len(class_names)
     available = torch.bincount(train_labels, minlength=num_classes)
     head = int(available.max()) if n_max is None else n_max
@@ -429,6 +442,7 @@ def load_long_tailed(dataset: str, data_dir: str | None = None, imbalance_factor
         empty = class_names[available.tolist().index(0)]
         raise UsageError(f"--data-dir: class '{empty}' has no training images in {dataset}; give a data folder whose "
                          f"every class holds images")
+    check_test_classes(class_names, test_names, test_labels)
     if min(counts) < 1:
         empty = class_names[counts.index(0)]
         raise UsageError(f"--val-per-class {val_per_class} leaves class '{empty}' without training images; lower it")
@@ -448,6 +462,18 @@ def load_long_tailed(dataset: str, data_dir: str | None = None, imbalance_factor
     return data
 
 
+def finite_float(text: str) -> float:
+    """argparse type of the float options: a finite number (inf and nan would pass checks such as > 0 and
+    then stall or break the run)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The data options shared by distill.py and evaluate.py."""
     g = parser.add_argument_group("data")
@@ -455,7 +481,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", default=None,
                    help="folder holding the data: torchvision's files, an image-folder tree train/<class>/*, "
                         "test/<class>/*, or Fashion-MNIST IDX files (default: download into ./data)")
-    g.add_argument("--imbalance-factor", type=float, default=100.0,
+    g.add_argument("--imbalance-factor", type=finite_float, default=100.0,
                    help="IF = n_max / n_min of the exponential profile; 1 = balanced (default: %(default)s)")
     g.add_argument("--n-max", type=int, default=None,
                    help="images of the head class (default: all of its training images)")

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from data_lt import (DSA_PAIRINGS, LongTailedData, RealBatchSampler, UsageError, add_data_arguments, cache_dir,
                      check_factor, counter_seed, counter_uniform, decode, dsa_augment, dsa_uniforms_siamese,
-                     initial_synthetic, load_from_args)
+                     finite_float, initial_synthetic, load_from_args)
 from networks import (NORMS, POOLINGS, PRECISIONS, autocast, build_network, depth_for_size, in_micro_batches,
                       micro_batch_size, reset_parameters_, resolve_precision)
 from runs import (FORMAT_VERSION, OneLineParser, Processes, Progress, atomic_save, check_positive, compile_or_eager,
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default=None, choices=("sgd", "adam"),
                    help=f"optimiser on pixels: SGD with momentum 0.5 (DM) or Adam (free of the loss's scale) "
                         f"(default: per method, {DEFAULT_OPTIMIZER})")
-    g.add_argument("--lr-img", type=float, default=None,
+    g.add_argument("--lr-img", type=finite_float, default=None,
                    help="learning rate on pixels (default: per method and optimiser, DEFAULT_LR_IMG in distill.py)")
     g.add_argument("--factor", type=int, default=2,
                    help="multi-formation (NCFM, IDC): each synthetic image holds factor x factor tiles, each "
@@ -115,14 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "ConvNets trained briefly on the long-tailed set, blended with its initialisation (NCFM)")
     g.add_argument("--pool-size", type=int, default=4, help="--extractor pool: networks in the pool")
     g.add_argument("--pool-epochs", type=int, default=3, help="--extractor pool: training epochs of each network")
-    g.add_argument("--calibration", type=float, default=0.0,
+    g.add_argument("--calibration", type=finite_float, default=0.0,
                    help="--extractor pool: weight of NCFM's cross-entropy calibration term (the iteration's pool "
                         "network, trained, classifies the synthetic images); 0: off")
     g.add_argument("--dsa-pairing", default="position", choices=DSA_PAIRINGS,
                    help="siamese DSA: position: the real and synthetic images at the same position of a class share "
                         "a transformation (one operation per class, parameters per position); class: one "
                         "transformation per class and iteration for all its real and synthetic images, as DM's code")
-    g.add_argument("--calibration-tau", type=float, default=0.0,
+    g.add_argument("--calibration-tau", type=finite_float, default=0.0,
                    help="--calibration: balance it by the post-hoc logit adjustment of Menon et al. (ICLR 2021): "
                         "the pool classifier's logits minus tau x log prior of the long-tailed set, so that a "
                         "classifier trained on the long-tailed set scores classes as if they were balanced; 0: "
@@ -141,15 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("loss")
     g.add_argument("--kernel", default="gaussian", choices=KERNELS, help="universal kernel of the spectral methods")
     g.add_argument("--num-freqs", type=int, default=1024, help="frequencies M drawn per iteration")
-    g.add_argument("--bandwidth", type=float, default=1.0,
+    g.add_argument("--bandwidth", type=finite_float, default=1.0,
                    help="kernel bandwidth sigma (with --bandwidth-rule median: a multiple of the median distance)")
     g.add_argument("--bandwidth-rule", default="fixed", choices=("fixed", "median"),
                    help="fixed sigma, or per class sigma_c = bandwidth x median pairwise distance of the "
                         "iteration's real features of class c, in the kernel's metric (L1 for laplacian, else L2)")
     g.add_argument("--feature-norm", default="l2", choices=("l2", "none"),
                    help="L2-normalise features before the spectral and mmd losses (dm always uses raw features)")
-    g.add_argument("--alpha-head", type=float, default=ALPHA_HEAD, help="csdm: amplitude weight of the head class")
-    g.add_argument("--alpha-tail", type=float, default=ALPHA_TAIL, help="csdm: amplitude weight of the tail class")
+    g.add_argument("--alpha-head", type=finite_float, default=ALPHA_HEAD,
+                   help="csdm: amplitude weight of the head class")
+    g.add_argument("--alpha-tail", type=finite_float, default=ALPHA_TAIL,
+                   help="csdm: amplitude weight of the tail class")
     g.add_argument("--class-aware", action="store_true",
                    help="give ncfm or sdm csdm's class-aware amplitude weights (csdm always has them)")
     g = p.add_argument_group("network")

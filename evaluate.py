@@ -309,6 +309,9 @@ def check_matches(synthetic: dict, data, path: str) -> None:
         raise UsageError(f"--syn: {path} holds {have[0]} x {have[1]} x {have[2]} images of {have[3]} classes, but "
                          f"{data.name} has {want[0]} x {want[1]} x {want[2]} images of {want[3]} classes; "
                          f"evaluate it with the data set it was distilled from")
+    if list(synthetic["class_names"]) != list(data.class_names):
+        raise UsageError(f"--syn: {path} names its classes {list(synthetic['class_names'])[:3]}..., but {data.name} "
+                         f"{list(data.class_names)[:3]}...; evaluate it with the data set it was distilled from")
     if len(labels) != len(images) or labels.min() < 0 or labels.max() >= data.num_classes:
         raise UsageError(f"--syn: {path} has labels outside 0..{data.num_classes - 1} or a label count that "
                          f"differs from its image count; distill it again")

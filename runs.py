@@ -230,7 +230,7 @@ class compile_or_eager:
         if not compile_or_eager.warned:
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
             warnings.warn(f"--compile: torch.compile failed ({type(error).__name__}: {first_line}); "
-                          f"running in eager mode (install a C/C++ compiler to compile, or pass --no-compile)",
+                          f"running in eager mode (install a C/C++ compiler to compile, or drop --compile)",
                           stacklevel=3)
             compile_or_eager.warned = True
         self.enabled = False

@@ -43,6 +43,10 @@ DISTILL_ERRORS = [
     (["--calibration", "1"], "--extractor pool"),
     (["--calibration", "-1", "--extractor", "pool"], "--calibration"),
     (["--bandwidth-rule", "median", "--batch-real", "1"], "--batch-real"),
+    (["--bandwidth", "inf"], "--bandwidth"),  # would pass > 0 and zero every projection
+    (["--lr-img", "nan"], "--lr-img"),
+    (["--calibration", "inf", "--extractor", "pool"], "--calibration"),
+    (["--imbalance-factor", "nan"], "--imbalance-factor"),
 ]
 
 
@@ -89,6 +93,19 @@ def test_evaluate_bad_input(capsys, tmp_path):
     for argv, option in cases:
         code, err = run_main(evaluate, argv, capsys)
         assert code == 2 and len(err.splitlines()) == 1 and option in err, (argv, err)
+
+
+def test_a_set_is_refused_by_a_data_set_whose_classes_it_does_not_name():
+    """A set of the right shape from another data set's classes would be scored against the wrong labels."""
+    from conftest import make_tiny_data
+    from data_lt import UsageError
+    data = make_tiny_data(size=16)
+    synthetic = {"images": torch.zeros(4, 3, 16, 16), "labels": torch.arange(4),
+                 "class_names": list(data.class_names)}
+    evaluate.check_matches(synthetic, data, "set.pt")
+    synthetic["class_names"] = list(reversed(data.class_names))
+    with pytest.raises(UsageError, match="--syn: set.pt names its classes .* evaluate it with the data set"):
+        evaluate.check_matches(synthetic, data, "set.pt")
 
 
 def test_evaluate_checks_its_output_folder_before_training(capsys, tmp_path, monkeypatch):

@@ -133,6 +133,42 @@ def test_a_profile_without_tail_images_names_the_option_that_empties_it(tmp_path
         load_long_tailed("folder", str(empty), imbalance_factor=4, seed=0, val_per_class=1, log=lambda m: None)
 
 
+def test_a_test_split_must_number_its_classes_as_training_does(tmp_path):
+    """Labels are class-folder positions: a class missing from test/ would shift every later label, and a class
+    without test images would score 0 in every third."""
+    write_folder(tmp_path, sizes=[12], per_class=(8, 8, 8))
+    (tmp_path / "test" / "ant").rename(tmp_path / "ant-elsewhere")
+    with pytest.raises(UsageError, match=r"--data-dir: the test split's classes differ .*\['ant'\]"):
+        load_long_tailed("folder", str(tmp_path), imbalance_factor=4, log=lambda m: None)
+    (tmp_path / "test" / "ant").mkdir()
+    with pytest.raises(UsageError, match=r"--data-dir: class 'ant' has no test images; put its test images in"):
+        load_long_tailed("folder", str(tmp_path), imbalance_factor=4, log=lambda m: None)
+
+
+def test_the_decoded_folder_cache_sees_an_image_moved_to_another_class(tmp_path):
+    """A file moved between class folders keeps its size and change time; the cache must not serve the old
+    labels."""
+    write_folder(tmp_path, sizes=[8])
+    _, before, _ = read_split("folder", str(tmp_path), train=True)
+    (tmp_path / "train" / "ant" / "000.png").rename(tmp_path / "train" / "bee" / "moved.png")
+    _, after, _ = read_split("folder", str(tmp_path), train=True)
+    assert torch.bincount(before).tolist() == [4, 3, 2] and torch.bincount(after).tolist() == [3, 4, 2]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_an_imbalance_factor_must_be_a_finite_number(value):
+    import argparse
+    from data_lt import add_data_arguments, finite_float
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--imbalance-factor", value])
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a finite number"):
+        finite_float(value)
+    with pytest.raises(UsageError, match="--imbalance-factor must be a number >= 1"):
+        load_long_tailed("folder", None, imbalance_factor=float(value))
+
+
 def write_idx(path, array: torch.Tensor):
     header = b"\x00\x00\x08" + bytes([array.dim()]) + b"".join(struct.pack(">I", s) for s in array.shape)
     with gzip.open(path, "wb") as f:
