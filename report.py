@@ -42,7 +42,7 @@ def collect_grid(root: Path) -> list[dict]:
         result = json.loads(path.read_text())
         records.append(dict(dataset=dataset, imbalance=float(imbalance[2:]), ipc=int(ipc[3:]), method=method,
                             protocol=result.get("protocol", "dm"), model=result.get("model", "convnet"),
-                            factor=recorded_factor(result),
+                            factor=recorded_factor(result), path=str(path),
                             **{k: result[k] for k in ("acc_mean", "acc_std", "num_eval", "epochs", "head", "tail",
                                                       "split")}))
     return records
@@ -63,12 +63,12 @@ def is_baseline(method: str) -> bool:
 
 def over_random(record: dict, records: list[dict]) -> float | None:
     """The field's improvement over random: accuracy minus that of the random baseline of the same cell
-    (data set, IF, IPC), protocol, model and split, at the same factor (the same number of training
+    (data set, IF, IPC), protocol, model, split and epochs, at the same factor (the same number of training
     images). Any random* run is a ruler (random-f1: factor 1); a baseline that does not record its factor
     counts only as the plain `random` one. None for a baseline itself and where that ruler is missing."""
     if is_baseline(record["method"]):
         return None
-    same = ("dataset", "imbalance", "ipc", "protocol", "model", "split")
+    same = ("dataset", "imbalance", "ipc", "protocol", "model", "split", "epochs")
     rulers = [other for other in records if other["method"].startswith("random")
               and all(other[key] == record[key] for key in same)]
     exact = [other for other in rulers if record["factor"] is not None and other["factor"] == record["factor"]]
@@ -171,6 +171,7 @@ def write_report(root: Path, summary: Path | None = None, more_roots: tuple = ()
     """table (default root/table.md, and accuracy_vs_if.png beside it) from the runs under root and more_roots:
     their grids pooled (one table per data set, protocol and model), else root's runs one row each."""
     records = [record for folder in (root, *more_roots) for record in collect_grid(Path(folder))]
+    check_one_run_per_cell(records)
     table = table or root / "table.md"
     body = grid_report(records, table) if records else runs_report(root)
     roots = ", ".join(str(folder) for folder in (root, *more_roots))
@@ -178,6 +179,18 @@ def write_report(root: Path, summary: Path | None = None, more_roots: tuple = ()
     if summary is not None:
         write_summary(records, root, summary)
     return table
+
+
+def check_one_run_per_cell(records: list[dict]) -> None:
+    """Pooled folders must not hold the same cell twice (two seeds of one method, say): a table has one
+    place for it."""
+    seen = {}
+    for record in records:
+        key = tuple(record[k] for k in ("dataset", "imbalance", "ipc", "method", "protocol", "model", "split"))
+        if key in seen:
+            raise UsageError(f"{seen[key]} and {record['path']} are the same cell of one table; report the folders "
+                             f"apart, or rename one method folder")
+        seen[key] = record["path"]
 
 
 def plot_accuracy_vs_if(records: list[dict], path: Path) -> None:

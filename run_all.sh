@@ -14,9 +14,11 @@
 #                                                         #   (many hours on a CPU: stop and rerun to continue)
 #   ./run_all.sh --ablation kernel --data-dir data/cifar10  # one ablation table, on the validation split
 #
-# Each run lives in its own folder (results/<dataset>/if<IF>/ipc<IPC>/<method>/ for the grid); a finished
-# run (results.json present) is skipped and an interrupted one resumed, so the script can be stopped and
-# started again. The grid ends with results/table.md and results/accuracy_vs_if.png.
+# Each run lives in its own folder (results/<dataset>/if<IF>/ipc<IPC>/<method>/ for the grid; results/quick/...
+# with --quick, results/seed<N>/... with another seed); a finished run (results.json present) is skipped, an
+# interrupted one resumed, and a folder finished with other options (budget, seed, precision) refused, so the
+# script can be stopped and started again. The grid ends with results/table.md and results/accuracy_vs_if.png
+# (results/quick/table.md, ...).
 set -euo pipefail
 cd "$(dirname "$0")"
 if (( BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4) )); then
@@ -34,7 +36,7 @@ options:
   --ifs LIST           imbalance factors (default: 10 50 100 200 for cifar10, 10 20 for cifar100)
   --ipcs LIST          images per class (default: 10 20 50 for cifar10, 10 20 for cifar100)
   --methods LIST       among random dm mmd ncfm sdm csdm full (default: all)
-  --quick              CPU budget: 200 iterations, batch-real 64, 2 networks x 300 epochs
+  --quick              CPU budget: 200 iterations, batch-real 64, 2 networks x 300 epochs, into OUT/quick/
                        (these five shape the grid; the jobs below run fixed sets of runs and refuse them)
   --cpu-bench          the CPU benchmark of the README (writes results/cpu_bench.json)
   --fair-random        the CPU benchmark's random baseline at factor 2 (the distilled sets' number of
@@ -61,7 +63,7 @@ options:
   --data-dir DIR       data folder passed to distill.py / evaluate.py (default: download)
   --out DIR            results folder (default: results)
   --device DEV         auto, cpu, cuda, cuda:N (default: auto)
-  --seed N             the seed of every run (default: 0)
+  --seed N             the seed of every run (default: 0; the grid of another seed goes to OUT/seed<N>/)
   --precision P        auto, fp32 or bf16, passed to distill.py and evaluate.py (default: auto; bf16 for
                        --full-cell, so that its checkpoints resume on any machine; fp32 for --calibration-bench,
                        the protocol bench's precision)
@@ -144,7 +146,8 @@ DATA_ARGS=(); [[ -n "$DATA_DIR" ]] && DATA_ARGS=(--data-dir "$DATA_DIR")
 # as the distilled sets' starting point, decoded, so that it trains on as many images as they do.
 run_one() {
   local dir=$1 method=$2 dataset=$3 imbalance=$4 ipc=$5; shift 5
-  if [[ -f "$dir/results.json" ]]; then echo "== $dir: done, skipped"; return; fi
+  local budget; budget=$(budget_of "$method" "$@")
+  if finished "$dir" "$budget"; then return; fi
   echo "== $dir"
   local common=(--dataset "$dataset" "${DATA_ARGS[@]}" --imbalance-factor "$imbalance" --seed "$SEED" --device "$DEVICE"
                 --precision "$PRECISION" "${SPLIT_ARGS[@]}")
@@ -160,6 +163,26 @@ run_one() {
         "${resume[@]}" --out "$dir"
       "$PYTHON" evaluate.py --syn "$dir/synthetic.pt" "${EVAL_BUDGET[@]}" --device "$DEVICE" --precision "$PRECISION" ;;
   esac
+  echo "$budget" > "$dir/run_all.budget"
+}
+
+# what a run's results are made with (the budgets, seed, precision, split and the run's own options); a folder
+# that finished with other ones is refused, not taken for this run: --quick and the full grid, or two seeds,
+# must not fill one table
+budget_of() {
+  echo "$*; distill ${DISTILL_BUDGET[*]}; evaluate ${EVAL_BUDGET[*]}; seed $SEED; precision $PRECISION;" \
+       "${SPLIT_ARGS[*]}"
+}
+
+# finished DIR BUDGET: true (and says so) if DIR holds results.json of a run made with BUDGET, or of a run from
+# before this record existed; exits on a run made with another
+finished() {
+  [[ -f "$1/results.json" ]] || return 1
+  if [[ -f "$1/run_all.budget" && "$(cat "$1/run_all.budget")" != "$2" ]]; then
+    fail "$1 holds a finished run made with other options ($(cat "$1/run_all.budget")), not ($2);" \
+         "give another --out, or move it away"
+  fi
+  echo "== $1: done, skipped"
 }
 
 # the value of --factor among distill.py options (2, distill.py's default, when absent)
@@ -173,7 +196,8 @@ factor_of() {
 #   eval_into SETDIR OUTDIR METHOD DATASET IF IPC [evaluate.py options...]
 eval_into() {
   local set=$1 out=$2 method=$3 dataset=$4 imbalance=$5 ipc=$6; shift 6
-  if [[ -f "$out/results.json" ]]; then echo "== $out: done, skipped"; return; fi
+  local budget; budget=$(budget_of "$method" "$set" "$@")
+  if finished "$out" "$budget"; then return; fi
   echo "== $out"
   case "$method" in
     random)
@@ -182,6 +206,7 @@ eval_into() {
     *)
       "$PYTHON" evaluate.py --syn "$set/synthetic.pt" --device "$DEVICE" --precision "$PRECISION" "$@" --out "$out" ;;
   esac
+  echo "$budget" > "$out/run_all.budget"
 }
 
 # the full long-tailed set does not depend on IPC: train it once per data set and IF, then copy its
@@ -215,6 +240,9 @@ fi
 
 case "$MODE" in
   grid)
+    # the full budget of seed 0 in $OUT; --quick and other seeds in folders of their own, so that no table
+    # mixes budgets or seeds
+    grid="$OUT"; [[ $QUICK -eq 1 ]] && grid="$grid/quick"; [[ "$SEED" == 0 ]] || grid="$grid/seed$SEED"
     for dataset in $DATASETS; do
       ifs="$IF_LIST"; ipcs="$IPC_LIST"
       [[ -n "$ifs" ]] || { [[ $dataset == cifar10 ]] && ifs="10 50 100 200" || ifs="10 20"; }
@@ -223,13 +251,13 @@ case "$MODE" in
         for ipc in $ipcs; do
           for method in $METHODS; do
             [[ $method == full ]] && continue
-            run_one "$OUT/$dataset/if$imbalance/ipc$ipc/$method" "$method" "$dataset" "$imbalance" "$ipc"
+            run_one "$grid/$dataset/if$imbalance/ipc$ipc/$method" "$method" "$dataset" "$imbalance" "$ipc"
           done
         done
-        if [[ " $METHODS " == *" full "* ]]; then run_full "$OUT" "$dataset" "$imbalance" $ipcs; fi
+        if [[ " $METHODS " == *" full "* ]]; then run_full "$grid" "$dataset" "$imbalance" $ipcs; fi
       done
     done
-    "$PYTHON" evaluate.py --report "$OUT" ;;
+    "$PYTHON" evaluate.py --report "$grid" ;;
 
   cpu-bench)
     # one fixed reduced budget for every method, sized to finish in ~70 min on 2 CPU cores with the

@@ -537,6 +537,34 @@ def test_budget_ablation_continues_each_shorter_run(tmp_path):
     assert sum(line.startswith("distill.py") for line in log.read_text().splitlines()) == 8
 
 
+def test_grid_folders_keep_budgets_and_seeds_apart(tmp_path):
+    """--quick and other seeds fill folders of their own; a finished folder made with other options is refused
+    in one line (here before anything runs), never skipped as if it were this run's; the same options skip it."""
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    results = tmp_path / "results"
+
+    def grid(*options):
+        command = ["bash", str(ROOT / "run_all.sh"), "--datasets", "cifar10", "--ifs", "200", "--ipcs", "10",
+                   "--methods", "random dm", "--data-dir", str(tmp_path), "--out", str(results), *options]
+        return subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHON=str(fake)))
+
+    assert grid("--quick", "--precision", "fp32").returncode == 0
+    assert grid("--quick", "--seed", "1", "--precision", "fp32").returncode == 0
+    assert grid("--precision", "fp32").returncode == 0
+    for root in (results / "quick", results / "quick" / "seed1", results):
+        assert (root / "cifar10" / "if200" / "ipc10" / "dm" / "results.json").exists(), root
+    distills = [line for line in log.read_text().splitlines() if line.startswith("distill.py")]
+    assert ["--iterations 200 " in line for line in distills] == [True, True, False]
+    calls = len(log.read_text().splitlines())
+    assert "done, skipped" in grid("--quick", "--precision", "fp32").stdout
+    other = grid("--quick", "--precision", "bf16")  # the same folders, another precision
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
+    assert "holds a finished run made with other options" in other.stderr and "precision fp32" in other.stderr
+    assert [line.split()[0] for line in log.read_text().splitlines()[calls:]] == ["evaluate.py"]  # the report
+
+
 def test_full_cell_runs_the_headline_first_at_the_full_budget_and_releases_sets(tmp_path):
     """run_all.sh --full-cell: csdm, dm and random at IF 200 before anything else, 20,000 iterations at
     batch-real 256 and 5 x 1000 epochs, DM as published at factor 1 with class pairing, every set evaluated

@@ -61,6 +61,29 @@ def test_improvement_over_random_needs_the_same_protocol_and_model(tmp_path):
     assert report.over_random(dict(random_dm, method="x", acc_mean=31.5), records) == 1.5
 
 
+def test_improvement_over_random_needs_the_same_epochs(tmp_path):
+    """A random baseline trained for another number of epochs (a quick run's, say) is not the ruler."""
+    for method, result in {"random": dict(fake_result(30.0), epochs=300),
+                           "csdm": dict(fake_result(47.0), epochs=1000)}.items():
+        folder = tmp_path / "cifar10" / "if200" / "ipc10" / method
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(result))
+    records = report.collect_grid(tmp_path)
+    csdm = [r for r in records if r["method"] == "csdm"][0]
+    assert report.over_random(csdm, records) is None
+    assert report.over_random(dict(csdm, epochs=300), records) == 17.0
+
+
+def test_pooled_folders_may_not_hold_one_cell_twice(tmp_path):
+    for seed in (0, 1):
+        folder = tmp_path / f"seed{seed}" / "cifar10" / "if200" / "ipc10" / "csdm"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(fake_result(50.0 + seed)))
+    with pytest.raises(UsageError, match=r"seed0/.* and .*seed1/.* are the same cell of one table"):
+        report.write_report(tmp_path / "seed0", more_roots=(tmp_path / "seed1",))
+    assert "| csdm | 51.0 ± 0.5 |" in report.write_report(tmp_path / "seed1").read_text()
+
+
 def test_improvement_over_random_needs_the_same_number_of_images(tmp_path):
     """A random baseline at another factor (another number of training images) is not the ruler."""
     for method, factor, acc in (("csdm", 2, 48.0), ("random", 1, 31.0)):
