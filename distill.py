@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -61,9 +62,9 @@ from data_lt import (DSA_PAIRINGS, LongTailedData, RealBatchSampler, UsageError,
                      finite_float, initial_synthetic, load_from_args)
 from networks import (NORMS, POOLINGS, PRECISIONS, autocast, build_network, depth_for_size, in_micro_batches,
                       micro_batch_size, reset_parameters_, resolve_precision)
-from runs import (FORMAT_VERSION, OneLineParser, Processes, Progress, atomic_save, check_positive, compile_or_eager,
-                  environment, plot_loss, plot_side_by_side, resolve_device, run_script, save_grid, start_processes,
-                  step_or_fall_back, write_run_readme)
+from runs import (FORMAT_VERSION, OneLineParser, Processes, Progress, atomic_save, atomic_write_text, check_positive,
+                  compile_or_eager, environment, plot_loss, plot_side_by_side, resolve_device, run_script, save_grid,
+                  start_processes, step_or_fall_back, write_run_readme)
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
                  kernel_metric_p, per_class_loss, sample_frequencies)
 from training import PROTOCOLS, train_network
@@ -261,13 +262,36 @@ def load_checkpoint(out: Path, config: dict) -> dict | None:
     if version != FORMAT_VERSION:
         raise UsageError(f"--resume: {path} has checkpoint format {version}, this code writes {FORMAT_VERSION}; "
                          f"finish it with the version that wrote it, or start again with --overwrite")
-    theirs, ours = ADDED_OPTIONS | comparable_config(checkpoint["config"]), comparable_config(config)
-    differences = [f"--{key.replace('_', '-')} {theirs.get(key)} (checkpoint) vs {ours.get(key)} (now)"
-                   for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
+    differences = option_differences(checkpoint["config"], config, "checkpoint")
     if differences:
         raise UsageError(f"--resume: {path} was made with other options: {'; '.join(differences)}; "
                          f"rerun with the checkpoint's options, or start again with --overwrite")
     return checkpoint
+
+
+def option_differences(recorded: dict, config: dict, what: str) -> list[str]:
+    """The options (not the run options such as --iterations) in which a recorded config differs from this
+    run's, as '--option theirs (what) vs ours (now)'."""
+    theirs, ours = ADDED_OPTIONS | comparable_config(recorded), comparable_config(config)
+    return [f"--{key.replace('_', '-')} {theirs.get(key)} ({what}) vs {ours.get(key)} (now)"
+            for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
+
+
+def finished_set(out: Path, config: dict, checkpoint: dict | None) -> bool:
+    """True if out/synthetic.pt is this run's set, finished: made with these options and --iterations, and
+    no checkpoint beyond it (a run stopped after extending a finished one keeps the older set). A set made
+    with other options is refused (resuming would replace it); an unreadable one is written again."""
+    path = out / "synthetic.pt"
+    try:
+        recorded = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    except Exception:  # missing or unreadable
+        return False
+    differences = option_differences(recorded, config, "synthetic.pt")
+    if differences:
+        raise UsageError(f"--resume: {path} was made with other options: {'; '.join(differences)}; "
+                         f"give another --out, or start again with --overwrite")
+    done = checkpoint["iteration"] if checkpoint is not None else recorded.get("iterations")
+    return recorded.get("iterations") == done == config["iterations"]
 
 
 def optimizer_rows(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -690,20 +714,17 @@ def update(state: LoopState, matcher: Matcher, iteration: int, extractor: Extrac
 # Outputs: the synthetic set, pictures, and a folder that explains itself
 
 def write_outputs(result: dict, out: Path, run_info: dict | None = None) -> None:
+    """The run folder's files, synthetic.pt last: --resume takes a run whose set is written for finished, so
+    a run stopped while writing the others resumes (from its last checkpoint, with nothing left to distil)
+    and writes them all again."""
     out.mkdir(parents=True, exist_ok=True)
-    synthetic = {key: result[key] for key in
-                 ("images", "labels", "mean", "std", "class_names", "class_counts", "config")}
-    atomic_save(synthetic, out / "synthetic.pt")
     ipc = result["config"]["ipc"]
     save_grid(result["packed_images"], result["mean"], result["std"], ipc, out / "synthetic.png")
     save_grid(result["init_images"], result["mean"], result["std"], ipc, out / "init.png")
-    (out / "config.json").write_text(json.dumps(result["config"], indent=2) + "\n")
-    with open(out / "loss.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["iteration", "loss", "seconds"])
-        writer.writerows((i, f"{loss:.6g}", f"{seconds:.3f}") for i, loss, seconds in result["history"])
+    atomic_write_text(json.dumps(result["config"], indent=2) + "\n", out / "config.json")
+    atomic_write_text(loss_csv(result["history"]), out / "loss.csv")
     if run_info is not None:
-        (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        atomic_write_text(json.dumps(run_info, indent=2) + "\n", out / "run.json")
     try:
         plot_side_by_side(out / "init.png", out / "synthetic.png", out / "init_vs_final.png")
         if result["history"]:
@@ -711,6 +732,18 @@ def write_outputs(result: dict, out: Path, run_info: dict | None = None) -> None
     except ImportError:  # matplotlib missing: the pictures are a convenience
         pass
     write_run_readme(out)
+    atomic_save({key: result[key] for key in ("images", "labels", "mean", "std", "class_names", "class_counts",
+                                              "config")}, out / "synthetic.pt")
+
+
+def loss_csv(history: list) -> str:
+    """loss.csv: iteration, loss, seconds of distillation so far."""
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["iteration", "loss", "seconds"])
+    writer.writerows((i, f"{loss:.6g}", f"{seconds:.3f}") for i, loss, seconds in history)
+    return rows.getvalue()
+
 
 # ----------------------------------------------------------------------------------------
 # The job: every input checked before anything is written or deleted
@@ -722,15 +755,15 @@ def prepare_out_folder(args, data: LongTailedData, processes: Processes, log) ->
     out = Path(args.out)
     checkpoint = None
     if args.resume:
-        checkpoint = load_checkpoint(out, resolved_config(args, data))
-        finished = checkpoint is None or checkpoint["iteration"] >= args.iterations
-        if finished and (out / "synthetic.pt").exists():
+        config = resolved_config(args, data)
+        checkpoint = load_checkpoint(out, config)
+        if checkpoint is not None and checkpoint["iteration"] > args.iterations:
+            raise UsageError(f"--iterations {args.iterations}: the checkpoint in {out} is already at iteration "
+                             f"{checkpoint['iteration']}; resume with --iterations {checkpoint['iteration']} or more")
+        if finished_set(out, config, checkpoint):
             raise Finished(f"--resume: {out} holds a finished run of {args.iterations} iterations; nothing to do")
         log(f"resuming from iteration {checkpoint['iteration']}" if checkpoint else
             f"--resume: no checkpoint in {out}; starting from the beginning")
-    if checkpoint is not None and checkpoint["iteration"] > args.iterations:
-        raise UsageError(f"--iterations {args.iterations}: the checkpoint in {out} is already at iteration "
-                         f"{checkpoint['iteration']}; resume with --iterations {checkpoint['iteration']} or more")
     check_no_evaluation_replaced(args, out)
     if args.overwrite and processes.main:
         for name in OUTPUT_FILES:

@@ -48,8 +48,8 @@ import torch
 from data_lt import (UsageError, add_data_arguments, check_factor, counter_seed, decode, initial_synthetic,
                      load_long_tailed)
 from networks import MODELS, NORMS, PRECISIONS, build_network, depth_for_size, reset_parameters_, resolve_precision
-from runs import (FORMAT_VERSION, OneLineParser, Processes, check_positive, environment, export_image_folder, pyplot,
-                  run_script, start_processes, write_run_readme)
+from runs import (FORMAT_VERSION, OneLineParser, Processes, atomic_write_text, check_positive, environment,
+                  export_image_folder, pyplot, run_script, start_processes, write_run_readme)
 from stacked import train_networks_stacked
 from training import PROTOCOLS, long_tail_groups, per_class_accuracy, train_network
 
@@ -451,7 +451,7 @@ def write_result(result: dict, out: Path, what: str, data, args, device, process
                   config={key: value for key, value in vars(args).items()},
                   environment=dict(environment(), device=str(device), processes=processes.world))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(json.dumps(result, indent=2) + "\n", out / "results.json")
     try:
         plot_per_class(result, out / "per_class.png")
     except ImportError:  # matplotlib missing: the picture is a convenience

@@ -7,8 +7,8 @@ distill.py and evaluate.py import this module; it imports neither of them. It ho
 - devices and compilation: `resolve_device`, `compile_or_eager` (eager mode with one warning where
   torch.compile cannot work, e.g. no C compiler), `step_or_fall_back` (the same for a failure in a compiled
   backward pass), `keep_freed_memory` (glibc's malloc settings for CPU runs);
-- run folders: `atomic_save`, `environment` (command, commit, versions, machine), `write_run_readme`,
-  `Progress`, and the pictures (`save_grid`, `plot_side_by_side`, `plot_loss`).
+- run folders: `atomic_save`, `atomic_write_text`, `environment` (command, commit, versions, machine),
+  `write_run_readme`, `Progress`, and the pictures (`save_grid`, `plot_side_by_side`, `plot_loss`).
 """
 from __future__ import annotations
 
@@ -285,6 +285,14 @@ def atomic_save(obj, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """path.write_text(text) through a temporary file renamed over `path`: a crash mid-write leaves the previous
+    file (or none), never half of one."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

@@ -101,6 +101,22 @@ def test_outputs_describe_the_run(tmp_path, tiny_data):
     assert (width, height) == (1 + 3 * 17, 1 + 4 * 17)  # 3 stored images per row, one row per class, 1-px padding
 
 
+def test_the_set_is_written_last(tmp_path, tiny_data, monkeypatch):
+    """--resume takes a folder whose synthetic.pt is written for a finished run, so every other file must be
+    in place before it; loss.csv keeps its CSV line ends."""
+    import distill as distill_module
+    present = []
+    real_save = distill_module.atomic_save
+    monkeypatch.setattr(distill_module, "atomic_save", lambda obj, path: (
+        path.name == "synthetic.pt" and present.append(sorted(p.name for p in tmp_path.iterdir())),
+        real_save(obj, path)))
+    result = distill(tiny_args(tmp_path, "--method", "dm"), tiny_data, torch.device("cpu"), log=lambda m: None)
+    write_outputs(result, tmp_path, run_info={"command": "distill.py"})
+    assert len(present) == 1 and "synthetic.pt" not in present[0]
+    assert {"config.json", "loss.csv", "run.json", "README.md", "synthetic.png", "init.png"} <= set(present[0])
+    assert (tmp_path / "loss.csv").read_bytes().startswith(b"iteration,loss,seconds\r\n")
+
+
 @pytest.mark.parametrize("norm", ["instance", "batch"])
 def test_class_chunks_give_the_same_synthetic_set(norm, tiny_data, tmp_path):
     """Chunks of classes change nothing, with batch norm too (each class then goes through alone, as in DM's

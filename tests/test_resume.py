@@ -119,6 +119,28 @@ def test_an_occupied_output_folder_needs_resume_or_overwrite(folder_data, tmp_pa
     assert "nothing to do" in done.stdout
 
 
+def test_resume_judges_a_run_finished_by_its_set_not_by_the_checkpoint_alone(folder_data, tmp_path):
+    """A finished 2-iteration set beside a checkpoint at 4 (an extension stopped there): --resume --iterations 3
+    is refused (the checkpoint is past it), --iterations 4 writes the set of the checkpoint (not "nothing to
+    do" over the 2-iteration set); a set made with other options and no checkpoint is refused, not kept."""
+    run(command(folder_data, tmp_path / "longer", iterations=4))
+    out = tmp_path / "run"
+    run(command(folder_data, out, iterations=2))
+    (out / "checkpoint.pt").write_bytes((tmp_path / "longer" / "checkpoint.pt").read_bytes())
+    done = run(command(folder_data, out, "--resume", iterations=3), code=2)
+    assert "already at iteration 4; resume with --iterations 4 or more" in done.stderr
+    done = run(command(folder_data, out, "--resume", iterations=4))
+    assert "nothing to do" not in done.stdout
+    written, longer = (torch.load(folder / "synthetic.pt", weights_only=True) for folder in (out, tmp_path / "longer"))
+    assert written["config"]["iterations"] == 4 and torch.equal(written["images"], longer["images"])
+    assert "nothing to do" in run(command(folder_data, out, "--resume", iterations=4)).stdout
+    (out / "checkpoint.pt").unlink()
+    before = (out / "synthetic.pt").read_bytes()
+    done = run(command(folder_data, out, "--resume", "--seed", 3, iterations=4), code=2)
+    assert "synthetic.pt was made with other options: --seed 0 (synthetic.pt) vs 3 (now)" in done.stderr
+    assert (out / "synthetic.pt").read_bytes() == before
+
+
 def test_a_run_that_would_replace_an_evaluated_set_is_refused(folder_data, tmp_path):
     """Continuing (--resume with more iterations) or replacing (--overwrite) a set that evaluate.py has scored
     would leave results.json describing a set that is gone: refused, nothing touched; continuing in a new
