@@ -334,16 +334,16 @@ class Diverged(RuntimeError):
 
 
 def pool_file(args, data: LongTailedData, depth: int, precision: str) -> Path:
-    """Where the trained extractor pool for this data and network is cached. An image-folder tree is known by
-    its class names and the SHA-1 of its training images and labels (two trees of the same counts and size are
-    two data sets); the named data sets by their name."""
+    """Where the trained extractor pool for this data and network is cached. A data set is known by its class
+    names and the SHA-1 of its long-tailed training images and labels, whatever its name: two image-folder
+    trees of the same counts and size are two data sets, and so are CIFAR-10 from torchvision and its JPEG
+    copy (other pixels, so another subset and other pictures under the same seed)."""
     key = (data.name, tuple(data.class_counts), data.channels, data.image_size, args.val_per_class, args.seed,
            args.width, depth, args.norm, args.pooling, args.pool_size, args.pool_epochs, precision) + (
-           (args.pool_rebalance,) if args.pool_rebalance != "none" else ())  # older pools keep their files
-    if args.dataset == "folder":
-        content = hashlib.sha1(memoryview(data.train_images.contiguous().numpy()))  # no copy of the images
-        content.update(memoryview(data.train_labels.contiguous().numpy()))
-        key += (tuple(data.class_names), content.hexdigest())
+           (args.pool_rebalance,) if args.pool_rebalance != "none" else ())
+    content = hashlib.sha1(memoryview(data.train_images.contiguous().numpy()))  # no copy of the images
+    content.update(memoryview(data.train_labels.contiguous().numpy()))
+    key += (tuple(data.class_names), content.hexdigest())
     digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
     return cache_dir() / "pools" / f"pool-{digest}.pt"
 
@@ -846,7 +846,7 @@ def job(args, holder) -> None:
     log(f"distill.py: {args.method} on {args.dataset}, IF {args.imbalance_factor:g}, IPC {args.ipc}, "
         f"{args.iterations} iterations, device {device} ({resolve_precision(args.precision, device, args.compile)})"
         + (f", {processes.world} processes" if processes.world > 1 else ""))
-    data = load_from_args(args, log=log)
+    data = processes.main_first(lambda: load_from_args(args, log=log))  # one download, one cache file
     check_network(args, data)
     try:
         checkpoint = prepare_out_folder(args, data, processes, log)

@@ -342,10 +342,27 @@ class Job:
     record: dict
 
 
+# options that --syn takes from the set's config, not from the command line
+SET_OPTIONS = ("dataset", "imbalance_factor", "val_per_class", "n_max", "image_size", "ipc", "factor")
+
+
+def check_set_options(args, config: dict) -> None:
+    """--syn evaluates a set on the data it was distilled from: an option of the set given with another value
+    than the set's (and than its default) would be ignored, so it is refused."""
+    defaults = build_parser()
+    for name in SET_OPTIONS:
+        value = getattr(args, name)
+        if value != defaults.get_default(name) and value != config.get(name):
+            option = "--" + name.replace("_", "-")
+            raise UsageError(f"{option} {value}: {args.syn} was distilled with {option} {config.get(name)}, and "
+                             f"--syn evaluates it on the data it was distilled from; drop {option}")
+
+
 def synthetic_job(args, log) -> Job:
     """The Job of --syn: the distilled set, tested on the data set it was distilled from."""
     synthetic = load_synthetic(args.syn)
     config = synthetic["config"]
+    check_set_options(args, config)
     # the data the set was distilled from; only its location may be given anew
     data = load_long_tailed(config["dataset"], args.data_dir or config["data_dir"], config["imbalance_factor"],
                             config["seed"], config["val_per_class"], config["n_max"], config["image_size"], log=log)
@@ -426,7 +443,7 @@ def job(args, holder) -> None:
     holder[0] = processes
     args.precision = resolve_precision(args.precision, device, args.compile)
     log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
-    run = (synthetic_job if args.syn else baseline_job)(args, log)
+    run = processes.main_first(lambda: (synthetic_job if args.syn else baseline_job)(args, log))  # one download
     check_out(run.out, args.overwrite)
     epochs = args.epochs or PROTOCOLS[args.protocol].epochs
     log(f"evaluate.py: {run.what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x {epochs} "

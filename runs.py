@@ -153,6 +153,16 @@ class Processes:
         if self.world > 1:
             dist.barrier()
 
+    def main_first(self, work):
+        """work() on the main process, then on the others once it has finished: a download or a cache file
+        is written once, not by every process at the same time."""
+        if not self.main:
+            self.barrier()
+        result = work()
+        if self.main:
+            self.barrier()
+        return result
+
     def finish(self, clean: bool) -> None:
         """Leave the torchrun job. After a clean run every process first waits at a barrier, so that no
         process tears its connections down while another still works (writes the outputs, or is in a

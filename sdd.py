@@ -128,15 +128,6 @@ def kernel_metric_p(kernel: str) -> float:
     return 1.0 if kernel == "laplacian" else 2.0
 
 
-def median_distance(x: torch.Tensor, max_samples: int = 1024, p: float = 2.0) -> torch.Tensor:
-    """Median pairwise distance ||x_i - x_j||_p among (up to the first max_samples) rows of x:
-    the median heuristic for a kernel bandwidth (p from kernel_metric_p)."""
-    x = x[:max_samples]
-    distances = torch.cdist(x, x, p=p)
-    upper = torch.triu_indices(len(x), len(x), offset=1, device=x.device)
-    return distances[upper[0], upper[1]].median()
-
-
 def class_median_distances(feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
                            max_per_class: int | None = None, p: float = 2.0) -> torch.Tensor:
     """Per class, the median pairwise distance ||x_i - x_j||_p among (up to max_per_class of) its

@@ -170,10 +170,11 @@ def test_extractor_pool_is_trained_once_and_cached(tiny_data, tmp_path):
     assert not torch.equal(first["images"], plain["images"])
 
 
-def test_pool_cache_tells_image_folders_of_the_same_shape_apart(tmp_path):
-    """Two image-folder trees with the same classes, counts and image size but other pictures get two cached
-    pools; the same tree gets the same one."""
-    args = tiny_args(tmp_path, "--dataset", "folder", "--extractor", "pool")
+@pytest.mark.parametrize("dataset", ["folder", "cifar10"])
+def test_pool_cache_tells_data_sets_of_the_same_shape_apart(tmp_path, dataset):
+    """Two data sets with the same name, classes, counts and image size but other pictures (two image-folder
+    trees; CIFAR-10 from torchvision and its JPEG copy) get two cached pools; the same data the same one."""
+    args = tiny_args(tmp_path, "--dataset", dataset, "--extractor", "pool")
     first, second = make_tiny_data(seed=0), make_tiny_data(seed=1)
     assert first.class_counts == second.class_counts and first.name == second.name
     assert pool_file(args, first, 3, "fp32") != pool_file(args, second, 3, "fp32")

@@ -91,3 +91,13 @@ def test_a_64px_image_folder_end_to_end_with_depth_4(tmp_path):
     run([sys.executable], "evaluate.py", "--syn", out / "synthetic.pt", "--num-eval", 1, "--epochs", 1,
         "--device", "cpu")
     assert json.loads((out / "results.json").read_text())["per_class"].__len__() == 3
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_main_process_loads_the_data_before_the_others(rank, monkeypatch):
+    """Under torchrun only the main process downloads (and writes the cache); the others wait for it."""
+    from runs import Processes
+    processes, events = Processes(rank=rank, world=2), []
+    monkeypatch.setattr(processes, "barrier", lambda: events.append("barrier"))
+    assert processes.main_first(lambda: events.append("load") or "data") == "data"
+    assert events == (["load", "barrier"] if rank == 0 else ["barrier", "load"])
