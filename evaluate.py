@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of the networks and batches (and of the data subset "
                                                        "for baselines)")
+    g.add_argument("--eval-seed", type=int, default=None,
+                   help="seed of the networks and batches alone (default: --seed); a baseline of --seed N judged by "
+                        "the networks that judge the sets, for paired differences")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--out", default=None,
                    help="folder for results.json (default: next to --syn; for baselines runs/baseline-<kind>-<dataset>-"
@@ -160,8 +163,10 @@ def progress_bar(processes: Processes, epochs: int, description: str):
 
 
 def eval_generator(args, k: int, device) -> torch.Generator:
-    """Network k's generator: its initialisation, batch order and augmentation draws."""
-    return torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_EVAL, k))
+    """Network k's generator: its initialisation, batch order and augmentation draws, from --eval-seed (else
+    --seed)."""
+    seed = args.seed if args.eval_seed is None else args.eval_seed
+    return torch.Generator(device=device).manual_seed(counter_seed(seed, STREAM_EVAL, k))
 
 
 class Tests:

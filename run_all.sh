@@ -63,7 +63,8 @@ options:
   --data-dir DIR       data folder passed to distill.py / evaluate.py (default: download)
   --out DIR            results folder (default: results)
   --device DEV         auto, cpu, cuda, cuda:N (default: auto)
-  --seed N             the seed of every run (default: 0; the grid of another seed goes to OUT/seed<N>/)
+  --seed N             the seed of every run's data subset and distillation (default: 0; the grid of another
+                       seed goes to OUT/seed<N>/); evaluation networks are always seed 0's, for paired differences
   --precision P        auto, fp32 or bf16, passed to distill.py and evaluate.py (default: auto; bf16 for
                        --full-cell, so that its checkpoints resume on any machine; fp32 for --calibration-bench,
                        the protocol bench's precision)
@@ -143,7 +144,9 @@ DATA_ARGS=(); [[ -n "$DATA_DIR" ]] && DATA_ARGS=(--data-dir "$DATA_DIR")
 # one run: distill (resuming if interrupted) and evaluate, or evaluate a baseline; skipped when done
 #   run_one DIR METHOD DATASET IF IPC [extra distill.py options...]   (uses DISTILL_BUDGET, EVAL_BUDGET, SPLIT_ARGS)
 # The random baseline takes the --factor of the extra options (default 2, distill.py's): the same real images
-# as the distilled sets' starting point, decoded, so that it trains on as many images as they do.
+# as the distilled sets' starting point, decoded, so that it trains on as many images as they do. Every
+# evaluation's networks are those of seed 0 (--eval-seed 0; a set's evaluation takes no --seed), so a set and
+# the baseline of its seed are judged by the same networks, whatever --seed.
 run_one() {
   local dir=$1 method=$2 dataset=$3 imbalance=$4 ipc=$5; shift 5
   local budget; budget=$(budget_of "$method" "$@")
@@ -154,9 +157,9 @@ run_one() {
   case "$method" in
     random)
       "$PYTHON" evaluate.py --baseline random --ipc "$ipc" --factor "$(factor_of "$@")" "${common[@]}" \
-        "${EVAL_BUDGET[@]}" --out "$dir" ;;
+        --eval-seed 0 "${EVAL_BUDGET[@]}" --out "$dir" ;;
     full)
-      "$PYTHON" evaluate.py --baseline full "${common[@]}" "${EVAL_BUDGET[@]}" --out "$dir" ;;
+      "$PYTHON" evaluate.py --baseline full "${common[@]}" --eval-seed 0 "${EVAL_BUDGET[@]}" --out "$dir" ;;
     *)
       local resume=(); [[ -e "$dir" ]] && resume=(--resume)
       "$PYTHON" distill.py --method "$method" --ipc "$ipc" "${common[@]}" "${DISTILL_BUDGET[@]}" "$@" \
@@ -202,7 +205,8 @@ eval_into() {
   case "$method" in
     random)
       "$PYTHON" evaluate.py --baseline random --ipc "$ipc" --factor 2 --dataset "$dataset" "${DATA_ARGS[@]}" \
-        --imbalance-factor "$imbalance" --seed "$SEED" --device "$DEVICE" --precision "$PRECISION" "$@" --out "$out" ;;
+        --imbalance-factor "$imbalance" --seed "$SEED" --eval-seed 0 --device "$DEVICE" --precision "$PRECISION" \
+        "$@" --out "$out" ;;
     *)
       "$PYTHON" evaluate.py --syn "$set/synthetic.pt" --device "$DEVICE" --precision "$PRECISION" "$@" --out "$out" ;;
   esac
@@ -362,7 +366,7 @@ case "$MODE" in
     cell_run sdm sdm 200
     # a second seed of the IF 200 pair and its random baseline: how far csdm - dm moves when every draw of
     # the distillation changes (the long-tailed subset, the starting images, its networks and augmentation);
-    # the sets are evaluated as every set is (networks seeded 0), the random baseline draws all with seed 1
+    # every evaluation's networks are those of seed 0, so the random baseline of seed 1 pairs with the sets
     for method in csdm dm random; do
       ( SEED=1; run_one "${tree}_seed1/dm/cifar10/if200/ipc10/$method" "$method" cifar10 200 10 )
     done

@@ -596,6 +596,7 @@ def test_full_cell_runs_the_headline_first_at_the_full_budget_and_releases_sets(
     randoms = [line for line in evaluations if "--baseline random" in line]
     assert [line.split("--factor ")[1].split()[0] for line in randoms] == ["2", "2", "1", "2", "2", "2"]
     assert "--seed 1 " in randoms[-1] and "--seed 0 " in randoms[0]
+    assert all("--eval-seed 0 " in line for line in randoms + full)  # judged by the sets' networks
     assert all("--precision bf16" in line for line in distills + evaluations)  # resumable on any machine
     assert calls[-1].startswith("report.py") and "full_cell_seed1.md" in calls[-1]
     assert calls[-2].startswith("report.py") and "full_cell.md" in calls[-2]

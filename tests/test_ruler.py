@@ -34,6 +34,17 @@ def test_random_baseline_is_the_starting_set_of_distillation(factor, tmp_path, m
     assert f"factor {factor}" in run.what
 
 
+def test_eval_seed_sets_the_networks_and_leaves_the_data_to_seed():
+    """--seed 1 --eval-seed 0: the networks (and their batches) of seed 0, the data subset of seed 1, so that a
+    baseline of another seed is judged by the networks that judge the sets."""
+    parse = lambda *extra: evaluate.build_parser().parse_args(["--baseline", "random", *extra])
+    cpu = torch.device("cpu")
+    state = lambda *extra: evaluate.eval_generator(parse(*extra), 3, cpu).get_state()
+    assert torch.equal(state("--seed", "1", "--eval-seed", "0"), state("--seed", "0"))
+    assert not torch.equal(state("--seed", "1"), state("--seed", "0"))
+    assert parse("--seed", "1", "--eval-seed", "0").seed == 1  # the subset's seed stays
+
+
 def test_class_pairing_gives_a_class_one_transformation():
     """class: every real and synthetic image of a class shares one row of draws in an iteration, as DM's
     code; position: the operation is shared, the parameters differ by position."""
