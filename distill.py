@@ -83,7 +83,8 @@ DEFAULT_LR_IMG = {("sgd", "dm"): 1.0, ("sgd", "mmd"): 500.0, ("sgd", "sdm"): 500
 RUN_OPTIONS = {"iterations", "device", "out", "log_every", "ckpt_every", "resume", "overwrite", "data_dir",
                "class_chunk", "compile"}
 # options added after checkpoints were first written, with the value that older checkpoints ran with
-ADDED_OPTIONS = {"calibration": 0.0, "dsa_pairing": "position", "calibration_tau": 0.0, "pool_rebalance": "none"}
+ADDED_OPTIONS = {"calibration": 0.0, "dsa_pairing": "position", "calibration_tau": 0.0, "pool_rebalance": "none",
+                 "class_aware": False, "extractor": "random", "factor": 1, "pool_size": 4, "pool_epochs": 3}
 RUN_FILES = ("synthetic.pt", "checkpoint.pt", "config.json", "results.json")
 # everything a run folder holds, removed by --overwrite once every input is checked
 OUTPUT_FILES = RUN_FILES + ("run.json", "README.md", "loss.csv", "loss.png", "synthetic.png", "init.png",
@@ -290,6 +291,9 @@ def finished_set(out: Path, config: dict, checkpoint: dict | None) -> bool:
     if differences:
         raise UsageError(f"--resume: {path} was made with other options: {'; '.join(differences)}; "
                          f"give another --out, or start again with --overwrite")
+    if checkpoint is None and recorded.get("iterations", 0) > config["iterations"]:
+        raise UsageError(f"--iterations {config['iterations']}: {path} holds a set of {recorded['iterations']} "
+                         f"iterations, which resuming from the start would replace; give another --out")
     done = checkpoint["iteration"] if checkpoint is not None else recorded.get("iterations")
     return recorded.get("iterations") == done == config["iterations"]
 

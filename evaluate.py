@@ -15,7 +15,8 @@ evaluation) and tested once after its last epoch on the balanced test split (or,
 on the validation split used to choose hyperparameters). That final-epoch accuracy is the result;
 nothing is chosen on the test set. Where a protocol also tests during training (ncfm, every twentieth
 of it: every 100 of 2000 epochs), the best of those tests is recorded beside it as `best_*`, labelled, because the
-published figures report it. The mean and std are over --num-eval networks, each seeded from --seed and its index.
+published figures report it. The mean and std are over --num-eval networks, each seeded from --eval-seed
+(else --seed) and its index.
 On a GPU the ConvNets of a process train together as one grouped network (stacked.py; each network its
 own draws, the same results up to floating-point rounding); on a CPU one after another, which measured
 faster there (BENCHMARKS.md). --stacked and --one-at-a-time choose either.

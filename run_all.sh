@@ -150,7 +150,7 @@ DATA_ARGS=(); [[ -n "$DATA_DIR" ]] && DATA_ARGS=(--data-dir "$DATA_DIR")
 run_one() {
   local dir=$1 method=$2 dataset=$3 imbalance=$4 ipc=$5; shift 5
   local budget; budget=$(budget_of "$method" "$@")
-  if finished "$dir" "$budget"; then return; fi
+  if finished "$dir" "$budget" "${EVAL_BUDGET[@]}"; then return; fi
   echo "== $dir"
   local common=(--dataset "$dataset" "${DATA_ARGS[@]}" --imbalance-factor "$imbalance" --seed "$SEED" --device "$DEVICE"
                 --precision "$PRECISION" "${SPLIT_ARGS[@]}")
@@ -177,30 +177,50 @@ budget_of() {
        "${SPLIT_ARGS[*]}"
 }
 
-# finished DIR BUDGET: true (and says so) if DIR holds results.json of a run made with BUDGET, or of a run from
-# before this record existed; exits on a run made with another
+# finished DIR BUDGET EVALUATE-OPTIONS...: true (and says so) if DIR holds results.json of a run made with
+# BUDGET; exits on a run made with another. A folder from before run_all.budget is judged by the networks x
+# epochs its results.json records (its seed and distillation budget went unrecorded there).
 finished() {
-  [[ -f "$1/results.json" ]] || return 1
-  if [[ -f "$1/run_all.budget" && "$(cat "$1/run_all.budget")" != "$2" ]]; then
-    fail "$1 holds a finished run made with other options ($(cat "$1/run_all.budget")), not ($2);" \
-         "give another --out, or move it away"
+  local dir=$1 want=$2 made; shift 2
+  [[ -f "$dir/results.json" ]] || return 1
+  if [[ -f "$dir/run_all.budget" ]]; then
+    made=$(cat "$dir/run_all.budget")
+  else  # an option this call leaves to evaluate.py's default is not compared
+    local networks epochs asked_networks asked_epochs
+    networks=$(top_level "$dir/results.json" num_eval); epochs=$(top_level "$dir/results.json" epochs)
+    asked_networks=$(option_of --num-eval "$@"); asked_epochs=$(option_of --epochs "$@")
+    made="$networks networks x $epochs epochs"
+    want="${asked_networks:-$networks} networks x ${asked_epochs:-$epochs} epochs"
   fi
-  echo "== $1: done, skipped"
+  [[ "$made" == "$want" ]] ||
+    fail "$dir holds a finished run made with other options ($made), not ($want); give another --out, or move it away"
+  echo "== $dir: done, skipped"
+}
+
+# option_of OPTION ARGS...: the value of the last OPTION among ARGS (empty when absent)
+option_of() {
+  local name=$1 value=""; shift
+  while [[ $# -gt 0 ]]; do [[ "$1" == "$name" && $# -ge 2 ]] && value=$2; shift; done
+  echo "$value"
+}
+
+# top_level FILE KEY: the value of KEY at the top level of a results.json (written with an indent of 2)
+top_level() {
+  sed -n "s/^  \"$2\": \([^,]*\),\{0,1\}\$/\1/p" "$1" | head -n 1
 }
 
 # the value of --factor among distill.py options (2, distill.py's default, when absent)
 factor_of() {
-  local factor=2
-  while [[ $# -gt 0 ]]; do [[ "$1" == --factor ]] && factor=$2; shift; done
-  echo "$factor"
+  local factor; factor=$(option_of --factor "$@")
+  echo "${factor:-2}"
 }
 
 # evaluate a run folder's set (or the fair random baseline) into another folder with other evaluate.py options
 #   eval_into SETDIR OUTDIR METHOD DATASET IF IPC [evaluate.py options...]
 eval_into() {
   local set=$1 out=$2 method=$3 dataset=$4 imbalance=$5 ipc=$6; shift 6
-  local budget; budget=$(budget_of "$method" "$set" "$@")
-  if finished "$out" "$budget"; then return; fi
+  local budget; budget=$(budget_of "$method" "${set#"$OUT"/}" "$@")  # the set as a path inside $OUT
+  if finished "$out" "$budget" "$@"; then return; fi
   echo "== $out"
   case "$method" in
     random)

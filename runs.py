@@ -262,7 +262,7 @@ def step_or_fall_back(step, compiled: list[compile_or_eager]):
             raise
         for function in active:
             function.fall_back(error)
-        return step()
+    return step()  # outside the except block: the failed step's frames (and its activations) are freed
 
 
 def _is_compile_failure(error: Exception) -> bool:
@@ -288,21 +288,22 @@ def _raised_in_generated_code(error: Exception) -> bool:
 # Run folders
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash
-    mid-write leaves the previous file in place."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through a temporary file, flushed to disk, then renamed over `path`: a crash mid-write
+    leaves the previous file (or none), never half of one."""
+    _write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    """path.write_text(text) through a temporary file renamed over `path`: a crash mid-write leaves the previous
-    file (or none), never half of one."""
+    """path.write_text(text), atomically as atomic_save."""
+    _write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def _write_atomically(path: Path, write) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -563,6 +563,31 @@ def test_grid_folders_keep_budgets_and_seeds_apart(tmp_path):
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
     assert "holds a finished run made with other options" in other.stderr and "precision fp32" in other.stderr
     assert [line.split()[0] for line in log.read_text().splitlines()[calls:]] == ["evaluate.py"]  # the report
+    # a folder from before run_all.budget is judged by the networks x epochs its results.json records
+    legacy = results / "cifar10" / "if200" / "ipc10" / "random"
+    (legacy / "run_all.budget").unlink()
+    (legacy / "results.json").write_text(json.dumps({"num_eval": 2, "epochs": 300}, indent=2))
+    done = grid("--precision", "fp32")
+    assert done.returncode == 2 and "(2 networks x 300 epochs), not (5 networks x 1000 epochs)" in done.stderr
+    (legacy / "results.json").write_text(json.dumps({"num_eval": 5, "epochs": 1000}, indent=2))
+    assert f"{legacy}: done, skipped" in grid("--precision", "fp32").stdout
+
+
+def test_a_rerun_skips_evaluations_into_other_folders_however_out_is_spelled(tmp_path):
+    """--protocol-bench's NCFM evaluations record the set they score as a path inside --out, so `--out results`
+    and `--out ./results/` are the same run."""
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    skipped = []
+    for out in (f"{tmp_path}/results", f"{tmp_path}/./results/", f"{tmp_path}/../{tmp_path.name}/results"):
+        done = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--protocol-bench", "--data-dir", str(tmp_path),
+                               "--out", out], capture_output=True, text=True, env=dict(os.environ, PYTHON=str(fake)))
+        assert done.returncode == 0, done.stderr
+        skipped.append(done.stdout.count("done, skipped"))
+    assert skipped == [0, 12, 12]  # 6 sets under DM's protocol and their 6 evaluations under NCFM's
+    distills = [line for line in log.read_text().splitlines() if line.startswith("distill.py")]
+    assert len(distills) == 4  # dm and csdm at IF 200 and 10, once
 
 
 def test_full_cell_runs_the_headline_first_at_the_full_budget_and_releases_sets(tmp_path):

@@ -122,7 +122,8 @@ def test_an_occupied_output_folder_needs_resume_or_overwrite(folder_data, tmp_pa
 def test_resume_judges_a_run_finished_by_its_set_not_by_the_checkpoint_alone(folder_data, tmp_path):
     """A finished 2-iteration set beside a checkpoint at 4 (an extension stopped there): --resume --iterations 3
     is refused (the checkpoint is past it), --iterations 4 writes the set of the checkpoint (not "nothing to
-    do" over the 2-iteration set); a set made with other options and no checkpoint is refused, not kept."""
+    do" over the 2-iteration set); without a checkpoint, a set of other options or of more iterations is
+    refused, not replaced."""
     run(command(folder_data, tmp_path / "longer", iterations=4))
     out = tmp_path / "run"
     run(command(folder_data, out, iterations=2))
@@ -136,6 +137,8 @@ def test_resume_judges_a_run_finished_by_its_set_not_by_the_checkpoint_alone(fol
     assert "nothing to do" in run(command(folder_data, out, "--resume", iterations=4)).stdout
     (out / "checkpoint.pt").unlink()
     before = (out / "synthetic.pt").read_bytes()
+    done = run(command(folder_data, out, "--resume", iterations=2), code=2)  # would restart and shorten the set
+    assert "holds a set of 4 iterations, which resuming from the start would replace" in done.stderr
     done = run(command(folder_data, out, "--resume", "--seed", 3, iterations=4), code=2)
     assert "synthetic.pt was made with other options: --seed 0 (synthetic.pt) vs 3 (now)" in done.stderr
     assert (out / "synthetic.pt").read_bytes() == before
