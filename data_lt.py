@@ -167,6 +167,7 @@ class LongTailedData:
     val_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    source: str = "built in memory"  # where the images were read from, for the records (data_source)
 
     @property
     def num_classes(self) -> int:
@@ -457,9 +458,22 @@ def load_long_tailed(dataset: str, data_dir: str | None = None, imbalance_factor
         mean=tuple(mean), std=tuple(std),
         train_images=train_images[train_index], train_labels=train_labels[train_index],
         val_images=train_images[val_index], val_labels=train_labels[val_index],
-        test_images=test_images, test_labels=test_labels)
+        test_images=test_images, test_labels=test_labels, source=data_source(dataset, data_dir))
     log(data.counts_table())
     return data
+
+
+def data_source(dataset: str, data_dir: str | None) -> str:
+    """Where read_split reads a data set's images from, in words for results.json: an image-folder copy of
+    CIFAR (such as a JPEG one, whose pixels differ from torchvision's) is not CIFAR's own files."""
+    root = Path(data_dir) if data_dir is not None else None
+    if dataset == "folder":
+        return f"image folder {data_dir}"
+    if dataset == "fashion-mnist":
+        return f"Fashion-MNIST IDX files ({data_dir or 'found or downloaded by torchvision'})"
+    if root is not None and is_image_folder(root):
+        return f"image-folder copy of {dataset} in {data_dir} (not torchvision's files)"
+    return f"torchvision's {dataset} files in {data_dir or DEFAULT_DATA_DIR}"
 
 
 def finite_float(text: str) -> float:

@@ -870,7 +870,7 @@ def job(args, holder) -> None:
             report_stop("distill.py", result, out, processes.world)
         sys.exit(128 + result["stopped"])
     if processes.main:
-        run_info = dict(environment(), device=str(device), processes=processes.world,
+        run_info = dict(environment(), device=str(device), processes=processes.world, data_source=data.source,
                         wall_seconds=round(result["history"][-1][2] if result["history"] else 0.0, 1),
                         iterations_done=result["iterations_done"],
                         finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),

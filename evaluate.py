@@ -470,7 +470,8 @@ def main(argv=None) -> None:
 
 def write_result(result: dict, out: Path, what: str, data, args, device, processes, start: float) -> None:
     """Write results.json, the per-class chart and the run README, and print the one-line summary."""
-    result.update(evaluated=what, dataset=data.name, seconds=round(time.perf_counter() - start, 1),
+    result.update(evaluated=what, dataset=data.name, data_source=data.source,
+                  seconds=round(time.perf_counter() - start, 1),
                   config={key: value for key, value in vars(args).items()},
                   environment=dict(environment(), device=str(device), processes=processes.world))
     out.mkdir(parents=True, exist_ok=True)

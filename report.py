@@ -42,7 +42,7 @@ def collect_grid(root: Path) -> list[dict]:
         result = json.loads(path.read_text())
         records.append(dict(dataset=dataset, imbalance=float(imbalance[2:]), ipc=int(ipc[3:]), method=method,
                             protocol=result.get("protocol", "dm"), model=result.get("model", "convnet"),
-                            factor=recorded_factor(result), path=str(path),
+                            factor=recorded_factor(result), path=str(path), data=recorded_data(result, path),
                             **{k: result[k] for k in ("acc_mean", "acc_std", "num_eval", "epochs", "head", "tail",
                                                       "split")}))
     return records
@@ -55,6 +55,21 @@ def recorded_factor(result: dict) -> int | None:
         return result["factor"]
     config = result.get("config") or {}
     return config.get("factor") if config.get("baseline") == "random" else None
+
+
+def recorded_data(result: dict, path: Path) -> str:
+    """Where a run's images came from: its `data_source`, or for a results.json written before that key
+    existed, the --data-dir of its command or of the set it evaluated (config.json beside the set)."""
+    if "data_source" in result:
+        return result["data_source"]
+    config = result.get("config") or {}
+    data_dir = config.get("data_dir")
+    sets = [path.parent / "config.json"] + ([Path(config["syn"]).parent / "config.json"] if config.get("syn") else [])
+    for set_config in sets if data_dir is None else []:
+        if set_config.exists():
+            data_dir = json.loads(set_config.read_text()).get("data_dir")
+            break
+    return f"--data-dir {data_dir}" if data_dir else "not recorded (torchvision's download, or an older record)"
 
 
 def is_baseline(method: str) -> bool:
@@ -132,6 +147,7 @@ def grid_report(records: list[dict], table: Path) -> list[str]:
         lines += grid_table(rows) + [""]
         if dataset == "cifar10" and model == "convnet":  # the published figures are ConvNet-3's
             lines += published_table(sorted({r["imbalance"] for r in rows}), ipcs) + [""]
+        lines += ["Data: " + "; ".join(sorted({r["data"] for r in rows})) + ".", ""]
         lines += ["Tail third of the classes (%): " + "; ".join(
             f"{r['method']} IF {r['imbalance']:g} IPC {r['ipc']} {r['tail']:.1f}" for r in rows), ""]
     lines.append(f"Networks per cell: {sorted({r['num_eval'] for r in records})}, "

@@ -145,6 +145,18 @@ def test_a_test_split_must_number_its_classes_as_training_does(tmp_path):
         load_long_tailed("folder", str(tmp_path), imbalance_factor=4, log=lambda m: None)
 
 
+def test_the_records_say_whether_cifar_came_from_torchvision_or_a_copy(tmp_path):
+    """results.json names the data's source: a CIFAR image-folder copy (the JPEG one, say) is not CIFAR's files."""
+    from data_lt import data_source
+    write_folder(tmp_path, sizes=[8])
+    copy = f"image-folder copy of cifar10 in {tmp_path} (not torchvision's files)"
+    assert data_source("cifar10", str(tmp_path)) == copy
+    assert data_source("cifar10", None) == "torchvision's cifar10 files in data"
+    assert data_source("cifar100", str(tmp_path / "train")) == f"torchvision's cifar100 files in {tmp_path / 'train'}"
+    data = load_long_tailed("folder", str(tmp_path), imbalance_factor=2, log=lambda m: None)
+    assert data.source == f"image folder {tmp_path}"
+
+
 def test_the_decoded_folder_cache_sees_an_image_moved_to_another_class(tmp_path):
     """A file moved between class folders keeps its size and change time; the cache must not serve the old
     labels."""

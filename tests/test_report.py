@@ -74,6 +74,23 @@ def test_improvement_over_random_needs_the_same_epochs(tmp_path):
     assert report.over_random(dict(csdm, epochs=300), records) == 17.0
 
 
+def test_each_table_names_its_data(tmp_path):
+    """A table says where its images came from: results.json's data_source, or for an older file the --data-dir
+    of its command or of the set it evaluated."""
+    runs = {"random": dict(fake_result(30.0), config={"data_dir": "data/cifar10"}),
+            "csdm": dict(fake_result(47.0), config={"syn": str(tmp_path / "sets" / "csdm" / "synthetic.pt")}),
+            "dm": dict(fake_result(46.0), data_source="image-folder copy of cifar10 in data/cifar10")}
+    (tmp_path / "sets" / "csdm").mkdir(parents=True)
+    (tmp_path / "sets" / "csdm" / "config.json").write_text(json.dumps({"data_dir": "elsewhere"}))
+    for method, result in runs.items():
+        folder = tmp_path / "grid" / "cifar10" / "if200" / "ipc10" / method
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(result))
+    table = report.write_report(tmp_path / "grid").read_text()
+    assert ("Data: --data-dir data/cifar10; --data-dir elsewhere; image-folder copy of cifar10 in data/cifar10."
+            in table)
+
+
 def test_pooled_folders_may_not_hold_one_cell_twice(tmp_path):
     for seed in (0, 1):
         folder = tmp_path / f"seed{seed}" / "cifar10" / "if200" / "ipc10" / "csdm"
