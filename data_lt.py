@@ -488,21 +488,31 @@ def finite_float(text: str) -> float:
     return value
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data options shared by distill.py and evaluate.py."""
+# the data options' defaults (evaluate.py --syn takes them from the set instead)
+DATA_DEFAULTS = {"dataset": "cifar10", "imbalance_factor": 100.0, "n_max": None, "val_per_class": 0,
+                 "image_size": None}
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """The data options shared by distill.py and evaluate.py. defaults=False leaves an option out of the
+    parsed namespace unless it is given (argparse.SUPPRESS), so that the caller sees which were typed."""
+    default = (lambda name: DATA_DEFAULTS[name]) if defaults else (lambda name: argparse.SUPPRESS)
+    shown = (lambda name: "%(default)s") if defaults else (lambda name: DATA_DEFAULTS[name])  # in the help
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=DATASETS, help="data set (default: %(default)s)")
+    g.add_argument("--dataset", default=default("dataset"), choices=DATASETS,
+                   help=f"data set (default: {shown('dataset')})")
     g.add_argument("--data-dir", default=None,
                    help="folder holding the data: torchvision's files, an image-folder tree train/<class>/*, "
                         "test/<class>/*, or Fashion-MNIST IDX files (default: download into ./data)")
-    g.add_argument("--imbalance-factor", type=finite_float, default=100.0,
-                   help="IF = n_max / n_min of the exponential profile; 1 = balanced (default: %(default)s)")
-    g.add_argument("--n-max", type=int, default=None,
+    g.add_argument("--imbalance-factor", type=finite_float, default=default("imbalance_factor"),
+                   help=f"IF = n_max / n_min of the exponential profile; 1 = balanced (default: "
+                        f"{shown('imbalance_factor')})")
+    g.add_argument("--n-max", type=int, default=default("n_max"),
                    help="images of the head class (default: all of its training images)")
-    g.add_argument("--val-per-class", type=int, default=0,
-                   help="balanced validation images per class, taken from the images the long-tailed "
-                        "subset leaves out (default: %(default)s)")
-    g.add_argument("--image-size", type=int, default=None,
+    g.add_argument("--val-per-class", type=int, default=default("val_per_class"),
+                   help=f"balanced validation images per class, taken from the images the long-tailed "
+                        f"subset leaves out (default: {shown('val_per_class')})")
+    g.add_argument("--image-size", type=int, default=default("image_size"),
                    help="resize every image to N x N once when loading (default: keep)")
 
 

@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_lt import (UsageError, add_data_arguments, check_factor, counter_seed, decode, initial_synthetic,
-                     load_long_tailed)
+from data_lt import (DATA_DEFAULTS, UsageError, add_data_arguments, check_factor, counter_seed, decode,
+                     initial_synthetic, load_long_tailed)
 from networks import MODELS, NORMS, PRECISIONS, build_network, depth_for_size, reset_parameters_, resolve_precision
 from runs import (FORMAT_VERSION, OneLineParser, Processes, atomic_write_text, check_positive, environment,
                   export_image_folder, pyplot, run_script, start_processes, write_run_readme)
@@ -57,9 +57,28 @@ from training import PROTOCOLS, long_tail_groups, per_class_accuracy, train_netw
 STREAM_EVAL = 21
 
 
+# the options a --syn evaluation takes from the set's config, with their defaults for the baselines
+SET_OPTIONS = {name: DATA_DEFAULTS[name] for name in ("dataset", "imbalance_factor", "val_per_class", "n_max",
+                                                      "image_size")} | {"ipc": 10, "factor": 2}
+
+
+class EvaluateParser(OneLineParser):
+    """evaluate.py's parser: the set options are left out of argparse's namespace unless typed, recorded as
+    `set_options_given` (so --syn can refuse one that disagrees with the set, even at its default value), then
+    filled with their defaults."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        namespace.set_options_given = [name for name in SET_OPTIONS if hasattr(namespace, name)]
+        for name, value in SET_OPTIONS.items():
+            if not hasattr(namespace, name):
+                setattr(namespace, name, value)
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = EvaluateParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--syn", default=None, help="synthetic.pt written by distill.py")
     what.add_argument("--baseline", default=None, choices=("random", "full"),
@@ -67,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "full: the whole long-tailed set")
     what.add_argument("--report", default=None, metavar="DIR", help="the same as `python report.py DIR`")
     p.add_argument("--summary", default=None, metavar="JSON", help="--report: see report.py --help")
-    add_data_arguments(p)
-    p.add_argument("--ipc", type=int, default=10, help="--baseline random: stored images per class")
-    p.add_argument("--factor", type=int, default=2,
-                   help="--baseline random: multi-formation factor of the set it is compared with (distill.py's "
-                        "default 2: IPC x 4 real images per class); 1: IPC real images per class")
+    add_data_arguments(p, defaults=False)
+    p.add_argument("--ipc", type=int, default=argparse.SUPPRESS,
+                   help=f"--baseline random: stored images per class (default: {SET_OPTIONS['ipc']})")
+    p.add_argument("--factor", type=int, default=argparse.SUPPRESS,
+                   help=f"--baseline random: multi-formation factor of the set it is compared with (default "
+                        f"{SET_OPTIONS['factor']}, distill.py's: IPC x 4 real images per class); 1: IPC real images "
+                        f"per class")
     g = p.add_argument_group("training")
     g.add_argument("--protocol", default="dm", choices=tuple(PROTOCOLS),
                    help="evaluation protocol (training.py's PROTOCOLS): dm (SGD, 1000 epochs) or ncfm (AdamW, "
@@ -348,17 +369,12 @@ class Job:
     record: dict
 
 
-# options that --syn takes from the set's config, not from the command line
-SET_OPTIONS = ("dataset", "imbalance_factor", "val_per_class", "n_max", "image_size", "ipc", "factor")
-
-
 def check_set_options(args, config: dict) -> None:
-    """--syn evaluates a set on the data it was distilled from: an option of the set given with another value
-    than the set's (and than its default) would be ignored, so it is refused."""
-    defaults = build_parser()
-    for name in SET_OPTIONS:
+    """--syn evaluates a set on the data it was distilled from: a set option typed with another value than the
+    set's would be ignored, so it is refused."""
+    for name in args.set_options_given:
         value = getattr(args, name)
-        if value != defaults.get_default(name) and value != config.get(name):
+        if value != config.get(name):
             option = "--" + name.replace("_", "-")
             raise UsageError(f"{option} {value}: {args.syn} was distilled with {option} {config.get(name)}, and "
                              f"--syn evaluates it on the data it was distilled from; drop {option}")

@@ -109,18 +109,22 @@ def test_a_set_is_refused_by_a_data_set_whose_classes_it_does_not_name():
 
 
 def test_syn_refuses_options_it_would_ignore():
-    """--syn takes the data set, IF, IPC, factor, ... from the set: another value on the command line is refused
-    in one line naming the option; the set's own value, or the default left alone, is fine."""
+    """--syn takes the data set, IF, IPC, factor, ... from the set: a value typed on the command line that differs
+    from the set's is refused in one line naming the option, even the default value typed on purpose; the set's
+    own value is fine, and a baseline gets the defaults of what is not typed."""
     from data_lt import UsageError
     config = {"dataset": "cifar10", "imbalance_factor": 200.0, "val_per_class": 0, "n_max": None,
-              "image_size": None, "ipc": 10, "factor": 2}
+              "image_size": None, "ipc": 50, "factor": 2}
     parse = lambda *extra: evaluate.build_parser().parse_args(["--syn", "set.pt", *extra])
     evaluate.check_set_options(parse(), config)
-    evaluate.check_set_options(parse("--imbalance-factor", "200", "--ipc", "10"), config)
-    for option, value in (("--imbalance-factor", "10"), ("--ipc", "50"), ("--factor", "1"), ("--dataset", "cifar100"),
-                          ("--val-per-class", "100")):
+    evaluate.check_set_options(parse("--imbalance-factor", "200", "--ipc", "50"), config)
+    for option, value in (("--imbalance-factor", "10"), ("--imbalance-factor", "100"), ("--ipc", "10"),
+                          ("--factor", "1"), ("--dataset", "cifar100"), ("--val-per-class", "100")):
         with pytest.raises(UsageError, match=f"^{option} .*: set.pt was distilled with {option} .*; drop {option}$"):
             evaluate.check_set_options(parse(option, value), config)
+    baseline = evaluate.build_parser().parse_args(["--baseline", "random", "--ipc", "5"])
+    assert (baseline.ipc, baseline.factor, baseline.imbalance_factor, baseline.dataset) == (5, 2, 100.0, "cifar10")
+    assert baseline.set_options_given == ["ipc"]
 
 
 def test_evaluate_checks_its_output_folder_before_training(capsys, tmp_path, monkeypatch):
