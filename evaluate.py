@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = EvaluateParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--syn", default=None, help="synthetic.pt written by distill.py")
+    what.add_argument("--syn", default=None,
+                      help="synthetic.pt written by distill.py; its data set, IF, validation split, IPC and factor "
+                           "are the set's own (typing another value is refused)")
     what.add_argument("--baseline", default=None, choices=("random", "full"),
                       help="random: real images drawn as distill.py's starting set (--ipc, --factor); "
                            "full: the whole long-tailed set")
@@ -90,9 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, default=argparse.SUPPRESS,
                    help=f"--baseline random: stored images per class (default: {SET_OPTIONS['ipc']})")
     p.add_argument("--factor", type=int, default=argparse.SUPPRESS,
-                   help=f"--baseline random: multi-formation factor of the set it is compared with (default "
-                        f"{SET_OPTIONS['factor']}, distill.py's: IPC x 4 real images per class); 1: IPC real images "
-                        f"per class")
+                   help=f"--baseline random: multi-formation factor of the set it is compared with, IPC x "
+                        f"factor^2 real images per class (default: {SET_OPTIONS['factor']}, distill.py's)")
     g = p.add_argument_group("training")
     g.add_argument("--protocol", default="dm", choices=tuple(PROTOCOLS),
                    help="evaluation protocol (training.py's PROTOCOLS): dm (SGD, 1000 epochs) or ncfm (AdamW, "
@@ -385,6 +386,8 @@ def synthetic_job(args, log) -> Job:
     synthetic = load_synthetic(args.syn)
     config = synthetic["config"]
     check_set_options(args, config)
+    for name in SET_OPTIONS:  # results.json records the set's values, not the baselines' defaults
+        setattr(args, name, config.get(name, 1 if name == "factor" else getattr(args, name)))
     # the data the set was distilled from; only its location may be given anew
     data = load_long_tailed(config["dataset"], args.data_dir or config["data_dir"], config["imbalance_factor"],
                             config["seed"], config["val_per_class"], config["n_max"], config["image_size"], log=log)

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_lt import UsageError
+from data_lt import UsageError, data_source
 from runs import OneLineParser, pyplot
 
 # CIFAR-10-LT, ConvNet-3, test accuracy % at IPC 10 / 20 / 50, as published in the long-tailed dataset
@@ -59,17 +59,24 @@ def recorded_factor(result: dict) -> int | None:
 
 def recorded_data(result: dict, path: Path) -> str:
     """Where a run's images came from: its `data_source`, or for a results.json written before that key
-    existed, the --data-dir of its command or of the set it evaluated (config.json beside the set)."""
+    existed, what data_lt.data_source says of the --data-dir of its command or of the set it evaluated
+    (config.json beside the set), where that folder is on this machine."""
     if "data_source" in result:
         return result["data_source"]
     config = result.get("config") or {}
     data_dir = config.get("data_dir")
     sets = [path.parent / "config.json"] + ([Path(config["syn"]).parent / "config.json"] if config.get("syn") else [])
     for set_config in sets if data_dir is None else []:
-        if set_config.exists():
+        try:
             data_dir = json.loads(set_config.read_text()).get("data_dir")
             break
-    return f"--data-dir {data_dir}" if data_dir else "not recorded (torchvision's download, or an older record)"
+        except (OSError, ValueError, AttributeError):  # missing or unreadable: try the next
+            continue
+    if data_dir is None:
+        return "not recorded (torchvision's download, or an older record)"
+    if not Path(data_dir).exists():
+        return f"--data-dir {data_dir} (not on this machine, so of unknown kind)"
+    return data_source(str(result.get("dataset", "")).split("-LT")[0], data_dir)
 
 
 def is_baseline(method: str) -> bool:
@@ -165,13 +172,14 @@ def runs_report(root: Path) -> list[str]:
     """Markdown for an ablation folder: one row per root/<run>/results.json."""
     lines = ["| run | evaluated | accuracy | head | medium | tail | networks x epochs |",
              "|---|---|---|---|---|---|---|"]
-    split = "?"
+    split, data = "?", set()
     for path in sorted(root.glob("*/results.json")):
         r = json.loads(path.read_text())
         split = r["split"]
+        data.add(recorded_data(r, path))
         lines.append(f"| {path.parent.name} | {r.get('evaluated', '')} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
                      f"| {r['head']:.1f} | {r['medium']:.1f} | {r['tail']:.1f} | {r['num_eval']} x {r['epochs']} |")
-    return lines + ["", f"Accuracy on the {split} split, final epoch."]
+    return lines + ["", f"Accuracy on the {split} split, final epoch. Data: {'; '.join(sorted(data))}."]
 
 
 def write_summary(records: list[dict], root: Path, summary: Path) -> None:

@@ -75,20 +75,25 @@ def test_improvement_over_random_needs_the_same_epochs(tmp_path):
 
 
 def test_each_table_names_its_data(tmp_path):
-    """A table says where its images came from: results.json's data_source, or for an older file the --data-dir
-    of its command or of the set it evaluated."""
-    runs = {"random": dict(fake_result(30.0), config={"data_dir": "data/cifar10"}),
+    """A table says where its images came from: results.json's data_source, or for an older file what
+    data_lt.data_source says of the --data-dir of its command or of the set it evaluated, where that folder
+    exists here."""
+    copy = tmp_path / "cifar-copy"
+    (copy / "train").mkdir(parents=True), (copy / "test").mkdir()
+    runs = {"random": dict(fake_result(30.0), dataset="cifar10-LT(IF=200)", config={"data_dir": str(copy)}),
             "csdm": dict(fake_result(47.0), config={"syn": str(tmp_path / "sets" / "csdm" / "synthetic.pt")}),
-            "dm": dict(fake_result(46.0), data_source="image-folder copy of cifar10 in data/cifar10")}
+            "dm": dict(fake_result(46.0), data_source="torchvision's cifar10 files in data")}
     (tmp_path / "sets" / "csdm").mkdir(parents=True)
-    (tmp_path / "sets" / "csdm" / "config.json").write_text(json.dumps({"data_dir": "elsewhere"}))
+    (tmp_path / "sets" / "csdm" / "config.json").write_text(json.dumps({"data_dir": str(tmp_path / "gone")}))
     for method, result in runs.items():
         folder = tmp_path / "grid" / "cifar10" / "if200" / "ipc10" / method
         folder.mkdir(parents=True)
         (folder / "results.json").write_text(json.dumps(result))
-    table = report.write_report(tmp_path / "grid").read_text()
-    assert ("Data: --data-dir data/cifar10; --data-dir elsewhere; image-folder copy of cifar10 in data/cifar10."
-            in table)
+    data_line = [line for line in report.write_report(tmp_path / "grid").read_text().splitlines()
+                 if line.startswith("Data: ")]
+    assert data_line == [f"Data: --data-dir {tmp_path / 'gone'} (not on this machine, so of unknown kind); "
+                         f"image-folder copy of cifar10 in {copy} (not torchvision's files); "
+                         f"torchvision's cifar10 files in data."]
 
 
 def test_pooled_folders_may_not_hold_one_cell_twice(tmp_path):
