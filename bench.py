@@ -28,7 +28,9 @@ random, which changes no timing. Every timing is the median of --repeats runs af
                        seconds per csdm iteration at the field's budget (the same as sec_per_iter_csdm);
                        cell_hours: 20,000 such iterations plus eval_full_protocol_minutes, one method's cell
   peak_rss_gb          peak resident memory of a child process distilling CIFAR-10-LT at IPC 50 for
-                       20 iterations with distill.py's defaults (and peak GPU memory on a GPU)
+                       20 iterations with distill.py's defaults (and peak GPU memory on a GPU), in GB of 1e9
+                       bytes (until 2026-11-30 in GiB of 2^30 bytes under the same name: the committed
+                       results/bench_*.json files hold GiB)
   extractor_gflops     the extractor's achieved GFLOP/s (analytic convolution FLOPs) and its share
                        of the matmul peak measured here in the same precision (forward + backward mix of an
                        iteration; extractor_forward_gflops: no-grad forward alone)
@@ -67,6 +69,7 @@ TARGETS = {  # (direction, bound) on this project's 2-core CPU
     "cell_hours": ("<=", 2.0),
 }
 CELL_ITERATIONS = 20_000  # the field's distillation budget for one cell
+GB = 1e9  # bytes in the GB of the memory figures
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -333,8 +336,8 @@ def _rss_child(data_dir, device_name, malloc_tuned, queue):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     distill(args, data, device, log=lambda m: None)
-    gpu = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, gpu))  # ru_maxrss is in KiB
+    gpu = torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else None
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, gpu))  # ru_maxrss is in KiB
 
 
 def _scaling_child(num_classes, batch_real, device_name, compile, iterations, malloc_tuned, queue):
@@ -351,8 +354,8 @@ def _scaling_child(num_classes, batch_real, device_name, compile, iterations, ma
         torch.cuda.reset_peak_memory_stats()
     history = distill(args, data, device, log=lambda m: None)["history"]
     seconds = float(np.median(np.diff([0.0] + [h[2] for h in history])[2:]))
-    gpu = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-    queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, gpu))
+    gpu = torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else None
+    queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, gpu))
 
 
 def scaling_table(classes: list[int], batch_real: int, device, compile: bool, malloc_tuned: bool,

@@ -625,6 +625,14 @@ def dsa_uniforms_per_sample(n: int, generator: torch.Generator, device=None) -> 
     return u
 
 
+def dsa_uniforms_for(op: str, n: int, generator: torch.Generator, device=None) -> torch.Tensor:
+    """Uniform draws that apply the DSA operation `op` (one of DSA_OPS) to every sample, parameters per
+    sample. (n, DSA_SLOTS)."""
+    u = torch.rand(n, DSA_SLOTS, generator=generator, device=device)
+    u[:, U_OP] = (DSA_OPS.index(op) + 0.5) / len(DSA_OPS)
+    return u
+
+
 DSA_PAIRINGS = ("position", "class")
 
 

@@ -310,7 +310,7 @@ case "$MODE" in
 
   protocol-bench|arch-bench)
     # the CPU benchmark's budget (400 iterations, batch-real 64; 3 networks x 200 epochs) for random, dm and csdm,
-    # evaluated under DM's protocol (the tree dm/) and NCFM's (ncfm/: its AdamW, CutMix and crop schedule scaled
+    # evaluated under DM's protocol (the tree dm/) and NCFM's (ncfm/: its AdamW, CutMix and DiffAug, scaled
     # to 200 epochs); --arch-bench trains the dm/ tree's sets on the other architectures (2 networks x 200 epochs)
     DISTILL_BUDGET=(--iterations 400 --batch-real 64 --compile)
     EVAL_BUDGET=(--num-eval 3 --epochs 200 --compile)

@@ -9,10 +9,17 @@ Each protocol is a named row of PROTOCOLS, read by train_network:
   1000 epochs; accuracy after the last epoch.
 - ncfm: the NCFM evaluation (Wang et al., CVPR 2025; gszfwsb/NCFM, its CIFAR IPC-10 config and
   evaluation loop): AdamW (lr 1e-3, PyTorch's default weight decay 0.01: the config's 5e-4 never
-  reaches the optimiser), batch 128, lr x0.5 at 1/5, 2/5, 3/5 and 4/5 of training, random-resized
-  crop (scale 0.5-1, ratio 3/4-4/3, as IDC's data code) then DSA, CutMix with probability 0.5 and
-  Beta(1, 1) areas, 2000 epochs, evaluated every 100 epochs; NCFM reports the best of those
-  evaluations. We report the final one, and the best beside it, labelled, never to choose anything.
+  reaches the optimiser), batch 128, lr x0.5 at 1/5, 2/5, 3/5 and 4/5 of training, NCFM's DiffAug
+  (a horizontal flip with probability 1/2 and the colour operations for every image, then one of
+  crop, scale and rotate for the batch, parameters per image; its strategy drops cutout when CutMix is
+  on, and the config's random-resized crop never reaches CIFAR's transforms, nor any crop when DSA is
+  on), CutMix with probability 0.5 and Beta(1, 1) areas, 2000 epochs, evaluated every 100 epochs; NCFM
+  reports the best of those evaluations. We report the final one, and the best beside it, labelled,
+  never to choose anything. (Until 2026-11-30 the ncfm row applied a random-resized crop and then DC's
+  DSA instead of DiffAug; the README says which results used it.)
+The dm row follows DC's evaluate_synset (utils.py) up to two details: DC trains epochs + 1 epochs, the
+first epochs // 2 + 2 at the full rate (for 1000: 502 at 0.01, then 499 at 0.001), with a new optimiser
+(momentum reset) at the drop; here epochs epochs, half at each rate, one optimiser throughout.
 Passing `epochs` scales the schedule (milestones and evaluation interval are fractions of training).
 """
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data_lt import dsa_augment, dsa_uniforms_per_sample
+from data_lt import dsa_augment, dsa_uniforms_for, dsa_uniforms_per_sample
 from networks import autocast, in_micro_batches, micro_batch_size
 from runs import compile_or_eager, step_or_fall_back
 
@@ -41,16 +48,16 @@ class Protocol:
     weight_decay: float
     milestones: tuple[float, ...]  # lr x gamma after each of these fractions of the epochs
     gamma: float
-    random_resized_crop: bool
+    augmentation: str              # "dsa" (DC's: one DSA operation a batch) or "ncfm" (NCFM's DiffAug)
     cutmix_prob: float             # CutMix with Beta(1, 1) box areas, on this share of the batches
     evaluations: int               # tests spread evenly over training (the last at the last epoch)
 
 
 PROTOCOLS = {
     "dm": Protocol("dm", epochs=1000, batch_size=256, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4,
-                   milestones=(0.5,), gamma=0.1, random_resized_crop=False, cutmix_prob=0.0, evaluations=1),
+                   milestones=(0.5,), gamma=0.1, augmentation="dsa", cutmix_prob=0.0, evaluations=1),
     "ncfm": Protocol("ncfm", epochs=2000, batch_size=128, optimizer="adamw", lr=1e-3, momentum=0.0,
-                     weight_decay=0.01, milestones=(0.2, 0.4, 0.6, 0.8), gamma=0.5, random_resized_crop=True,
+                     weight_decay=0.01, milestones=(0.2, 0.4, 0.6, 0.8), gamma=0.5, augmentation="ncfm",
                      cutmix_prob=0.5, evaluations=20),
 }
 
@@ -62,7 +69,8 @@ def make_optimizer(params, protocol: Protocol, epochs: int):
                                     weight_decay=protocol.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=protocol.lr, weight_decay=protocol.weight_decay)
-    # floor, as DM's epochs // 2 and NCFM's k * epochs // 5 (the 1e-9 guards 0.6 * 5 = 2.9999...)
+    # floor, as NCFM's k * epochs // 5 (the 1e-9 guards 0.6 * 5 = 2.9999...); dm: half the epochs (the module
+    # docstring says how DC's schedule differs by an epoch or two)
     milestones = [int(fraction * epochs + 1e-9) for fraction in protocol.milestones]
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=protocol.gamma)
 
@@ -71,25 +79,6 @@ def evaluation_epochs(protocol: Protocol, epochs: int) -> list[int]:
     """The epochs (1-based) after which the network is tested: `evaluations` evenly spaced, the last one last."""
     count = min(protocol.evaluations, epochs)
     return sorted({round(epochs * (k + 1) / count) for k in range(count)})
-
-
-def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.5, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """Per sample, a box of area s * H * W (s ~ U(scale)) and aspect r (log r ~ U(log ratio)), clipped to the
-    image, at a uniform position, resized back to H x W (bilinear): torchvision's RandomResizedCrop as one
-    batched affine warp."""
-    n, _, h, w = x.shape
-    u = torch.rand(n, 4, generator=generator, device=x.device)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    box_w = (area * torch.exp(log_ratio)).sqrt().clamp(max=1.0)  # fractions of the side
-    box_h = (area / torch.exp(log_ratio)).sqrt().clamp(max=1.0)
-    centre_x = (1 - box_w) * (2 * u[:, 2] - 1)  # in [-1, 1] coordinates, the box inside the image
-    centre_y = (1 - box_h) * (2 * u[:, 3] - 1)
-    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = box_w, centre_x, box_h, centre_y
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
@@ -110,11 +99,20 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
     return mixed, y, y[partner], own
 
 
+NCFM_GEOMETRIC = ("crop", "scale", "rotate")  # DiffAug's per-batch choice on CIFAR (cutout dropped for CutMix)
+
+
 def augment_batch(x: torch.Tensor, protocol: Protocol, generator: torch.Generator) -> torch.Tensor:
-    """The protocol's per-batch augmentation before CutMix: random-resized crop (ncfm), then DSA (all)."""
-    if protocol.random_resized_crop:
-        x = random_resized_crop(x, generator)
-    return dsa_augment(x, dsa_uniforms_per_sample(len(x), generator, x.device))
+    """The protocol's augmentation of a batch before CutMix. dsa: one DSA operation for the batch, parameters
+    per image (DC's DiffAugment). ncfm: NCFM's DiffAug (batch=False): every image flipped with probability 1/2
+    and colour-jittered (brightness, saturation, contrast), then one of crop, scale and rotate for the batch,
+    parameters per image."""
+    if protocol.augmentation == "dsa":
+        return dsa_augment(x, dsa_uniforms_per_sample(len(x), generator, x.device))
+    pick = float(torch.rand(1, generator=generator, device=x.device))
+    for op in ("flip", "color", NCFM_GEOMETRIC[min(int(pick * len(NCFM_GEOMETRIC)), len(NCFM_GEOMETRIC) - 1)]):
+        x = dsa_augment(x, dsa_uniforms_for(op, len(x), generator, x.device))
+    return x
 
 
 def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
@@ -214,12 +212,16 @@ def _batch_loss(summed_loss, mixed_loss, x, y, partner, own: float, micro: int |
 @torch.no_grad()
 def per_class_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                        normalise, chunk: int = 1000, precision: str = "fp32", compile: bool = False) -> torch.Tensor:
-    """Accuracy of each class in percent, (C,). images are uint8; normalise maps them to float."""
+    """Accuracy of each class in percent, (C,). images are uint8; normalise maps them to float. The features
+    follow `precision`, the linear classifier runs in float32: bfloat16 logits (8 significant bits) would tie
+    for close classes, and argmax gives a tie to the lower class index, in long-tail order the head's.
+    (Evaluations until 2026-11-30 took the argmax of the network's logits under autocast.)"""
     net.eval()
 
     def predict(x):
         with autocast(x.device, precision):
-            return net(x).argmax(1)
+            features = net.embed(x)
+        return net.classifier(features.float()).argmax(1)
 
     predict = compile_or_eager(predict, compile)
     micro = micro_batch_size(images.device, images.shape[-1])

@@ -188,6 +188,28 @@ def test_train_network_learns_a_separable_set():
     assert per_class_accuracy(net, fresh, fresh_labels, 4, normalise).tolist() == [100.0] * 4
 
 
+def test_bfloat16_testing_does_not_break_ties_towards_the_head():
+    """Logits 16.0 and 16.03 are one bfloat16 number (spacing 0.125 there), and argmax gives a tie to class 0, the
+    head; the test's classifier runs in float32, so class 1 wins as it should."""
+    class TwoLogits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = torch.nn.Linear(1, 2, bias=False)
+            self.classifier.weight.data = torch.tensor([[16.0], [16.03]])
+
+        def embed(self, x):
+            return x.flatten(1)
+
+        def forward(self, x):
+            return self.classifier(self.embed(x))
+
+    net, ones = TwoLogits(), torch.ones(3, 1, 1, 1, dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(ones.float()).argmax(1).tolist() == [0, 0, 0]  # the tie the old test rule met
+    accuracy = per_class_accuracy(net, ones, torch.ones(3, dtype=torch.long), 2, lambda u: u.float(), precision="bf16")
+    assert accuracy.tolist() == [0.0, 100.0]
+
+
 # ------------------------------------------------------------------------------------------
 # The compiled, bfloat16 path
 

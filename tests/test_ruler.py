@@ -8,9 +8,9 @@ import distill
 import evaluate
 import training
 from conftest import make_tiny_data
-from data_lt import DSA_SLOTS, U_OP, decode, dsa_uniforms_siamese
+from data_lt import DSA_OPS, DSA_SLOTS, U_BRIGHTNESS, U_FLIP, U_OP, decode, dsa_augment, dsa_uniforms_siamese
 from networks import build_network
-from training import PROTOCOLS, cutmix, evaluation_epochs, make_optimizer, random_resized_crop, train_network
+from training import PROTOCOLS, cutmix, evaluation_epochs, make_optimizer, train_network
 
 
 def tiny_distill_args(out, *extra):
@@ -95,7 +95,7 @@ def test_protocols_are_read_from_their_table():
     optimizer, scheduler = make_optimizer(net.parameters(), PROTOCOLS["dm"], 1000)
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
     assert optimizer.defaults["weight_decay"] == 5e-4 and sorted(scheduler.milestones) == [500]
-    # floor, as DM's epochs // 2 and NCFM's k * epochs // 5: the pool's 3 epochs drop the rate after the first
+    # floor, as NCFM's k * epochs // 5 (and half for dm): the pool's 3 epochs drop the rate after the first
     assert sorted(make_optimizer(net.parameters(), PROTOCOLS["dm"], 3)[1].milestones) == [1]
     assert sorted(make_optimizer(net.parameters(), PROTOCOLS["ncfm"], 7)[1].milestones) == [1, 2, 4, 5]
     assert evaluation_epochs(PROTOCOLS["ncfm"], 2000) == list(range(100, 2001, 100))
@@ -104,14 +104,15 @@ def test_protocols_are_read_from_their_table():
 
 
 def test_train_network_follows_the_protocol_row(monkeypatch):
-    """A changed row changes the training: lr 0 freezes the network; CutMix and the crop run only where
-    the row asks for them."""
+    """A changed row changes the training: lr 0 freezes the network; CutMix runs only where the row asks for it,
+    and each row augments as its protocol does (dm: one DSA operation a batch; ncfm: flip, colour, then one
+    geometric operation)."""
     images = torch.randn(12, 3, 16, 16)
     labels = torch.arange(12) % 3
-    used = {"cutmix": 0, "crop": 0}
+    used = {"cutmix": 0, "dsa": 0}
     monkeypatch.setattr(training, "cutmix", lambda *a: (used.__setitem__("cutmix", used["cutmix"] + 1), cutmix(*a))[1])
-    monkeypatch.setattr(training, "random_resized_crop",
-                        lambda *a: (used.__setitem__("crop", used["crop"] + 1), random_resized_crop(*a))[1])
+    monkeypatch.setattr(training, "dsa_augment",
+                        lambda *a: (used.__setitem__("dsa", used["dsa"] + 1), dsa_augment(*a))[1])
     for name in ("dm", "ncfm"):
         net = build_network("convnet", 3, 3, 16, width=8, depth=2)
         before = [p.detach().clone() for p in net.parameters()]
@@ -120,24 +121,43 @@ def test_train_network_follows_the_protocol_row(monkeypatch):
         train_network(net, images, labels, torch.Generator().manual_seed(0), frozen, epochs=2)
         assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())), name
         if name == "dm":
-            assert used == {"cutmix": 0, "crop": 0}
-    assert used == {"cutmix": 6, "crop": 6}  # ncfm: 3 batches x 2 epochs, CutMix on each (p = 1)
+            assert used == {"cutmix": 0, "dsa": 6}  # 3 batches x 2 epochs, one DSA operation each
+    assert used == {"cutmix": 6, "dsa": 6 + 18}  # ncfm: CutMix on each batch (p = 1), three operations each
     seen = []
     train_network(build_network("convnet", 3, 3, 16, width=8, depth=2), images, labels, torch.Generator(),
                   PROTOCOLS["ncfm"], epochs=40, on_evaluation=seen.append)
     assert seen == list(range(2, 41, 2))
 
 
-def test_random_resized_crop_and_cutmix_geometry():
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
-    same = random_resized_crop(x, torch.Generator().manual_seed(0), scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    assert torch.allclose(same, x, atol=1e-4)  # the whole image, resized to itself
-    half = random_resized_crop(x, torch.Generator().manual_seed(0), scale=(0.25, 0.25), ratio=(1.0, 1.0))
-    assert half[:, :, 0, 0].ne(x[:, :, 0, 0]).any()
-    y = torch.tensor([0, 1])
+def test_ncfm_augments_as_its_diffaug_on_cifar(monkeypatch):
+    """NCFM's evaluation augmentation (its DiffAug, batch=False, CIFAR strategy with cutout dropped for CutMix):
+    every image gets the flip operation (flipped with probability 1/2) and the colour operation, then every image
+    of the batch one of crop, scale and rotate, the same one; never cutout; parameters per image."""
+    seen = []
+    monkeypatch.setattr(training, "dsa_augment", lambda x, u: (seen.append(u.clone()), dsa_augment(x, u))[1])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        training.augment_batch(torch.randn(16, 3, 8, 8), PROTOCOLS["ncfm"], generator)
+    ops = [[DSA_OPS[int(k)] for k in (u[:, U_OP] * len(DSA_OPS)).long()] for u in seen]
+    assert all(set(batch) == {"flip"} for batch in ops[0::3]) and all(set(batch) == {"color"} for batch in ops[1::3])
+    geometric = [set(batch) for batch in ops[2::3]]
+    assert all(len(batch) == 1 for batch in geometric)  # one operation for the batch
+    assert set().union(*geometric) == {"crop", "scale", "rotate"}  # each of the three, over 30 batches
+    flips = torch.cat([u[:, U_FLIP] < 0.5 for u in seen[0::3]]).float().mean()
+    assert 0.35 < flips < 0.65 and all(u[:, U_BRIGHTNESS].std() > 0.1 for u in seen[1::3])  # per image
+    x = torch.randn(4, 3, 8, 8)
+    assert not torch.equal(training.augment_batch(x, PROTOCOLS["ncfm"], torch.Generator().manual_seed(1)), x)
+
+
+def test_cutmix_geometry():
+    """CutMix pastes one box from each image's partner: the changed share of every image whose partner differs
+    is the box's share, 1 - own."""
+    x = torch.arange(8 * 3 * 8 * 8, dtype=torch.float32).view(8, 3, 8, 8)
+    y = torch.arange(8)
     mixed, own_labels, partner_labels, own = cutmix(x, y, torch.Generator().manual_seed(1))
     changed = (mixed != x).any(1).float().mean(dim=(1, 2))
-    partner_differs = (own_labels != partner_labels)
+    partner_differs = own_labels != partner_labels
+    assert partner_differs.any() and own < 1.0  # the draw pastes a box from other images
     assert torch.allclose(changed[partner_differs], torch.tensor(1 - own).expand(int(partner_differs.sum())),
                           atol=1e-6)
-    assert 0.0 <= own <= 1.0 and torch.equal(own_labels, y)
+    assert (changed[~partner_differs] == 0).all() and 0.0 <= own <= 1.0 and torch.equal(own_labels, y)
