@@ -55,11 +55,15 @@ def test_reset_parameters_follows_pytorch_defaults_and_the_generator():
     assert all(torch.equal(p, q) for p, q in zip(a, net.parameters()))
     reset_parameters_(net, torch.Generator().manual_seed(1))
     assert not torch.equal(a[0], next(net.parameters()))
-    conv = net.features[0]
-    bound = 1 / math.sqrt(3 * 3 * 3)
-    assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound
-    assert abs(conv.weight.std() - bound / math.sqrt(3)) < 0.1 * bound  # U(-b, b) has std b / sqrt(3)
-    assert torch.equal(net.features[1].weight, torch.ones(32))
+    # every convolution and the classifier: weight and bias ~ U(-b, b), b = 1 / sqrt(fan_in); norms 1 and 0
+    for layer in [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]:
+        bound = 1 / math.sqrt(layer.weight[0].numel())
+        for values in (layer.weight, layer.bias):
+            assert values.abs().max() <= bound and values.abs().max() > 0.5 * bound, layer
+        assert abs(layer.weight.std() - bound / math.sqrt(3)) < 0.1 * bound  # U(-b, b) has std b / sqrt(3)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 3 and all(torch.equal(m.weight, torch.ones(32)) and torch.equal(m.bias, torch.zeros(32))
+                                   for m in norms)
 
 
 def test_channels_last_gives_the_same_features():
