@@ -23,6 +23,7 @@ import sys
 import traceback
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -105,6 +106,9 @@ def check_positive(options: dict[str, float], strict: bool = True) -> None:
 # ----------------------------------------------------------------------------------------
 # Processes: one, or several under torchrun
 
+MAIN_FIRST_WAIT = timedelta(hours=3)  # how long Processes.main_first lets the others wait for the main one
+
+
 @dataclass
 class Processes:
     """This process's place in the job. Classes (or networks) are dealt round-robin (c % world == rank),
@@ -153,14 +157,21 @@ class Processes:
         if self.world > 1:
             dist.barrier()
 
-    def main_first(self, work):
+    def main_first(self, work, wait: timedelta = MAIN_FIRST_WAIT):
         """work() on the main process, then on the others once it has finished: a download or a cache file
-        is written once, not by every process at the same time."""
+        is written once, not by every process at the same time. The others wait up to `wait` on a gloo group
+        of their own, not on the job's group, whose timeout (10 minutes under NCCL, 30 under gloo) a slow
+        download or a first decode of a large folder can outlast. If the main process fails instead, torchrun
+        ends the others."""
+        if self.world == 1:
+            return work()
+        waiting = dist.new_group(backend="gloo", timeout=wait)
         if not self.main:
-            self.barrier()
+            dist.barrier(group=waiting)
         result = work()
         if self.main:
-            self.barrier()
+            dist.barrier(group=waiting)
+        dist.destroy_process_group(waiting)
         return result
 
     def finish(self, clean: bool) -> None:

@@ -93,11 +93,32 @@ def test_a_64px_image_folder_end_to_end_with_depth_4(tmp_path):
     assert json.loads((out / "results.json").read_text())["per_class"].__len__() == 3
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_the_main_process_loads_the_data_before_the_others(rank, monkeypatch):
-    """Under torchrun only the main process downloads (and writes the cache); the others wait for it."""
+def load_in_turn(rank, init_file, log_file):
+    """One process of the test below: a job whose own collective timeout is 2 s, where the main process's
+    load takes 4 s."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
     from runs import Processes
-    processes, events = Processes(rank=rank, world=2), []
-    monkeypatch.setattr(processes, "barrier", lambda: events.append("barrier"))
-    assert processes.main_first(lambda: events.append("load") or "data") == "data"
-    assert events == (["load", "barrier"] if rank == 0 else ["barrier", "load"])
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=2))
+
+    def load():
+        if rank == 0:
+            time.sleep(4)
+        with open(log_file, "a") as log:
+            log.write(f"loaded {rank}\n")
+        return rank
+
+    assert Processes(rank=rank, world=2).main_first(load) == rank
+    dist.destroy_process_group()
+
+
+def test_the_main_process_loads_first_however_long_it_takes(tmp_path):
+    """Under torchrun only the main process downloads (and writes the cache); the others wait for it, even
+    past the job's own collective timeout (a download can outlast NCCL's 10 minutes)."""
+    import torch.multiprocessing as mp
+    log = tmp_path / "log"
+    mp.spawn(load_in_turn, args=(str(tmp_path / "init"), str(log)), nprocs=2)
+    assert log.read_text().splitlines() == ["loaded 0", "loaded 1"]
