@@ -62,9 +62,9 @@ from data_lt import (DSA_PAIRINGS, LongTailedData, RealBatchSampler, UsageError,
                      finite_float, initial_synthetic, load_from_args)
 from networks import (NORMS, POOLINGS, PRECISIONS, autocast, build_network, depth_for_size, in_micro_batches,
                       micro_batch_size, reset_parameters_, resolve_precision)
-from runs import (FORMAT_VERSION, OneLineParser, Processes, Progress, atomic_save, atomic_write_text, check_positive,
-                  compile_or_eager, environment, plot_loss, plot_side_by_side, resolve_device, run_script, save_grid,
-                  start_processes, step_or_fall_back, write_run_readme)
+from runs import (FORMAT_VERSION, OneLineParser, Processes, Progress, atomic_save, atomic_write_text,
+                  check_out_is_folder, check_positive, compile_or_eager, environment, plot_loss, plot_side_by_side,
+                  resolve_device, run_script, save_grid, start_processes, step_or_fall_back, write_run_readme)
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
                  kernel_metric_p, per_class_loss, sample_frequencies)
 from training import PROTOCOLS, train_network
@@ -225,8 +225,7 @@ def class_aware(args) -> bool:
 def check_out_folder(args) -> None:
     """Refuse to write into another run's folder unless told to resume it or replace it."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
+    check_out_is_folder(out)
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not (args.resume or args.overwrite):
         raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it, "

@@ -49,8 +49,8 @@ import torch
 from data_lt import (DATA_DEFAULTS, UsageError, add_data_arguments, check_factor, counter_seed, decode,
                      initial_synthetic, load_long_tailed)
 from networks import MODELS, NORMS, PRECISIONS, build_network, depth_for_size, reset_parameters_, resolve_precision
-from runs import (FORMAT_VERSION, OneLineParser, Processes, atomic_write_text, check_positive, environment,
-                  export_image_folder, pyplot, run_script, start_processes, write_run_readme)
+from runs import (FORMAT_VERSION, OneLineParser, Processes, atomic_write_text, check_out_is_folder, check_positive,
+                  environment, export_image_folder, pyplot, run_script, start_processes, write_run_readme)
 from stacked import train_networks_stacked
 from training import PROTOCOLS, long_tail_groups, per_class_accuracy, train_network
 
@@ -422,8 +422,7 @@ def baseline_job(args, log) -> Job:
 def check_out(out: Path, overwrite: bool) -> None:
     """Before any training: --out must be a folder (or not exist yet), and an evaluation already in it is
     replaced only with --overwrite."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
+    check_out_is_folder(out)
     if (out / "results.json").exists() and not overwrite:
         raise UsageError(f"--out {out} already holds an evaluation (results.json); give another --out, or "
                          f"--overwrite to replace it")

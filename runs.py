@@ -96,6 +96,12 @@ def keep_freed_memory() -> bool:
     return all(applied)
 
 
+def check_out_is_folder(out: Path) -> None:
+    """--out names a folder, or nothing yet."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+
+
 def check_positive(options: dict[str, float], strict: bool = True) -> None:
     """Each option's value must be >= 1 (integers) or > 0 (strict=False: floats); the message names it."""
     for option, value in options.items():

@@ -117,6 +117,10 @@ def test_an_occupied_output_folder_needs_resume_or_overwrite(folder_data, tmp_pa
     assert torch.load(out / "synthetic.pt", weights_only=True)["config"]["seed"] == 3
     done = run(command(folder_data, out, "--seed", "3", "--resume", iterations=2))
     assert "nothing to do" in done.stdout
+    (tmp_path / "file").write_text("kept")
+    done = run(command(folder_data, tmp_path / "file", "--overwrite", iterations=2), code=2)
+    assert done.stderr.strip().endswith(f"--out {tmp_path / 'file'} is a file; give a folder")
+    assert (tmp_path / "file").read_text() == "kept"
 
 
 def test_resume_judges_a_run_finished_by_its_set_not_by_the_checkpoint_alone(folder_data, tmp_path):
