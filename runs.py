@@ -118,9 +118,11 @@ MAIN_FIRST_WAIT = timedelta(hours=3)  # how long Processes.main_first lets the o
 @dataclass
 class Processes:
     """This process's place in the job. Classes (or networks) are dealt round-robin (c % world == rank),
-    which spreads head and tail classes evenly. world == 1 is the plain single-process run."""
+    which spreads head and tail classes evenly. world == 1 is the plain single-process run; local_rank is
+    the process's place on its own machine."""
     rank: int = 0
     world: int = 1
+    local_rank: int = 0
 
     @property
     def main(self) -> bool:
@@ -164,18 +166,19 @@ class Processes:
             dist.barrier()
 
     def main_first(self, work, wait: timedelta = MAIN_FIRST_WAIT):
-        """work() on the main process, then on the others once it has finished: a download or a cache file
-        is written once, not by every process at the same time. The others wait up to `wait` on a gloo group
-        of their own, not on the job's group, whose timeout (10 minutes under NCCL, 30 under gloo) a slow
-        download or a first decode of a large folder can outlast. If the main process fails instead, torchrun
-        ends the others."""
+        """work() on the main process first, then on the first process of every other machine, then on the
+        rest: a download or a cache file is written once per machine (once in all on shared storage, where
+        the later ones find it), never by several processes at the same time. The others wait up to `wait`
+        on a gloo group of their own, not on the job's group, whose timeout (10 minutes under NCCL, 30 under
+        gloo) a slow download or a first decode of a large folder can outlast. If a process fails instead,
+        its group closes and torchrun ends the others."""
         if self.world == 1:
             return work()
         waiting = dist.new_group(backend="gloo", timeout=wait)
-        if not self.main:
-            dist.barrier(group=waiting)
-        result = work()
-        if self.main:
+        turn = 0 if self.main else 1 if self.local_rank == 0 else 2
+        for step in range(3):
+            if step == turn:
+                result = work()
             dist.barrier(group=waiting)
         dist.destroy_process_group(waiting)
         return result
@@ -220,7 +223,7 @@ def start_processes(device_name: str) -> tuple[Processes, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank, world), device
+    return Processes(rank, world, local_rank), device
 
 
 # ----------------------------------------------------------------------------------------

@@ -93,32 +93,39 @@ def test_a_64px_image_folder_end_to_end_with_depth_4(tmp_path):
     assert json.loads((out / "results.json").read_text())["per_class"].__len__() == 3
 
 
-def load_in_turn(rank, init_file, log_file):
+MACHINE_OF = [0, 1, 1]  # three processes, as torchrun places them on two machines: rank -> machine
+LOAD_SECONDS = [4, 1, 0]
+
+
+def load_in_turn(rank, ready, init_file, log_file):
     """One process of the test below: a job whose own collective timeout is 2 s, where the main process's
-    load takes 4 s."""
+    load takes 4 s and the second machine's first process's 1 s."""
     import time
     from datetime import timedelta
 
     import torch.distributed as dist
     from runs import Processes
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+    ready.wait()  # all three have imported torch: the 2 s bound below is not spent on start-up
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3,
                             timeout=timedelta(seconds=2))
 
     def load():
-        if rank == 0:
-            time.sleep(4)
+        time.sleep(LOAD_SECONDS[rank])
         with open(log_file, "a") as log:
             log.write(f"loaded {rank}\n")
         return rank
 
-    assert Processes(rank=rank, world=2).main_first(load) == rank
+    local_rank = MACHINE_OF[:rank].count(MACHINE_OF[rank])
+    assert Processes(rank=rank, world=3, local_rank=local_rank).main_first(load) == rank
     dist.destroy_process_group()
 
 
 def test_the_main_process_loads_first_however_long_it_takes(tmp_path):
-    """Under torchrun only the main process downloads (and writes the cache); the others wait for it, even
-    past the job's own collective timeout (a download can outlast NCCL's 10 minutes)."""
+    """Under torchrun the main process downloads (and writes the cache) first, then the first process of
+    each other machine (shared storage: it finds the cache; its own disk: it downloads once), then the rest,
+    who wait even past the job's own collective timeout (a download can outlast NCCL's 10 minutes)."""
     import torch.multiprocessing as mp
     log = tmp_path / "log"
-    mp.spawn(load_in_turn, args=(str(tmp_path / "init"), str(log)), nprocs=2)
-    assert log.read_text().splitlines() == ["loaded 0", "loaded 1"]
+    ready = mp.get_context("spawn").Barrier(3)
+    mp.spawn(load_in_turn, args=(ready, str(tmp_path / "init"), str(log)), nprocs=3)
+    assert log.read_text().splitlines() == ["loaded 0", "loaded 1", "loaded 2"]
