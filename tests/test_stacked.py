@@ -90,12 +90,16 @@ def test_stacked_training_equals_separate_trainings(name, micro):
     for i, (_, biases) in enumerate(seen_stacked):
         assert all(torch.allclose(biases[k], seen_separate[k][i][1], rtol=1e-4, atol=1e-6) for k in range(K))
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(separate_generators, stacked_generators))
+    # AdamW divides each step by the gradient's own scale, so where a gradient element is near zero the
+    # stack's other summation order shows as a fraction of lr in that element (measured: 1.6e-3 lr after 18
+    # steps, on an Intel Xeon); a wrong or missed step moves elements by whole multiples of lr
+    atol = 1e-2 * protocol.lr if protocol.optimizer == "adamw" else 1e-6
     worst = 0.0
     for a, b in zip(separate, stacked):
         walked = convnet_biases_before_instance_norm(a) if protocol.optimizer == "adamw" else set()
         for p, q in zip(a.parameters(), b.parameters()):
             if id(p) not in walked:
-                assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+                assert torch.allclose(p, q, rtol=1e-4, atol=atol)
                 worst = max(worst, float((p - q).detach().abs().max()))
         x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
