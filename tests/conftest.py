@@ -57,6 +57,17 @@ class Cifar10Unavailable(Exception):
     """Neither an archive nor a download; the message is the one line to show."""
 
 
+def conv_biases_before_a_norm(net: torch.nn.Module) -> set[int]:
+    """ids of the biases of convolutions followed directly by instance or batch norm. The norm subtracts each
+    channel's mean, so such a bias changes no output and its gradient is zero up to rounding: an SGD step of
+    it may not change its float32 value, and AdamW (which divides by the gradient's own scale) walks it by
+    +-lr on the rounding noise."""
+    norms = (torch.nn.GroupNorm, torch.nn.BatchNorm2d)
+    return {id(conv.bias) for sequence in net.modules() if isinstance(sequence, torch.nn.Sequential)
+            for conv, norm in zip(sequence, list(sequence)[1:])
+            if isinstance(conv, torch.nn.Conv2d) and conv.bias is not None and isinstance(norm, norms)}
+
+
 def archive_candidates(environ=os.environ, root=ROOT) -> list[Path]:
     """Where the CIFAR-10 JPEG archive may be: $CSDM_CIFAR10_ARCHIVE, then ../shared/data/ beside the repository."""
     paths = [environ.get("CSDM_CIFAR10_ARCHIVE", ""), str(root.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")]
