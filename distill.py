@@ -26,10 +26,11 @@ Gaussian MMD^2), dm (mean matching).
 
 The output folder holds synthetic.pt (images, labels, mean, std, class_names, class_counts, config),
 synthetic.png (one row per class), init.png (the real initialisation), init_vs_final.png, loss.csv and
-loss.png, config.json, run.json (command line, commit, versions, device, wall time) and a README.md of
+loss.png, config.json, run.json (command line, commit, versions, device, wall time, and the stretches:
+which iterations each sitting of a resumed run distilled, where and at which commit) and a README.md of
 the run. Read synthetic.pt with torch.load(path, weights_only=True).
 
-A checkpoint (checkpoint.pt: images, optimiser state, iteration, loss history, config) is written
+A checkpoint (checkpoint.pt: images, optimiser state, iteration, loss history, config, stretches) is written
 atomically every --ckpt-every iterations and when the run is stopped by SIGINT or SIGTERM; --resume
 continues from it and ends with the same synthetic set as an uninterrupted run (every random draw is a
 function of the seed and the iteration: there is no generator state to save).
@@ -51,7 +52,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -610,12 +611,26 @@ class Matcher:
 
 @dataclass
 class LoopState:
-    """Where the loop stands: the stored synthetic images of this process, their optimiser, the history."""
+    """Where the loop stands: the stored synthetic images of this process, their optimiser, the history, and
+    the stretches the run was distilled in (one per sitting: iterations [from, to], seconds, commit, CPU)."""
     syn: torch.Tensor
     optimizer: torch.optim.Optimizer
     start_iteration: int
     history: list
     elapsed_before: float
+    stretches: list = field(default_factory=list)
+
+
+def stretches_so_far(checkpoint: dict | None, start_iteration: int, device, processes: Processes) -> list[dict]:
+    """The checkpoint's stretches (for a checkpoint written before they were kept: one stretch of unrecorded
+    origin up to its iteration), then this sitting's, to be extended as it goes."""
+    earlier = list(checkpoint.get("stretches", [])) if checkpoint is not None else []
+    if start_iteration and not earlier:
+        earlier = [{"iterations": [0, start_iteration], "commit": None, "cpu": None}]
+    here = environment()
+    return earlier + [{"iterations": [start_iteration, start_iteration], "seconds": 0.0, "commit": here["commit"],
+                       "cpu": here.get("gpu", here["cpu"]), "device": str(device), "processes": processes.world,
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}]
 
 
 def starting_state(args, config: dict, init_images, shard: Shard, checkpoint: dict | None, device) -> LoopState:
@@ -640,7 +655,8 @@ def save_checkpoint(state: LoopState, shard: Shard, total_rows: int, iteration: 
     if processes.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_save({"format_version": FORMAT_VERSION, "iteration": iteration, "images": images,
-                     "optimizer": optimizer, "history": state.history, "elapsed": elapsed, "config": config},
+                     "optimizer": optimizer, "history": state.history, "elapsed": elapsed, "config": config,
+                     "stretches": state.stretches},
                     out / "checkpoint.pt")
 
 
@@ -668,6 +684,7 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     init_images, all_labels = initial_synthetic(data, args.ipc, args.seed, args.factor)
     shard = Shard.of(processes, all_labels, data.num_classes, args.ipc, args.factor ** 2, device)
     state = starting_state(args, config, init_images, shard, checkpoint, device)
+    state.stretches = stretches_so_far(checkpoint, state.start_iteration, device, processes)
     extractor = Extractor(args, data, config, device, processes, log)
     alpha = (class_weights(data.class_counts, args.alpha_head, args.alpha_tail) if class_aware(args)
              else torch.full((data.num_classes,), 0.5))
@@ -686,6 +703,8 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
         value, signalled = check_finite(loss, state.syn, stop, processes, iteration)
         elapsed = state.elapsed_before + time.perf_counter() - start
         state.history.append((iteration, value, elapsed))
+        state.stretches[-1].update(iterations=[state.start_iteration, iteration + 1],
+                                   seconds=round(elapsed - state.elapsed_before, 1))
         progress.update(iteration + 1, value, elapsed)
         if signalled or (iteration + 1) % args.ckpt_every == 0 or iteration + 1 == args.iterations:
             checkpoint_at(iteration + 1, elapsed)  # the last one lets --resume extend --iterations
@@ -700,6 +719,7 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
         "init_images": init_images, "mean": list(data.mean), "std": list(data.std),
         "class_names": list(data.class_names), "class_counts": list(data.class_counts),
         "alpha": alpha.tolist(), "config": config, "history": state.history, "stopped": stopped,
+        "stretches": [part for part in state.stretches if part["iterations"][1] > part["iterations"][0]],
         "iterations_done": state.history[-1][0] + 1 if state.history else state.start_iteration,
     }
 
@@ -873,7 +893,7 @@ def job(args, holder) -> None:
                         wall_seconds=round(result["history"][-1][2] if result["history"] else 0.0, 1),
                         iterations_done=result["iterations_done"],
                         finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),
-                        session_seconds=round(time.time() - start, 1))
+                        session_seconds=round(time.time() - start, 1), stretches=result["stretches"])
         write_outputs(result, out, run_info)
         log(f"wrote {out / 'synthetic.pt'} ({len(result['labels'])} images)")
 

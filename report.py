@@ -159,6 +159,9 @@ def grid_report(records: list[dict], table: Path) -> list[str]:
             f"{r['method']} IF {r['imbalance']:g} IPC {r['ipc']} {r['tail']:.1f}" for r in rows), ""]
     lines.append(f"Networks per cell: {sorted({r['num_eval'] for r in records})}, "
                  f"epochs: {sorted({r['epochs'] for r in records})}.")
+    lines += ["", "How each cell came about:", ""] + [
+        f"- {r['method']}, IF {r['imbalance']:g}, IPC {r['ipc']}, {r['protocol']} protocol, {r['model']}: "
+        f"{provenance(Path(r['path']))}" for r in records]
     try:
         picture = "accuracy_vs_if.png" if table.name == "table.md" else f"{table.stem}_accuracy_vs_if.png"
         plot_accuracy_vs_if(records, table.parent / picture)
@@ -179,7 +182,57 @@ def runs_report(root: Path) -> list[str]:
         data.add(recorded_data(r, path))
         lines.append(f"| {path.parent.name} | {r.get('evaluated', '')} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
                      f"| {r['head']:.1f} | {r['medium']:.1f} | {r['tail']:.1f} | {r['num_eval']} x {r['epochs']} |")
-    return lines + ["", f"Accuracy on the {split} split, final epoch. Data: {'; '.join(sorted(data))}."]
+    return lines + ["", f"Accuracy on the {split} split, final epoch. Data: {'; '.join(sorted(data))}.", "",
+                    "How each run came about:", ""] + [
+        f"- {path.parent.name}: {provenance(path)}" for path in sorted(root.glob("*/results.json"))]
+
+
+def _short(commit: str | None) -> str:
+    if not commit:
+        return "an unrecorded commit"
+    return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
+def distillation_record(result: dict, folder: Path) -> tuple[dict, dict]:
+    """The distillation behind an evaluated set: (its config.json, its run.json), read from the set's folder
+    (--syn) or the result's own; empty dicts for a baseline or where the files are gone."""
+    syn = (result.get("config") or {}).get("syn")
+    for place in ([Path(syn).parent] if syn else []) + [folder]:
+        if (place / "config.json").is_file():
+            run = place / "run.json"
+            return (json.loads((place / "config.json").read_text()),
+                    json.loads(run.read_text()) if run.is_file() else {})
+    return {}, {}
+
+
+def distilled_where(run: dict) -> str:
+    """Where and at which commit a set was distilled: each sitting of a resumed run (run.json's stretches),
+    else the one run.json records (the last sitting's, for runs from before stretches were kept)."""
+    if not run:
+        return " (its run.json is gone)"
+    stretches = run.get("stretches") or [{"commit": run.get("commit"), "cpu": run.get("cpu")}]
+    parts = [f"at {_short(part['commit'])} on {part['cpu'] or 'an unrecorded CPU'}"
+             + (f" (iterations {part['iterations'][0]}-{part['iterations'][1]})" if len(stretches) > 1 else "")
+             for part in stretches]
+    one_sitting = run.get("session_seconds", 0) >= run.get("wall_seconds", float("inf"))
+    return " " + ", ".join(parts) + ("" if run.get("stretches") or one_sitting else " (the last sitting's record)")
+
+
+def provenance(path: Path) -> str:
+    """One line saying how a results.json came about: the distillation's budget, commit and CPU (from the
+    set's config.json and run.json), then the evaluation's networks x epochs, precision, commit and CPU."""
+    result = json.loads(path.read_text())
+    environment = result.get("environment") or {}
+    evaluation = (f"evaluated {result['num_eval']} x {result['epochs']} epochs, precision "
+                  f"{(result.get('config') or {}).get('precision', 'unrecorded')}, at "
+                  f"{_short(environment.get('commit'))} on {environment.get('cpu', 'an unrecorded CPU')}")
+    config, run = distillation_record(result, path.parent)
+    if not config:
+        return evaluation
+    where = distilled_where(run)
+    iterations = run.get("iterations_done", config.get("iterations", "an unrecorded number of"))
+    return (f"distilled {iterations} iterations at batch-real {config.get('batch_real', 'unrecorded')}, "
+            f"precision {config.get('precision', 'unrecorded')}{where}; {evaluation}")
 
 
 def write_summary(records: list[dict], root: Path, summary: Path) -> None:

@@ -162,3 +162,33 @@ def test_summary_needs_one_dataset_and_ipc(tmp_path):
         (folder / "results.json").write_text(json.dumps(fake_result(40.0)))
     with pytest.raises(UsageError, match="--summary"):
         report.write_report(tmp_path, tmp_path / "s.json")
+
+
+def test_each_cell_says_how_it_came_about(tmp_path):
+    """The table names, per cell, the distillation's budget and each sitting's commit and CPU (run.json's
+    stretches), and the evaluation's networks x epochs, precision, commit and CPU; a baseline has no
+    distillation, and an evaluation into another folder finds the set's files through --syn."""
+    cell = tmp_path / "dm" / "cifar10" / "if200" / "ipc10"
+    for method in ("csdm", "random"):
+        (cell / method).mkdir(parents=True)
+    evaluation = {"config": {"precision": "bf16", "syn": str(cell / "csdm" / "synthetic.pt")},
+                  "environment": {"commit": "b" * 40, "cpu": "AMD EPYC"}}
+    (cell / "csdm" / "results.json").write_text(json.dumps(dict(fake_result(50.0), **evaluation)))
+    (cell / "csdm" / "config.json").write_text(json.dumps({"iterations": 20000, "batch_real": 256,
+                                                            "precision": "bf16"}))
+    stretches = [{"iterations": [0, 7552], "commit": None, "cpu": None},
+                 {"iterations": [7552, 20000], "commit": "a" * 40 + "+dirty", "cpu": "Intel Xeon"}]
+    (cell / "csdm" / "run.json").write_text(json.dumps({"iterations_done": 20000, "stretches": stretches}))
+    (cell / "random" / "results.json").write_text(json.dumps(dict(
+        fake_result(40.0), config={"precision": "fp32"}, environment={"commit": "c" * 40, "cpu": "Intel Xeon"})))
+    table = report.write_report(tmp_path / "dm").read_text()
+    assert ("- csdm, IF 200, IPC 10, dm protocol, convnet: distilled 20000 iterations at batch-real 256, precision "
+            "bf16 at an unrecorded commit on an unrecorded CPU (iterations 0-7552), at aaaaaaa+dirty on Intel Xeon "
+            "(iterations 7552-20000); evaluated 3 x 300 epochs, precision bf16, at bbbbbbb on AMD EPYC") in table
+    assert ("- random, IF 200, IPC 10, dm protocol, convnet: evaluated 3 x 300 epochs, precision fp32, at ccccccc "
+            "on Intel Xeon") in table
+    # the same set evaluated into another tree (another protocol) still finds its distillation
+    moved = tmp_path / "ncfm" / "cifar10" / "if200" / "ipc10" / "csdm"
+    moved.mkdir(parents=True)
+    (moved / "results.json").write_text((cell / "csdm" / "results.json").read_text())
+    assert "distilled 20000 iterations" in report.write_report(tmp_path / "ncfm").read_text()

@@ -74,6 +74,23 @@ def test_a_finished_run_extended_with_more_iterations_equals_a_longer_run(folder
     b = torch.load(tmp_path / "extended" / "synthetic.pt", weights_only=True)
     assert torch.equal(a["images"], b["images"])
     assert (tmp_path / "extended" / "loss.csv").read_text().count("\n") == 13
+    # run.json says which sitting distilled which iterations, where and at which commit
+    stretches = json.loads((tmp_path / "extended" / "run.json").read_text())["stretches"]
+    assert [part["iterations"] for part in stretches] == [[0, 6], [6, 12]]
+    assert all(part["cpu"] and part["device"] == "cpu" and part["seconds"] > 0 for part in stretches)
+
+
+def test_a_checkpoint_from_before_stretches_were_kept_resumes_with_its_origin_unrecorded(folder_data, tmp_path):
+    out = tmp_path / "old"
+    run(command(folder_data, out, iterations=4))
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    del checkpoint["stretches"]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    (out / "synthetic.pt").unlink()
+    run(command(folder_data, out, "--resume", iterations=6))
+    stretches = json.loads((out / "run.json").read_text())["stretches"]
+    assert [part["iterations"] for part in stretches] == [[0, 4], [4, 6]]
+    assert stretches[0]["commit"] is None and stretches[1]["commit"] is not None
 
 
 def test_resume_refuses_other_options_and_broken_checkpoints(folder_data, tmp_path):
