@@ -508,6 +508,7 @@ case "$MODE" in
         variant dm-factor2-pool dm 200 "${base[@]}" --optimizer sgd --factor 2
         variant csdm-factor2-pool csdm 200 "${base[@]}" --optimizer adam --factor 2 ;;
     esac
-    "$PYTHON" evaluate.py --report "$dir" ;;
+    # the table, with a line per run saying how it came about, where git keeps it
+    "$PYTHON" report.py "$dir" --table "$OUT/ablations/$ABLATION.md" ;;
 esac
 echo "== finished; results under $OUT/"
