@@ -65,7 +65,8 @@ from networks import (NORMS, POOLINGS, PRECISIONS, autocast, build_network, dept
                       micro_batch_size, reset_parameters_, resolve_precision)
 from runs import (FORMAT_VERSION, OneLineParser, Processes, Progress, atomic_save, atomic_write_text,
                   check_out_is_folder, check_positive, compile_or_eager, environment, plot_loss, plot_side_by_side,
-                  resolve_device, run_script, save_grid, start_processes, step_or_fall_back, write_run_readme)
+                  processor_name, resolve_device, run_script, save_grid, start_processes, step_or_fall_back,
+                  write_run_readme)
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
                  kernel_metric_p, per_class_loss, sample_frequencies)
 from training import PROTOCOLS, train_network
@@ -626,11 +627,11 @@ def stretches_so_far(checkpoint: dict | None, start_iteration: int, device, proc
     origin up to its iteration), then this sitting's, to be extended as it goes."""
     earlier = list(checkpoint.get("stretches", [])) if checkpoint is not None else []
     if start_iteration and not earlier:
-        earlier = [{"iterations": [0, start_iteration], "commit": None, "cpu": None}]
-    here = environment()
+        earlier = [{"iterations": [0, start_iteration], "commit": None, "processor": None}]
+    here = dict(environment(), device=str(device))
     return earlier + [{"iterations": [start_iteration, start_iteration], "seconds": 0.0, "commit": here["commit"],
-                       "cpu": here.get("gpu", here["cpu"]), "device": str(device), "processes": processes.world,
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}]
+                       "processor": processor_name(here), "device": here["device"],
+                       "processes": processes.world, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}]
 
 
 def starting_state(args, config: dict, init_images, shard: Shard, checkpoint: dict | None, device) -> LoopState:
@@ -704,7 +705,7 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
         elapsed = state.elapsed_before + time.perf_counter() - start
         state.history.append((iteration, value, elapsed))
         state.stretches[-1].update(iterations=[state.start_iteration, iteration + 1],
-                                   seconds=round(elapsed - state.elapsed_before, 1))
+                                   seconds=round(elapsed - state.elapsed_before, 3))
         progress.update(iteration + 1, value, elapsed)
         if signalled or (iteration + 1) % args.ckpt_every == 0 or iteration + 1 == args.iterations:
             checkpoint_at(iteration + 1, elapsed)  # the last one lets --resume extend --iterations

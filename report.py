@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from data_lt import UsageError, data_source
-from runs import OneLineParser, pyplot
+from runs import OneLineParser, processor_name, pyplot
 
 # CIFAR-10-LT, ConvNet-3, test accuracy % at IPC 10 / 20 / 50, as published in the long-tailed dataset
 # distillation paper (Zhao et al., "Distilling Long-tailed Datasets", CVPR 2025, LAD; its Table 1): best-epoch
@@ -160,7 +160,8 @@ def grid_report(records: list[dict], table: Path) -> list[str]:
     lines.append(f"Networks per cell: {sorted({r['num_eval'] for r in records})}, "
                  f"epochs: {sorted({r['epochs'] for r in records})}.")
     lines += ["", "How each cell came about:", ""] + [
-        f"- {r['method']}, IF {r['imbalance']:g}, IPC {r['ipc']}, {r['protocol']} protocol, {r['model']}: "
+        f"- {r['dataset']} {r['method']}, IF {r['imbalance']:g}, IPC {r['ipc']}, {r['protocol']} protocol, "
+        f"{r['model']}, {r['split']} split: "
         f"{provenance(Path(r['path']))}" for r in records]
     try:
         picture = "accuracy_vs_if.png" if table.name == "table.md" else f"{table.stem}_accuracy_vs_if.png"
@@ -188,9 +189,14 @@ def runs_report(root: Path) -> list[str]:
 
 
 def _short(commit: str | None) -> str:
+    """A commit as its first 7 hex digits, keeping the "+dirty" of a working tree that differed from it."""
     if not commit:
         return "an unrecorded commit"
     return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
+def _processor(record: dict) -> str:
+    return processor_name(record) or "an unrecorded processor"
 
 
 def distillation_record(result: dict, folder: Path) -> tuple[dict, dict]:
@@ -207,15 +213,16 @@ def distillation_record(result: dict, folder: Path) -> tuple[dict, dict]:
 
 def distilled_where(run: dict) -> str:
     """Where and at which commit a set was distilled: each sitting of a resumed run (run.json's stretches),
-    else the one run.json records (the last sitting's, for runs from before stretches were kept)."""
+    else what run.json records, which for a run from before stretches were kept is its last sitting's (said
+    so unless the sitting's own seconds cover the whole distillation)."""
     if not run:
-        return " (its run.json is gone)"
-    stretches = run.get("stretches") or [{"commit": run.get("commit"), "cpu": run.get("cpu")}]
-    parts = [f"at {_short(part['commit'])} on {part['cpu'] or 'an unrecorded CPU'}"
+        return "(its run.json is gone)"
+    stretches = run.get("stretches") or [run]
+    parts = [f"at {_short(part.get('commit'))} on {_processor(part)}"
              + (f" (iterations {part['iterations'][0]}-{part['iterations'][1]})" if len(stretches) > 1 else "")
              for part in stretches]
     one_sitting = run.get("session_seconds", 0) >= run.get("wall_seconds", float("inf"))
-    return " " + ", ".join(parts) + ("" if run.get("stretches") or one_sitting else " (the last sitting's record)")
+    return ", ".join(parts) + ("" if run.get("stretches") or one_sitting else " (the last sitting's record)")
 
 
 def provenance(path: Path) -> str:
@@ -225,14 +232,14 @@ def provenance(path: Path) -> str:
     environment = result.get("environment") or {}
     evaluation = (f"evaluated {result['num_eval']} x {result['epochs']} epochs, precision "
                   f"{(result.get('config') or {}).get('precision', 'unrecorded')}, at "
-                  f"{_short(environment.get('commit'))} on {environment.get('cpu', 'an unrecorded CPU')}")
+                  f"{_short(environment.get('commit'))} on {_processor(environment)}")
     config, run = distillation_record(result, path.parent)
     if not config:
         return evaluation
     where = distilled_where(run)
     iterations = run.get("iterations_done", config.get("iterations", "an unrecorded number of"))
     return (f"distilled {iterations} iterations at batch-real {config.get('batch_real', 'unrecorded')}, "
-            f"precision {config.get('precision', 'unrecorded')}{where}; {evaluation}")
+            f"precision {config.get('precision', 'unrecorded')} {where}; {evaluation}")
 
 
 def write_summary(records: list[dict], root: Path, summary: Path) -> None:

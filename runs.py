@@ -356,6 +356,17 @@ def environment() -> dict:
     return info
 
 
+def processor_name(record: dict) -> str | None:
+    """The processor a run computed on, from a record that names it ("processor": a stretch of run.json) or an
+    environment record (run.json, results.json's environment): the GPU's name where its device was CUDA, else
+    the CPU's model; None where the record has none of them."""
+    if record.get("processor"):
+        return record["processor"]
+    if str(record.get("device", "")).startswith("cuda") and record.get("gpu"):
+        return record["gpu"]
+    return record.get("cpu")
+
+
 def cpu_model() -> str:
     """The CPU's model name as Linux reports it (e.g. "AMD EPYC"), else platform.processor()."""
     return cpuinfo("model name") or platform.processor() or "unknown"

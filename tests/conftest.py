@@ -58,14 +58,14 @@ class Cifar10Unavailable(Exception):
 
 
 def conv_biases_before_a_norm(net: torch.nn.Module) -> set[int]:
-    """ids of the biases of convolutions followed directly by instance or batch norm. The norm subtracts each
-    channel's mean, so such a bias changes no output and its gradient is zero up to rounding: an SGD step of
-    it may not change its float32 value, and AdamW (which divides by the gradient's own scale) walks it by
-    +-lr on the rounding noise."""
-    norms = (torch.nn.GroupNorm, torch.nn.BatchNorm2d)
+    """ids of the biases of convolutions followed directly by instance norm (GroupNorm with a group per
+    channel, the models' default), which subtracts each channel's mean: such a bias changes no output and its
+    gradient is zero up to rounding, so an SGD step of it may not change its float32 value, and AdamW (which
+    divides by the gradient's own scale) walks it by +-lr on the rounding noise."""
     return {id(conv.bias) for sequence in net.modules() if isinstance(sequence, torch.nn.Sequential)
             for conv, norm in zip(sequence, list(sequence)[1:])
-            if isinstance(conv, torch.nn.Conv2d) and conv.bias is not None and isinstance(norm, norms)}
+            if isinstance(conv, torch.nn.Conv2d) and conv.bias is not None
+            and isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == norm.num_channels}
 
 
 def archive_candidates(environ=os.environ, root=ROOT) -> list[Path]:

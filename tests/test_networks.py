@@ -135,6 +135,8 @@ def test_every_model_takes_a_training_step(model, channels, size):
     # them, so their gradient is zero up to rounding (and an lr-sized step of it may not change a float32)
     exempt = conv_biases_before_a_norm(net)
     assert all(not torch.equal(b, p) for b, p in zip(before, net.parameters()) if id(p) not in exempt)
+    largest = max(float(p.grad.abs().max()) for p in net.parameters())
+    assert all(float(p.grad.abs().max()) < 1e-5 * largest for p in net.parameters() if id(p) in exempt)
     with torch.no_grad():
         assert F.cross_entropy(net(x), y) < loss  # a small step down the gradient lowers the loss
 

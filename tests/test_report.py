@@ -153,6 +153,9 @@ def test_list_report_for_ablations(tmp_path):
                                                                       evaluated=f"{name}, IPC 10")))
     table = report.write_report(tmp_path).read_text()
     assert "| csdm-cauchy | csdm-cauchy, IPC 10 | 39.00 ± 0.50 |" in table and "val split" in table
+    # each run's line says how it came about, whatever its files record
+    assert ("- csdm-gaussian: evaluated 3 x 300 epochs, precision unrecorded, at an unrecorded commit on an "
+            "unrecorded processor") in table
 
 
 def test_summary_needs_one_dataset_and_ipc(tmp_path):
@@ -176,19 +179,32 @@ def test_each_cell_says_how_it_came_about(tmp_path):
     (cell / "csdm" / "results.json").write_text(json.dumps(dict(fake_result(50.0), **evaluation)))
     (cell / "csdm" / "config.json").write_text(json.dumps({"iterations": 20000, "batch_real": 256,
                                                             "precision": "bf16"}))
-    stretches = [{"iterations": [0, 7552], "commit": None, "cpu": None},
-                 {"iterations": [7552, 20000], "commit": "a" * 40 + "+dirty", "cpu": "Intel Xeon"}]
+    stretches = [{"iterations": [0, 7552], "commit": None, "processor": None},
+                 {"iterations": [7552, 20000], "commit": "a" * 40 + "+dirty", "processor": "Intel Xeon"}]
     (cell / "csdm" / "run.json").write_text(json.dumps({"iterations_done": 20000, "stretches": stretches}))
     (cell / "random" / "results.json").write_text(json.dumps(dict(
         fake_result(40.0), config={"precision": "fp32"}, environment={"commit": "c" * 40, "cpu": "Intel Xeon"})))
     table = report.write_report(tmp_path / "dm").read_text()
-    assert ("- csdm, IF 200, IPC 10, dm protocol, convnet: distilled 20000 iterations at batch-real 256, precision "
-            "bf16 at an unrecorded commit on an unrecorded CPU (iterations 0-7552), at aaaaaaa+dirty on Intel Xeon "
-            "(iterations 7552-20000); evaluated 3 x 300 epochs, precision bf16, at bbbbbbb on AMD EPYC") in table
-    assert ("- random, IF 200, IPC 10, dm protocol, convnet: evaluated 3 x 300 epochs, precision fp32, at ccccccc "
-            "on Intel Xeon") in table
+    assert ("- cifar10 csdm, IF 200, IPC 10, dm protocol, convnet, test split: distilled 20000 iterations at "
+            "batch-real 256, precision bf16 at an unrecorded commit on an unrecorded processor (iterations 0-7552), "
+            "at aaaaaaa+dirty on Intel Xeon (iterations 7552-20000); evaluated 3 x 300 epochs, precision bf16, at "
+            "bbbbbbb on AMD EPYC") in table
+    assert ("- cifar10 random, IF 200, IPC 10, dm protocol, convnet, test split: evaluated 3 x 300 epochs, "
+            "precision fp32, at ccccccc on Intel Xeon") in table
     # the same set evaluated into another tree (another protocol) still finds its distillation
     moved = tmp_path / "ncfm" / "cifar10" / "if200" / "ipc10" / "csdm"
     moved.mkdir(parents=True)
     (moved / "results.json").write_text((cell / "csdm" / "results.json").read_text())
     assert "distilled 20000 iterations" in report.write_report(tmp_path / "ncfm").read_text()
+
+
+def test_a_set_distilled_before_stretches_were_kept_names_its_last_sitting():
+    """run.json without stretches records the last sitting only: said so, unless that sitting's seconds cover
+    the whole distillation; a GPU run names its GPU; a set whose run.json is gone says so."""
+    last = {"commit": "d" * 40, "cpu": "AMD EPYC", "device": "cpu", "wall_seconds": 9579.4,
+            "session_seconds": 3527.4}
+    assert report.distilled_where(last) == "at ddddddd on AMD EPYC (the last sitting's record)"
+    assert report.distilled_where(dict(last, session_seconds=9600.0)) == "at ddddddd on AMD EPYC"
+    on_gpu = dict(last, device="cuda", gpu="NVIDIA H200", session_seconds=9600.0)
+    assert report.distilled_where(on_gpu) == "at ddddddd on NVIDIA H200"
+    assert report.distilled_where({}) == "(its run.json is gone)"

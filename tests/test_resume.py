@@ -62,6 +62,9 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(folder_data, tmp_path):
     b = torch.load(interrupted / "synthetic.pt", weights_only=True)
     assert torch.equal(a["images"], b["images"])  # bit for bit on CPU
     assert (interrupted / "loss.csv").read_text().count("\n") == 61  # the history continued
+    stretches = json.loads((interrupted / "run.json").read_text())["stretches"]
+    stopped = checkpoint["iteration"]
+    assert [part["iterations"] for part in stretches] == [[0, stopped], [stopped, 60]]
 
 
 def test_a_finished_run_extended_with_more_iterations_equals_a_longer_run(folder_data, tmp_path):
@@ -75,9 +78,12 @@ def test_a_finished_run_extended_with_more_iterations_equals_a_longer_run(folder
     assert torch.equal(a["images"], b["images"])
     assert (tmp_path / "extended" / "loss.csv").read_text().count("\n") == 13
     # run.json says which sitting distilled which iterations, where and at which commit
-    stretches = json.loads((tmp_path / "extended" / "run.json").read_text())["stretches"]
+    run_record = json.loads((tmp_path / "extended" / "run.json").read_text())
+    stretches = run_record["stretches"]
     assert [part["iterations"] for part in stretches] == [[0, 6], [6, 12]]
-    assert all(part["cpu"] and part["device"] == "cpu" and part["seconds"] > 0 for part in stretches)
+    assert all(part["processor"] and part["device"] == "cpu" and part["commit"] for part in stretches)
+    # the sittings' seconds add up to the distillation's (rounded to 0.1 s in run.json)
+    assert abs(sum(part["seconds"] for part in stretches) - run_record["wall_seconds"]) < 0.1
 
 
 def test_a_checkpoint_from_before_stretches_were_kept_resumes_with_its_origin_unrecorded(folder_data, tmp_path):
@@ -87,10 +93,14 @@ def test_a_checkpoint_from_before_stretches_were_kept_resumes_with_its_origin_un
     del checkpoint["stretches"]
     torch.save(checkpoint, out / "checkpoint.pt")
     (out / "synthetic.pt").unlink()
+    run(command(folder_data, out, "--resume", iterations=4))  # nothing left to distil: no empty stretch
+    assert [part["iterations"] for part in json.loads((out / "run.json").read_text())["stretches"]] == [[0, 4]]
     run(command(folder_data, out, "--resume", iterations=6))
     stretches = json.loads((out / "run.json").read_text())["stretches"]
     assert [part["iterations"] for part in stretches] == [[0, 4], [4, 6]]
     assert stretches[0]["commit"] is None and stretches[1]["commit"] is not None
+    # the checkpoint's stretches, None included, load as a user's file is read
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["stretches"][0]["processor"] is None
 
 
 def test_resume_refuses_other_options_and_broken_checkpoints(folder_data, tmp_path):
