@@ -58,8 +58,8 @@ options:
                        results/sets/cifar10-if<IF>-ipc10-<method>.pt (results/full_cell.md). Takes no --quick,
                        --datasets, --ifs, --ipcs or --methods
   --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing,
-                       balanced-calibration
-                       (validation split)
+                       balanced-calibration (validation split; writes OUT/ablations/NAME.md, a row and a line
+                       of provenance per run)
   --data-dir DIR       data folder passed to distill.py / evaluate.py (default: download)
   --out DIR            results folder (default: results)
   --device DEV         auto, cpu, cuda, cuda:N (default: auto)
