@@ -4,6 +4,7 @@ $ python bench.py                       # fixed-column table (a few minutes on 2
 $ python bench.py --json                # the same, plus one JSON line at the end
 $ python bench.py --data-dir data/cifar10 --device cuda
 $ python bench.py --scaling 10 100 200    # seconds per iteration and peak memory against the class count
+$ python bench.py --out results/bench_X.json   # also write the figures with their command, commit and machine
 
 Shapes are CIFAR-10-LT's (IF 200, 10 classes, 3 x 32 x 32); without --data-dir the pixels are
 random, which changes no timing. Every timing is the median of --repeats runs after warm-up.
@@ -46,6 +47,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,7 +58,7 @@ from distill import build_parser as distill_parser
 from distill import distill
 from networks import (ConvNet, autocast, build_network, in_micro_batches, micro_batch_size, reset_parameters_,
                       resolve_precision)
-from runs import keep_freed_memory, resolve_device
+from runs import OneLineParser, atomic_write_text, environment, keep_freed_memory, resolve_device
 from stacked import train_networks_stacked
 from training import PROTOCOLS, train_network
 from sdd import exact_mmd2, per_class_loss, sample_frequencies
@@ -468,7 +470,7 @@ def print_table(r: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON line after the table")
     parser.add_argument("--data-dir", default=None, help="a CIFAR-10 folder (default: random pixels, same shapes)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -481,11 +483,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scaling", type=int, nargs="+", default=None, metavar="C",
                         help="instead: seconds per csdm iteration and peak memory for C classes (IPC 10)")
     parser.add_argument("--batch-real", type=int, default=64, help="--scaling: real images per class")
+    parser.add_argument("--out", default=None, metavar="JSON",
+                        help="also write the figures here, with the command, commit, CPU and libraries")
     return parser
 
 
+def write_record(path: str | None, figures) -> None:
+    """--out: the figures under "results", beside runs.environment() (command, commit, CPU, GPU, libraries)
+    and the date, so that a committed bench file says what measured it."""
+    if path is not None:
+        record = {"environment": environment(), "date": time.strftime("%Y-%m-%d"), "results": figures}
+        atomic_write_text(json.dumps(record, indent=1) + "\n", Path(path))
+
+
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out is not None and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
+        parser.error(f"--out {args.out}: give a file in an existing folder")
     malloc_tuned = False if args.default_malloc else keep_freed_memory()
     device = resolve_device(args.device)
     compile = not args.no_compile
@@ -494,6 +509,7 @@ def main(argv=None) -> None:
         rows = scaling_table(args.scaling, args.batch_real, device, compile, malloc_tuned)
         if args.json:
             print(json.dumps(rows))
+        write_record(args.out, rows)
         return
     precision = resolve_precision("auto", device, compile)
     data = get_data(args.data_dir)
@@ -508,6 +524,7 @@ def main(argv=None) -> None:
     print_table(r)
     if args.json:
         print(json.dumps(r))
+    write_record(args.out, r)
 
 
 if __name__ == "__main__":

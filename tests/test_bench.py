@@ -1,7 +1,9 @@
 """bench.py still drives the project's code: its measuring functions run end to end at tiny sizes (no timing
 is checked here; speed targets live in bench.py itself)."""
+import json
 import math
 
+import pytest
 import torch
 
 import bench
@@ -19,3 +21,16 @@ def test_the_distillation_and_evaluation_measurements_run():
         epoch = bench.networks_epoch_seconds(images, labels, 2, stacked, cpu, "fp32", False, repeats=1, warmup=1)
         assert math.isfinite(epoch) and epoch > 0
     assert bench.conv_flops() > 0 and bench.build_parser().parse_args([]).repeats >= 1
+
+
+def test_out_records_what_measured_the_figures(tmp_path, capsys):
+    """--out writes the figures beside the command, commit and processor; a path that cannot be written is
+    refused before anything is measured (exit 2, one line naming --out)."""
+    bench.write_record(str(tmp_path / "bench.json"), [{"classes": 10, "sec_per_iter": 0.3}])
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert record["results"] == [{"classes": 10, "sec_per_iter": 0.3}]
+    assert record["environment"]["commit"] and record["environment"]["cpu"] and record["date"]
+    for bad in (tmp_path / "missing" / "bench.json", tmp_path):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--scaling", "10", "--out", str(bad)])
+        assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
