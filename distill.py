@@ -624,14 +624,25 @@ class LoopState:
 
 def stretches_so_far(checkpoint: dict | None, start_iteration: int, device, processes: Processes) -> list[dict]:
     """The checkpoint's stretches (for a checkpoint written before they were kept: one stretch of unrecorded
-    origin up to its iteration), then this sitting's, to be extended as it goes."""
+    origin up to its iteration), then this sitting's start (stretches_done closes it)."""
     earlier = list(checkpoint.get("stretches", [])) if checkpoint is not None else []
     if start_iteration and not earlier:
         earlier = [{"iterations": [0, start_iteration], "commit": None, "processor": None}]
     here = dict(environment(), device=str(device))
-    return earlier + [{"iterations": [start_iteration, start_iteration], "seconds": 0.0, "commit": here["commit"],
+    return earlier + [{"iterations": [start_iteration, start_iteration], "commit": here["commit"],
                        "processor": processor_name(here), "device": here["device"],
                        "processes": processes.world, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}]
+
+
+def stretches_done(state: LoopState) -> list[dict]:
+    """state.stretches with this sitting's closed at the history's last iteration (its seconds: the elapsed
+    time since the sitting began); a sitting that has not distilled an iteration is left out."""
+    *earlier, here = state.stretches
+    last, _, elapsed = state.history[-1] if state.history else (state.start_iteration - 1, None, 0.0)
+    if last + 1 <= state.start_iteration:
+        return earlier
+    return earlier + [dict(here, iterations=[state.start_iteration, last + 1],
+                           seconds=round(elapsed - state.elapsed_before, 3))]
 
 
 def starting_state(args, config: dict, init_images, shard: Shard, checkpoint: dict | None, device) -> LoopState:
@@ -657,7 +668,7 @@ def save_checkpoint(state: LoopState, shard: Shard, total_rows: int, iteration: 
         out.mkdir(parents=True, exist_ok=True)
         atomic_save({"format_version": FORMAT_VERSION, "iteration": iteration, "images": images,
                      "optimizer": optimizer, "history": state.history, "elapsed": elapsed, "config": config,
-                     "stretches": state.stretches},
+                     "stretches": stretches_done(state)},
                     out / "checkpoint.pt")
 
 
@@ -704,8 +715,6 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
         value, signalled = check_finite(loss, state.syn, stop, processes, iteration)
         elapsed = state.elapsed_before + time.perf_counter() - start
         state.history.append((iteration, value, elapsed))
-        state.stretches[-1].update(iterations=[state.start_iteration, iteration + 1],
-                                   seconds=round(elapsed - state.elapsed_before, 3))
         progress.update(iteration + 1, value, elapsed)
         if signalled or (iteration + 1) % args.ckpt_every == 0 or iteration + 1 == args.iterations:
             checkpoint_at(iteration + 1, elapsed)  # the last one lets --resume extend --iterations
@@ -720,7 +729,7 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
         "init_images": init_images, "mean": list(data.mean), "std": list(data.std),
         "class_names": list(data.class_names), "class_counts": list(data.class_counts),
         "alpha": alpha.tolist(), "config": config, "history": state.history, "stopped": stopped,
-        "stretches": [part for part in state.stretches if part["iterations"][1] > part["iterations"][0]],
+        "stretches": stretches_done(state),
         "iterations_done": state.history[-1][0] + 1 if state.history else state.start_iteration,
     }
 
