@@ -8,6 +8,7 @@ $ python evaluate.py --baseline random --dataset cifar10 --imbalance-factor 200 
 $ python evaluate.py --baseline full --dataset cifar10 --imbalance-factor 200 --epochs 200 --out runs/full
 $ torchrun --nproc_per_node=5 evaluate.py --syn runs/csdm/synthetic.pt    # one network per process
 $ python evaluate.py --syn runs/csdm/synthetic.pt --export runs/csdm/images  # DIR/<class>/<n>.png, no training
+$ python evaluate.py --syn runs/csdm/synthetic.pt --resume               # continue a stopped evaluation
 
 Each network is trained from scratch under a protocol of training.py (--protocol dm: SGD, batch 256,
 1000 epochs, DSA, as DC / DSA / DM; --protocol ncfm: NCFM's AdamW, CutMix and random-resized-crop
@@ -25,6 +26,14 @@ faster there (BENCHMARKS.md). --stacked and --one-at-a-time choose either.
 --ipc and --factor (IPC x factor^2 real images per class, each stored image holding factor x factor
 tiles, decoded): the fair baseline of a distilled set is the random set at its factor.
 
+An evaluation survives stops network by network: each finished network is written at once to
+--out/evaluation.partial/network-<k>.json (its accuracies, tests, seconds, and the sitting's commit and
+machine), and --resume trains only the networks missing there, refusing any kept with other options (every
+option but where and how many: --device, --data-dir, --num-eval, --stacked...; the training images, labels and
+test split are compared by their SHA-256). Each network's draws come from its own seed, so the result is that
+of an uninterrupted evaluation; results.json's `sittings` say which networks each sitting trained, and the
+folder is removed once results.json is written.
+
 results.json: acc_mean, acc_std (percent), accs (one per network), per_class (mean over networks,
 class order), head / medium / tail (mean accuracy of the first, middle and last third of the classes
 in long-tail order: for 10 classes 3 / 4 / 3), best_acc_mean / best_accs (best over the protocol's
@@ -39,6 +48,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,7 +60,8 @@ from data_lt import (DATA_DEFAULTS, UsageError, add_data_arguments, check_factor
                      initial_synthetic, load_long_tailed)
 from networks import MODELS, NORMS, PRECISIONS, build_network, depth_for_size, reset_parameters_, resolve_precision
 from runs import (FORMAT_VERSION, OneLineParser, Processes, atomic_write_text, check_out_is_folder, check_positive,
-                  environment, export_image_folder, pyplot, run_script, start_processes, write_run_readme)
+                  environment, export_image_folder, processor_name, pyplot, run_script, start_processes,
+                  write_run_readme)
 from stacked import train_networks_stacked
 from training import PROTOCOLS, long_tail_groups, per_class_accuracy, train_network
 
@@ -128,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None,
                    help="folder for results.json (default: next to --syn; for baselines runs/baseline-<kind>-<dataset>-"
                         "if<IF>[-ipc<IPC>-f<factor>])")
-    g.add_argument("--overwrite", action="store_true", help="replace a results.json already in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a results.json (or an interrupted evaluation) already in --out")
+    g.add_argument("--resume", action="store_true",
+                   help=f"continue an interrupted evaluation in --out: the networks it finished ({PARTIAL}/) are "
+                        f"taken, the others trained")
     g.add_argument("--export", default=None, metavar="DIR",
                    help="with --syn: write the set as DIR/<class>/<n>.png (an image folder other tools read) "
                         "and stop; DIR must not exist yet")
@@ -148,12 +163,15 @@ def test_split(data, split: str):
     return data.val_images, data.val_labels
 
 
-def evaluate(images, labels, data, args, network: dict, device, processes: Processes | None = None) -> dict | None:
+def evaluate(images, labels, data, args, network: dict, device, processes: Processes | None = None,
+             done: tuple = (), keep=None) -> dict | None:
     """Train args.num_eval networks (build_network(**network)) on (images, labels) under args.protocol and
-    test each after its last epoch (and at the protocol's evaluation epochs, for best_*). Under torchrun,
-    network k is trained by process k % world; the main process returns the summary. A process's ConvNets
-    (without batch norm) train together as one stacked network (stacked.train_networks_stacked: each its own
-    generator and draws, results per network as one at a time up to rounding) where stacks() says so."""
+    test each after its last epoch (and at the protocol's evaluation epochs, for best_*). Networks already in
+    `done` (Trained, from an interrupted evaluation) are not trained again; keep(trained) is called as each
+    network finishes. Under torchrun, the networks left are shared round-robin among the processes; the main
+    process returns the summary. A process's ConvNets (without batch norm) train together as one stacked
+    network (stacked.train_networks_stacked: each its own generator and draws, results per network as one at
+    a time up to rounding) where stacks() says so."""
     processes = processes or Processes()
     protocol = PROTOCOLS[args.protocol]
     epochs = args.epochs or protocol.epochs
@@ -168,13 +186,16 @@ def evaluate(images, labels, data, args, network: dict, device, processes: Proce
                                        precision=args.precision, compile=args.compile)
         return float((per_class * test_counts).sum() / test_counts.sum()), per_class
 
-    indices = list(range(processes.rank, args.num_eval, processes.world))
+    finished = {trained.index for trained in done}
+    indices = [k for k in range(args.num_eval) if k not in finished][processes.rank::processes.world]
     together = (len(indices) > 1 and network["model"] == "convnet" and network.get("norm") != "batch"
                 and stacks(args.stacking, device))
     train = train_together if together else train_one_at_a_time
-    mine = train(indices, net, accuracy, images, labels, args, network, protocol, epochs, device, processes)
+    mine = train(indices, net, accuracy, images, labels, args, network, protocol, epochs, device, processes,
+                 keep or (lambda trained: None))
     mine = processes.gather_objects(mine)
-    return summarise(sorted(mine, key=lambda entry: entry[0]), data, args, epochs) if processes.main else None
+    return summarise(sorted([*done, *mine], key=lambda trained: trained.index), data, args, epochs) \
+        if processes.main else None
 
 
 def progress_bar(processes: Processes, epochs: int, description: str):
@@ -190,6 +211,17 @@ def eval_generator(args, k: int, device) -> torch.Generator:
     --seed)."""
     seed = args.seed if args.eval_seed is None else args.eval_seed
     return torch.Generator(device=device).manual_seed(counter_seed(seed, STREAM_EVAL, k))
+
+
+@dataclasses.dataclass
+class Trained:
+    """One trained network's outcome: its index k (its seed's counter), final accuracy (%) and per-class
+    accuracy, the tests during training [(epoch, accuracy)], and the seconds its training and tests took."""
+    index: int
+    accuracy: float
+    per_class: torch.Tensor
+    curve: list
+    seconds: float
 
 
 class Tests:
@@ -212,8 +244,8 @@ def stacks(stacking: str | None, device: torch.device) -> bool:
 
 
 def train_one_at_a_time(indices, net, accuracy, images, labels, args, network, protocol, epochs, device,
-                        processes) -> list:
-    """Networks `indices` trained in turn through the one `net`; [(k, final accuracy, per class, tests)]."""
+                        processes, keep) -> list[Trained]:
+    """Networks `indices` trained in turn through the one `net`, each kept as it finishes."""
     mine = []
     for k in indices:
         start, tests = time.perf_counter(), Tests(epochs)
@@ -225,16 +257,18 @@ def train_one_at_a_time(indices, net, accuracy, images, labels, args, network, p
         if progress is not None:
             progress.close()
         overall, per_class = tests.final or accuracy()
-        mine.append((k, overall, per_class, tests.curve))
+        mine.append(Trained(k, overall, per_class, tests.curve, time.perf_counter() - start))
+        keep(mine[-1])
         print(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
-              f"({time.perf_counter() - start:.0f}s)", flush=True)
+              f"({mine[-1].seconds:.0f}s)", flush=True)
     return mine
 
 
 def train_together(indices, net, accuracy, images, labels, args, network, protocol, epochs, device,
-                   processes) -> list:
+                   processes, keep) -> list[Trained]:
     """Networks `indices` trained as one stacked network, each with its own generator, then tested through
-    the one `net` (so that a compiled test compiles once); [(k, final accuracy, per class, tests)]."""
+    the one `net` (so that a compiled test compiles once) and kept; each is credited an equal share of the
+    time."""
     start = time.perf_counter()
     generators = [eval_generator(args, k, device) for k in indices]
     nets = [reset_parameters_(build_network(device=device, **network), g) for g in generators]
@@ -254,24 +288,25 @@ def train_together(indices, net, accuracy, images, labels, args, network, protoc
     for k, trained, network_tests in zip(indices, nets, tests):
         net.load_state_dict(trained.state_dict())
         overall, per_class = network_tests.final or accuracy()
-        mine.append((k, overall, per_class, network_tests.curve))
+        mine.append(Trained(k, overall, per_class, network_tests.curve, seconds / len(indices)))
+        keep(mine[-1])
         print(f"network {k + 1}/{args.num_eval}: {args.split} accuracy {overall:.2f}%  "
               f"({seconds:.0f}s for {len(indices)} networks trained together)", flush=True)
     return mine
 
 
-def summarise(entries: list, data, args, epochs: int) -> dict:
-    """results.json's numbers from (index, final accuracy, per-class accuracy, [(epoch, accuracy)]) per network."""
-    accs = [overall for _, overall, _, _ in entries]
-    best = [max([accuracy for _, accuracy in tests] or [overall]) for _, overall, _, tests in entries]
-    per_class_mean = torch.stack([per_class for _, _, per_class, _ in entries]).mean(0).tolist()
+def summarise(entries: list[Trained], data, args, epochs: int) -> dict:
+    """results.json's numbers from the trained networks, in index order."""
+    accs = [trained.accuracy for trained in entries]
+    best = [max([accuracy for _, accuracy in trained.curve] or [trained.accuracy]) for trained in entries]
+    per_class_mean = torch.stack([trained.per_class for trained in entries]).mean(0).tolist()
     groups = long_tail_groups(data.class_counts)
     result = {
         "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)), "accs": accs,
         "best_acc_mean": float(np.mean(best)), "best_acc_std": float(np.std(best)), "best_accs": best,
         "best_note": "best over the protocol's evaluation epochs, as the published figures report it; "
                      "never used to choose anything",
-        "evaluation_epochs": [[epoch for epoch, _ in tests] for _, _, _, tests in entries][0],
+        "evaluation_epochs": [epoch for epoch, _ in entries[0].curve],
         "per_class": per_class_mean, "split": args.split, "num_eval": args.num_eval, "epochs": epochs,
         "protocol": args.protocol, "protocol_settings": dataclasses.asdict(PROTOCOLS[args.protocol]),
         "model": args.model, "class_names": data.class_names, "class_counts": data.class_counts, "groups": groups,
@@ -419,13 +454,98 @@ def baseline_job(args, log) -> Job:
     return Job(images, labels, data, network_options(args, data, None), what, out, record)
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Before any training: --out must be a folder (or not exist yet), and an evaluation already in it is
-    replaced only with --overwrite."""
+def check_out(out: Path, args) -> bool:
+    """Before any training: --out must be a folder (or not exist yet); an evaluation already in it is
+    replaced only with --overwrite, and an interrupted one (PARTIAL) continued with --resume or restarted
+    with --overwrite. False when --resume finds the evaluation finished: nothing to do."""
     check_out_is_folder(out)
-    if (out / "results.json").exists() and not overwrite:
-        raise UsageError(f"--out {out} already holds an evaluation (results.json); give another --out, or "
-                         f"--overwrite to replace it")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pass one of them")
+    if (out / "results.json").exists():
+        if args.resume:
+            return False
+        if not args.overwrite:
+            raise UsageError(f"--out {out} already holds an evaluation (results.json); give another --out, or "
+                             f"--overwrite to replace it")
+    kept = sorted((out / PARTIAL).glob("network-*.json"))
+    if kept and not (args.resume or args.overwrite):
+        raise UsageError(f"--out {out} holds {len(kept)} finished networks of an interrupted evaluation "
+                         f"({PARTIAL}/); pass --resume to continue it, or --overwrite to start again")
+    return True
+
+
+# ----------------------------------------------------------------------------------------
+# An evaluation across sittings: each finished network kept in --out/evaluation.partial/
+
+PARTIAL = "evaluation.partial"
+# options that change where or how much is run, not what one network's result is
+RUN_OPTIONS = {"out", "overwrite", "resume", "device", "data_dir", "num_eval", "stacking", "syn", "report", "summary",
+               "export", "set_options_given"}
+
+
+def fingerprint(args, run: Job) -> dict:
+    """What network k's result depends on besides k: every option but RUN_OPTIONS (so the set's path, the data's
+    folder, the device and the number of networks may change between sittings; stacked and one-at-a-time
+    training agree up to rounding), the model, and the SHA-256 of the training images and labels and of the
+    split tested on (the very pixels, wherever they were read from). As JSON reads it back."""
+    digest = hashlib.sha256()
+    for tensor in (run.images, run.labels, *test_split(run.data, args.split)):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    options = {name: value for name, value in vars(args).items() if name not in RUN_OPTIONS}
+    options.update(epochs=args.epochs or PROTOCOLS[args.protocol].epochs, network=run.network,
+                   data_sha256=digest.hexdigest())
+    return json.loads(json.dumps(options))
+
+
+def this_sitting(device, processes: Processes) -> dict:
+    """Where and at which commit this process's networks are trained, and when it started."""
+    record = environment()
+    return {"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": record["commit"],
+            "processor": processor_name(record | {"device": str(device)}), "device": str(device),
+            "processes": processes.world}
+
+
+def keep_network(folder: Path, trained: Trained, options: dict, sitting: dict) -> None:
+    """Write one finished network to folder/network-<k>.json (atomically: a stop while writing loses only it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"index": trained.index, "accuracy": trained.accuracy, "per_class": trained.per_class.tolist(),
+              "curve": [list(test) for test in trained.curve], "seconds": round(trained.seconds, 1),
+              "sitting": sitting, "options": options}
+    atomic_write_text(json.dumps(record, indent=1) + "\n", folder / f"network-{trained.index}.json")
+
+
+def networks_kept(folder: Path, options: dict, num_eval: int) -> list[tuple[Trained, dict]]:
+    """The networks an interrupted evaluation finished, [(Trained, its sitting)], those below num_eval; each
+    must have been trained with `options`, else one line naming what differs."""
+    kept = []
+    for path in sorted(folder.glob("network-*.json")):
+        try:
+            record = json.loads(path.read_text())
+            trained = Trained(record["index"], record["accuracy"], torch.tensor(record["per_class"]),
+                              [tuple(test) for test in record["curve"]], record["seconds"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UsageError(f"--resume: {path} cannot be read ({type(error).__name__}); delete it to train that "
+                             f"network again")
+        differences = [f"{name} {record['options'].get(name)!r} (now {value!r})" for name, value in options.items()
+                       if record["options"].get(name) != value]
+        if differences:
+            raise UsageError(f"--resume: {path} was trained with other options: {'; '.join(differences[:3])}; "
+                             f"give them again, or --overwrite to start again")
+        if trained.index < num_eval:
+            kept.append((trained, record["sitting"]))
+    return kept
+
+
+def sittings(kept: list[tuple[Trained, dict]], trained_now: list[int], sitting: dict, seconds: float) -> list[dict]:
+    """results.json's sittings: for each process start that trained networks, which ones, in how many seconds,
+    at which commit and where (this sitting's seconds are its wall time)."""
+    earlier = {}
+    for trained, where in kept:
+        entry = earlier.setdefault(where["start"], dict(where, networks=[], seconds=0.0))
+        entry["networks"].append(trained.index)
+        entry["seconds"] = round(entry["seconds"] + trained.seconds, 1)
+    now = [dict(sitting, networks=sorted(trained_now), seconds=round(seconds, 1))] if trained_now else []
+    return sorted(earlier.values(), key=lambda entry: entry["start"]) + now
 
 
 def network_options(args, data, config: dict | None) -> dict:
@@ -468,28 +588,43 @@ def job(args, holder) -> None:
     args.precision = resolve_precision(args.precision, device, args.compile)
     log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
     run = processes.main_first(lambda: (synthetic_job if args.syn else baseline_job)(args, log))  # one download
-    check_out(run.out, args.overwrite)
+    if not check_out(run.out, args):
+        log(f"--resume: {run.out} holds a finished evaluation (results.json); nothing to do")
+        return
     epochs = args.epochs or PROTOCOLS[args.protocol].epochs
-    log(f"evaluate.py: {run.what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x {epochs} "
-        f"epochs on {device} ({args.precision})" + (f", {processes.world} processes" if processes.world > 1 else ""))
     try:
         build_network(**run.network)
     except ValueError as error:
         raise UsageError(f"--model {args.model}: {error}")
-    start = time.perf_counter()
-    result = evaluate(run.images, run.labels, run.data, args, run.network, device, processes=processes)
+    options, folder = fingerprint(args, run), run.out / PARTIAL
+    kept = networks_kept(folder, options, args.num_eval) if args.resume else []
+    log(f"evaluate.py: {run.what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x {epochs} "
+        f"epochs on {device} ({args.precision})" + (f", {processes.world} processes" if processes.world > 1 else "")
+        + (f"; networks {', '.join(str(t.index + 1) for t, _ in kept)} taken from {folder}" if kept else ""))
+    if args.overwrite and processes.main:
+        shutil.rmtree(folder, ignore_errors=True)
+    processes.barrier()
+    sitting, start = this_sitting(device, processes), time.perf_counter()
+    result = evaluate(run.images, run.labels, run.data, args, run.network, device, processes=processes,
+                      done=tuple(trained for trained, _ in kept),
+                      keep=lambda trained: keep_network(folder, trained, options, sitting))
     if processes.main:
-        write_result(result | run.record, run.out, run.what, run.data, args, device, processes, start)
+        seconds = time.perf_counter() - start
+        trained_now = sorted(set(range(args.num_eval)) - {trained.index for trained, _ in kept})
+        result["sittings"] = sittings(kept, trained_now, sitting, seconds)
+        write_result(result | run.record, run.out, run.what, run.data, args, device, processes,
+                     seconds + sum(trained.seconds for trained, _ in kept))
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv=None) -> None:
     run_script(build_parser(), job, argv)
 
 
-def write_result(result: dict, out: Path, what: str, data, args, device, processes, start: float) -> None:
-    """Write results.json, the per-class chart and the run README, and print the one-line summary."""
-    result.update(evaluated=what, dataset=data.name, data_source=data.source,
-                  seconds=round(time.perf_counter() - start, 1),
+def write_result(result: dict, out: Path, what: str, data, args, device, processes, seconds: float) -> None:
+    """Write results.json (seconds: of every sitting's networks), the per-class chart and the run README, and
+    print the one-line summary."""
+    result.update(evaluated=what, dataset=data.name, data_source=data.source, seconds=round(seconds, 1),
                   config={key: value for key, value in vars(args).items()},
                   environment=dict(environment(), device=str(device), processes=processes.world))
     out.mkdir(parents=True, exist_ok=True)

@@ -225,14 +225,21 @@ def distilled_where(run: dict) -> str:
     return ", ".join(parts) + ("" if run.get("stretches") or one_sitting else " (the last sitting's record)")
 
 
+def evaluated_where(result: dict) -> str:
+    """Where and at which commit a set was evaluated: each sitting of a resumed evaluation (results.json's
+    sittings, with the networks it trained), else the one its environment records."""
+    sittings = result.get("sittings") or [result.get("environment") or {}]
+    return ", ".join(f"at {_short(part.get('commit'))} on {_processor(part)}"
+                     + (f" (networks {', '.join(str(k + 1) for k in part['networks'])})" if len(sittings) > 1 else "")
+                     for part in sittings)
+
+
 def provenance(path: Path) -> str:
     """One line saying how a results.json came about: the distillation's budget, commit and CPU (from the
     set's config.json and run.json), then the evaluation's networks x epochs, precision, commit and CPU."""
     result = json.loads(path.read_text())
-    environment = result.get("environment") or {}
     evaluation = (f"evaluated {result['num_eval']} x {result['epochs']} epochs, precision "
-                  f"{(result.get('config') or {}).get('precision', 'unrecorded')}, at "
-                  f"{_short(environment.get('commit'))} on {_processor(environment)}")
+                  f"{(result.get('config') or {}).get('precision', 'unrecorded')}, {evaluated_where(result)}")
     config, run = distillation_record(result, path.parent)
     if not config:
         return evaluation

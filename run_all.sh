@@ -157,16 +157,24 @@ run_one() {
   case "$method" in
     random)
       "$PYTHON" evaluate.py --baseline random --ipc "$ipc" --factor "$(factor_of "$@")" "${common[@]}" \
-        --eval-seed 0 "${EVAL_BUDGET[@]}" --out "$dir" ;;
+        --eval-seed 0 "${EVAL_BUDGET[@]}" --out "$dir" $(continued "$dir") ;;
     full)
-      "$PYTHON" evaluate.py --baseline full "${common[@]}" --eval-seed 0 "${EVAL_BUDGET[@]}" --out "$dir" ;;
+      "$PYTHON" evaluate.py --baseline full "${common[@]}" --eval-seed 0 "${EVAL_BUDGET[@]}" --out "$dir" \
+        $(continued "$dir") ;;
     *)
       local resume=(); [[ -e "$dir" ]] && resume=(--resume)
       "$PYTHON" distill.py --method "$method" --ipc "$ipc" "${common[@]}" "${DISTILL_BUDGET[@]}" "$@" \
         "${resume[@]}" --out "$dir"
-      "$PYTHON" evaluate.py --syn "$dir/synthetic.pt" "${EVAL_BUDGET[@]}" --device "$DEVICE" --precision "$PRECISION" ;;
+      "$PYTHON" evaluate.py --syn "$dir/synthetic.pt" "${EVAL_BUDGET[@]}" --device "$DEVICE" --precision "$PRECISION" \
+        $(continued "$dir") ;;
   esac
   echo "$budget" > "$dir/run_all.budget"
+}
+
+# "--resume" where DIR keeps the finished networks of an interrupted evaluation (evaluate.py's
+# evaluation.partial/), so that a stopped script continues it network by network
+continued() {
+  if [[ -d "$1/evaluation.partial" ]]; then echo --resume; fi
 }
 
 # what a run's results are made with (the budgets, seed, precision, split and the run's own options); a folder
@@ -226,9 +234,10 @@ eval_into() {
     random)
       "$PYTHON" evaluate.py --baseline random --ipc "$ipc" --factor 2 --dataset "$dataset" "${DATA_ARGS[@]}" \
         --imbalance-factor "$imbalance" --seed "$SEED" --eval-seed 0 --device "$DEVICE" --precision "$PRECISION" \
-        "$@" --out "$out" ;;
+        "$@" --out "$out" $(continued "$out") ;;
     *)
-      "$PYTHON" evaluate.py --syn "$set/synthetic.pt" --device "$DEVICE" --precision "$PRECISION" "$@" --out "$out" ;;
+      "$PYTHON" evaluate.py --syn "$set/synthetic.pt" --device "$DEVICE" --precision "$PRECISION" "$@" --out "$out" \
+        $(continued "$out") ;;
   esac
   echo "$budget" > "$out/run_all.budget"
 }
@@ -383,7 +392,6 @@ case "$MODE" in
           --protocol ncfm
       done
     done
-    cell_run sdm sdm 200
     # a second seed of the IF 200 pair and its random baseline: how far csdm - dm moves when every draw of
     # the distillation changes (the long-tailed subset, the starting images, its networks and augmentation);
     # every evaluation's networks are those of seed 0, so the random baseline of seed 1 pairs with the sets
@@ -392,8 +400,8 @@ case "$MODE" in
     done
     # the full long-tailed set (11,203 images at IF 200): 5 x 1000 epochs would cost 28 sets' evaluations, so
     # 5 networks x 200 epochs (its results.json records them; the README states it beside the row)
-    EVAL_BUDGET=(--num-eval 5 --epochs 200 --compile)
-    run_full "$tree/dm" cifar10 200 10
+    ( EVAL_BUDGET=(--num-eval 5 --epochs 200 --compile); run_full "$tree/dm" cifar10 200 10 )
+    cell_run sdm sdm 200  # csdm without its class weights, the least telling run of the cell: last
     "$PYTHON" report.py "$tree/dm" "$tree/ncfm" --table "$OUT/full_cell.md"
     "$PYTHON" report.py "${tree}_seed1/dm" --table "$OUT/full_cell_seed1.md" ;;
 

@@ -593,21 +593,23 @@ def test_a_rerun_skips_evaluations_into_other_folders_however_out_is_spelled(tmp
 def test_full_cell_runs_the_headline_first_at_the_full_budget_and_releases_sets(tmp_path):
     """run_all.sh --full-cell: csdm, dm and random at IF 200 before anything else, 20,000 iterations at
     batch-real 256 and 5 x 1000 epochs, DM as published at factor 1 with class pairing, every set evaluated
-    under NCFM's protocol too, each distilled set copied to results/sets/; a rerun redoes nothing."""
+    under NCFM's protocol too, each distilled set copied to results/sets/, sdm last; an evaluation that kept
+    networks of an interrupted sitting is continued with --resume; a rerun redoes nothing."""
     fake, log = tmp_path / "python", tmp_path / "calls.log"
     fake.write_text(FAKE_PYTHON.format(python=sys.executable, log=str(log)))
     fake.chmod(0o755)
     results = tmp_path / "results"
     command = ["bash", str(ROOT / "run_all.sh"), "--full-cell", "--data-dir", str(tmp_path), "--out", str(results)]
+    (results / "full_cell" / "dm" / "cifar10" / "if200" / "full" / "evaluation.partial").mkdir(parents=True)
     done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHON=str(fake)))
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
     distills = [line for line in calls if line.startswith("distill.py")]
     assert all("--iterations 20000 --batch-real 256" in line and "--val-per-class" not in line for line in distills)
     assert [line.split("--method ")[1].split()[0] + " " + line.split("--imbalance-factor ")[1].split()[0]
-            for line in distills] == ["csdm 200", "dm 200", "csdm 10", "dm 10", "dm 200", "sdm 200", "csdm 200", "dm 200"]
-    assert ["--seed 1 " in line for line in distills] == [False] * 6 + [True] * 2
-    assert all("_seed1/" in line for line in distills[6:])
+            for line in distills] == ["csdm 200", "dm 200", "csdm 10", "dm 10", "dm 200", "csdm 200", "dm 200", "sdm 200"]
+    assert ["--seed 1 " in line for line in distills] == [False] * 5 + [True] * 2 + [False]
+    assert all("_seed1/" in line for line in distills[5:7])
     assert "--factor 1 --dsa-pairing class" in distills[4]
     evaluations = [line for line in calls if line.startswith("evaluate.py")]
     assert evaluations[2].startswith("evaluate.py --baseline random") and "--imbalance-factor 200" in evaluations[2]
@@ -616,6 +618,7 @@ def test_full_cell_runs_the_headline_first_at_the_full_budget_and_releases_sets(
     full = [line for line in evaluations if "--baseline full" in line]
     assert len(full) == 1 and "--num-eval 5 --epochs 200" in full[0] and "--imbalance-factor 200" in full[0]
     assert "--seed 0 " in full[0]  # the second seed's runs leave the seed as it was
+    assert [line.endswith(" --resume") for line in evaluations] == ["--baseline full" in line for line in evaluations]
     seed1_sets = [line for line in evaluations if "_seed1/" in line and "--syn" in line]
     assert len(seed1_sets) == 2 and all("--epochs 1000" in line and "--seed" not in line for line in seed1_sets)
     randoms = [line for line in evaluations if "--baseline random" in line]

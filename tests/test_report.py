@@ -208,3 +208,16 @@ def test_a_set_distilled_before_stretches_were_kept_names_its_last_sitting():
     on_gpu = dict(last, device="cuda", gpu="NVIDIA H200", session_seconds=9600.0)
     assert report.distilled_where(on_gpu) == "at ddddddd on NVIDIA H200"
     assert report.distilled_where({}) == "(its run.json is gone)"
+
+
+def test_an_evaluation_resumed_across_sittings_names_each(tmp_path):
+    """An evaluation continued with --resume says which networks each sitting trained, at which commit and where."""
+    cell = tmp_path / "dm" / "cifar10" / "if200" / "ipc10" / "full"
+    cell.mkdir(parents=True)
+    sittings = [{"networks": [0, 1], "commit": "d" * 40, "processor": "AMD EPYC"},
+                {"networks": [2], "commit": "e" * 40, "processor": "Intel Xeon"}]
+    (cell / "results.json").write_text(json.dumps(dict(
+        fake_result(60.0), config={"precision": "bf16"}, environment={"commit": "e" * 40, "cpu": "Intel Xeon"},
+        sittings=sittings)))
+    assert ("evaluated 3 x 300 epochs, precision bf16, at ddddddd on AMD EPYC (networks 1, 2), at eeeeeee on "
+            "Intel Xeon (networks 3)") in report.write_report(tmp_path / "dm").read_text()

@@ -241,3 +241,105 @@ def test_progress_after_resume_counts_this_sitting_only():
     progress = Progress(100, 50, 10, lines.append, elapsed_before=500.0)
     progress.update(60, 0.1, 510.0)
     assert "1.00 it/s" in lines[0] and "~40s left" in lines[0], lines
+
+
+# ------------------------------------------------------------------------------------------
+# evaluate.py: an evaluation across sittings, network by network
+
+class Stopped(Exception):
+    """Stands for a stop (a signal, the end of a sitting) in the middle of an evaluation."""
+
+
+def evaluate_argv(out, *extra):
+    return ["--baseline", "random", "--ipc", "2", "--factor", "1", "--num-eval", "3", "--epochs", "3",
+            "--device", "cpu", "--precision", "fp32", "--out", str(out), *map(str, extra)]
+
+
+@pytest.fixture
+def tiny_evaluate(monkeypatch):
+    """evaluate.py on the in-memory tiny set, counting the networks it trains."""
+    import evaluate
+    from conftest import make_tiny_data
+    monkeypatch.setattr(evaluate, "load_long_tailed", lambda *a, **k: make_tiny_data(size=16))
+    trained, real = [], evaluate.train_network
+
+    def counting(*args, **kwargs):
+        trained.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(evaluate, "train_network", counting)
+    return evaluate, trained
+
+
+def stop_after(monkeypatch, evaluate, networks):
+    """Make evaluate.py stop when it starts network `networks` + 1."""
+    started, real = [], evaluate.train_network
+
+    def stopping(*args, **kwargs):
+        started.append(1)
+        if len(started) > networks:
+            raise Stopped
+        return real(*args, **kwargs)
+    monkeypatch.setattr(evaluate, "train_network", stopping)
+
+
+def exit_of(evaluate, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    return exit_info.value.code, capsys.readouterr().err.strip()
+
+
+def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(tiny_evaluate, monkeypatch, tmp_path,
+                                                                       capsys):
+    """Networks finished before a stop are kept (evaluation.partial/network-<k>.json) and taken by --resume,
+    which trains only the rest: the same accuracies as one uninterrupted evaluation, each sitting recorded."""
+    evaluate, trained = tiny_evaluate
+    evaluate.main(evaluate_argv(tmp_path / "straight"))
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert [s["networks"] for s in straight["sittings"]] == [[0, 1, 2]]
+
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        stop_after(patch, evaluate, 2)
+        with pytest.raises(Stopped):
+            evaluate.main(evaluate_argv(out))
+    assert sorted(p.name for p in (out / "evaluation.partial").iterdir()) == ["network-0.json", "network-1.json"]
+    assert not (out / "results.json").exists()
+
+    trained.clear()
+    evaluate.main(evaluate_argv(out, "--resume"))
+    resumed = json.loads((out / "results.json").read_text())
+    assert len(trained) == 1  # network 3 alone
+    assert resumed["accs"] == straight["accs"] and resumed["per_class"] == straight["per_class"]
+    assert [s["networks"] for s in resumed["sittings"]] == [[0, 1], [2]]
+    assert resumed["seconds"] == pytest.approx(sum(s["seconds"] for s in resumed["sittings"]), abs=0.2)
+    assert not (out / "evaluation.partial").exists()
+
+
+def test_an_interrupted_evaluation_is_neither_lost_nor_mixed(tiny_evaluate, monkeypatch, tmp_path, capsys):
+    """Without --resume the kept networks are refused in one line, and kept; --resume with an option that
+    changes a network's result is refused, naming it; --overwrite starts again; --resume of a finished
+    evaluation has nothing to do."""
+    evaluate, trained = tiny_evaluate
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        stop_after(patch, evaluate, 1)
+        with pytest.raises(Stopped):
+            evaluate.main(evaluate_argv(out))
+    kept = (out / "evaluation.partial" / "network-0.json").read_text()
+    trained.clear()
+
+    code, err = exit_of(evaluate, evaluate_argv(out), capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "1 finished networks of an interrupted evaluation" in err
+    assert "--resume" in err and "--overwrite" in err
+    code, err = exit_of(evaluate, evaluate_argv(out, "--resume", "--epochs", "4"), capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "epochs 3 (now 4)" in err, err
+    code, err = exit_of(evaluate, evaluate_argv(out, "--resume", "--overwrite"), capsys)
+    assert code == 2 and "contradict" in err
+    assert (out / "evaluation.partial" / "network-0.json").read_text() == kept and not trained
+
+    evaluate.main(evaluate_argv(out, "--overwrite"))
+    assert len(trained) == 3 and not (out / "evaluation.partial").exists()
+    finished = (out / "results.json").read_text()
+    evaluate.main(evaluate_argv(out, "--resume"))
+    assert "holds a finished evaluation (results.json); nothing to do" in capsys.readouterr().out
+    assert (out / "results.json").read_text() == finished and len(trained) == 3
