@@ -49,6 +49,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -63,10 +64,10 @@ from data_lt import (DSA_PAIRINGS, LongTailedData, RealBatchSampler, UsageError,
                      finite_float, initial_synthetic, load_from_args)
 from networks import (NORMS, POOLINGS, PRECISIONS, autocast, build_network, depth_for_size, in_micro_batches,
                       micro_batch_size, reset_parameters_, resolve_precision)
-from runs import (FORMAT_VERSION, OneLineParser, Processes, Progress, atomic_save, atomic_write_text,
-                  check_out_is_folder, check_positive, compile_or_eager, environment, plot_loss, plot_side_by_side,
-                  processor_name, resolve_device, run_script, save_grid, start_processes, step_or_fall_back,
-                  write_run_readme)
+from runs import (FORMAT_VERSION, PARTIAL_EVALUATION, OneLineParser, Processes, Progress, atomic_save,
+                  atomic_write_text, check_out_is_folder, check_positive, compile_or_eager, environment, plot_loss,
+                  plot_side_by_side, processor_name, resolve_device, run_script, save_grid, start_processes,
+                  step_or_fall_back, write_run_readme)
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
                  kernel_metric_p, per_class_loss, sample_frequencies)
 from training import PROTOCOLS, train_network
@@ -801,6 +802,7 @@ def prepare_out_folder(args, data: LongTailedData, processes: Processes, log) ->
     if args.overwrite and processes.main:
         for name in OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / PARTIAL_EVALUATION, ignore_errors=True)  # networks trained on the set replaced
     processes.barrier()
     out.mkdir(parents=True, exist_ok=True)
     return checkpoint
@@ -808,10 +810,15 @@ def prepare_out_folder(args, data: LongTailedData, processes: Processes, log) ->
 
 def evaluations_inside(out: Path) -> list[str]:
     """Folders inside `out` whose results.json scores the set in `out` (as `evaluate.py --syn out/synthetic.pt
-    --out out/ncfm` writes): its syn_sha256 is the set's, or its --syn names the set's file. A folder holding
-    a run of its own (synthetic.pt or checkpoint.pt) is that run's. Evaluations kept elsewhere are not seen."""
+    --out out/ncfm` writes): its syn_sha256 is the set's, or its --syn names the set's file; and folders
+    holding an interrupted evaluation (evaluation.partial/), which may be of it. A folder holding a run of its
+    own (synthetic.pt or checkpoint.pt) is that run's. Evaluations kept elsewhere are not seen."""
+    def own_run(folder: Path) -> bool:
+        return (folder / "synthetic.pt").exists() or (folder / "checkpoint.pt").exists()
+    interrupted = [str(path.parent) for path in sorted(out.glob(f"*/{PARTIAL_EVALUATION}"))
+                   if not own_run(path.parent)]
     candidates = [path for path in sorted(out.glob("*/results.json"))
-                  if not ((path.parent / "synthetic.pt").exists() or (path.parent / "checkpoint.pt").exists())]
+                  if not own_run(path.parent) and str(path.parent) not in interrupted]
     target = out / "synthetic.pt"
     # the set is hashed only when some folder inside may score it (a plain --resume reads nothing more)
     digest = hashlib.sha256(target.read_bytes()).hexdigest() if candidates and target.exists() else None
@@ -826,7 +833,7 @@ def evaluations_inside(out: Path) -> list[str]:
             scores_it = True
         if scores_it:
             found.append(str(path.parent))
-    return found
+    return sorted(found + interrupted)
 
 
 def check_no_evaluation_replaced(args, out: Path) -> None:
@@ -836,7 +843,8 @@ def check_no_evaluation_replaced(args, out: Path) -> None:
     Called only once a run is sure to write a set (a finished --resume has stopped before)."""
     nested = evaluations_inside(out) if args.resume or args.overwrite else []
     if args.resume:
-        evaluations = ([str(out)] if (out / "results.json").exists() else []) + nested
+        own = (out / "results.json").exists() or (out / PARTIAL_EVALUATION).exists()
+        evaluations = ([str(out)] if own else []) + nested
         if evaluations:
             raise UsageError(f"--resume --iterations {args.iterations}: the set in {out} was evaluated "
                              f"({', '.join(evaluations)}) and this run would replace it; copy checkpoint.pt into "

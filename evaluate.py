@@ -28,11 +28,12 @@ tiles, decoded): the fair baseline of a distilled set is the random set at its f
 
 An evaluation survives stops network by network: each finished network is written at once to
 --out/evaluation.partial/network-<k>.json (its accuracies, tests, seconds, and the sitting's commit and
-machine), and --resume trains only the networks missing there, refusing any kept with other options (every
-option but where and how many: --device, --data-dir, --num-eval, --stacked...; the training images, labels and
-test split are compared by their SHA-256). Each network's draws come from its own seed, so the result is that
-of an uninterrupted evaluation; results.json's `sittings` say which networks each sitting trained, and the
-folder is removed once results.json is written.
+machine; networks trained together once the group finishes), and --resume trains only the networks missing
+there, refusing any kept with other options (every option but where, how fast and how many: --device within
+one kind, --data-dir, --num-eval upwards, --stacked...; the training images, labels and tested split are
+compared by their SHA-256). Each network's draws come from its own seed, so the result is that of an
+uninterrupted evaluation; results.json's `sittings` say which networks each sitting trained, and the folder
+is removed once results.json is written.
 
 results.json: acc_mean, acc_std (percent), accs (one per network), per_class (mean over networks,
 class order), head / medium / tail (mean accuracy of the first, middle and last third of the classes
@@ -59,9 +60,9 @@ import torch
 from data_lt import (DATA_DEFAULTS, UsageError, add_data_arguments, check_factor, counter_seed, decode,
                      initial_synthetic, load_long_tailed)
 from networks import MODELS, NORMS, PRECISIONS, build_network, depth_for_size, reset_parameters_, resolve_precision
-from runs import (FORMAT_VERSION, OneLineParser, Processes, atomic_write_text, check_out_is_folder, check_positive,
-                  environment, export_image_folder, processor_name, pyplot, run_script, start_processes,
-                  write_run_readme)
+from runs import (FORMAT_VERSION, PARTIAL_EVALUATION, OneLineParser, Processes, atomic_write_text,
+                  check_out_is_folder, check_positive, environment, export_image_folder, processor_name, pyplot,
+                  run_script, start_processes, write_run_readme)
 from stacked import train_networks_stacked
 from training import PROTOCOLS, long_tail_groups, per_class_accuracy, train_network
 
@@ -142,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="replace a results.json (or an interrupted evaluation) already in --out")
     g.add_argument("--resume", action="store_true",
-                   help=f"continue an interrupted evaluation in --out: the networks it finished ({PARTIAL}/) are "
-                        f"taken, the others trained")
+                   help=f"continue an interrupted evaluation in --out: the networks it finished "
+                        f"({PARTIAL_EVALUATION}/) are taken, the others trained")
     g.add_argument("--export", default=None, metavar="DIR",
                    help="with --syn: write the set as DIR/<class>/<n>.png (an image folder other tools read) "
                         "and stop; DIR must not exist yet")
@@ -388,6 +389,8 @@ def check_options(args) -> None:
                    | ({"--epochs": args.epochs} if args.epochs is not None else {}))
     if args.summary is not None and args.report is None:
         raise UsageError("--summary goes with --report DIR; add it, or drop --summary")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pass one of them")
 
 
 @dataclasses.dataclass
@@ -454,55 +457,68 @@ def baseline_job(args, log) -> Job:
     return Job(images, labels, data, network_options(args, data, None), what, out, record)
 
 
-def check_out(out: Path, args) -> bool:
+def check_out(out: Path, args) -> None:
     """Before any training: --out must be a folder (or not exist yet); an evaluation already in it is
-    replaced only with --overwrite, and an interrupted one (PARTIAL) continued with --resume or restarted
-    with --overwrite. False when --resume finds the evaluation finished: nothing to do."""
+    replaced only with --overwrite (or found finished by --resume), and an interrupted one (PARTIAL_EVALUATION)
+    continued with --resume or restarted with --overwrite."""
     check_out_is_folder(out)
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other; pass one of them")
-    if (out / "results.json").exists():
-        if args.resume:
-            return False
-        if not args.overwrite:
-            raise UsageError(f"--out {out} already holds an evaluation (results.json); give another --out, or "
-                             f"--overwrite to replace it")
-    kept = sorted((out / PARTIAL).glob("network-*.json"))
+    if (out / "results.json").exists() and not (args.overwrite or args.resume):
+        raise UsageError(f"--out {out} already holds an evaluation (results.json); give another --out, or "
+                         f"--overwrite to replace it")
+    kept = sorted((out / PARTIAL_EVALUATION).glob("network-*.json"))
     if kept and not (args.resume or args.overwrite):
         raise UsageError(f"--out {out} holds {len(kept)} finished networks of an interrupted evaluation "
-                         f"({PARTIAL}/); pass --resume to continue it, or --overwrite to start again")
-    return True
+                         f"({PARTIAL_EVALUATION}/); pass --resume to continue it, or --overwrite to start again")
 
 
 # ----------------------------------------------------------------------------------------
 # An evaluation across sittings: each finished network kept in --out/evaluation.partial/
 
-PARTIAL = "evaluation.partial"
-# options that change where or how much is run, not what one network's result is
+# options that change where, how fast or how many networks are run, not what network k's result is (the
+# stacked and one-at-a-time trainings agree up to rounding; the code's commit is recorded, not compared)
 RUN_OPTIONS = {"out", "overwrite", "resume", "device", "data_dir", "num_eval", "stacking", "syn", "report", "summary",
                "export", "set_options_given"}
+# what a fingerprint entry that is not an option stands for, in refusals
+FINGERPRINT_WORDS = {"network": "the network's shape (--model, --norm, the set's width and depth)",
+                     "data_sha256": "the training images, labels or tested split (another set, or the set "
+                                    "distilled again)",
+                     "device_type": "the kind of device (a GPU draws other random numbers than a CPU: --device)"}
 
 
-def fingerprint(args, run: Job) -> dict:
-    """What network k's result depends on besides k: every option but RUN_OPTIONS (so the set's path, the data's
-    folder, the device and the number of networks may change between sittings; stacked and one-at-a-time
-    training agree up to rounding), the model, and the SHA-256 of the training images and labels and of the
-    split tested on (the very pixels, wherever they were read from). As JSON reads it back."""
+def fingerprint(args, run: Job, device) -> dict:
+    """What network k's result depends on besides k: every option but RUN_OPTIONS with --epochs and the
+    networks' seed resolved (--seed otherwise draws the data, which the hash covers), the network's shape,
+    the kind of device (CUDA's generators draw other numbers than the CPU's for a seed), and the SHA-256 of
+    the training images and labels and of the split tested on (the very pixels, wherever they were read
+    from). As JSON reads it back."""
     digest = hashlib.sha256()
     for tensor in (run.images, run.labels, *test_split(run.data, args.split)):
         digest.update(tensor.contiguous().numpy().tobytes())
-    options = {name: value for name, value in vars(args).items() if name not in RUN_OPTIONS}
+    options = {name: value for name, value in vars(args).items() if name not in RUN_OPTIONS | {"seed"}}
     options.update(epochs=args.epochs or PROTOCOLS[args.protocol].epochs, network=run.network,
-                   data_sha256=digest.hexdigest())
+                   eval_seed=args.seed if args.eval_seed is None else args.eval_seed,  # the networks' seed
+                   device_type=device.type, data_sha256=digest.hexdigest())
     return json.loads(json.dumps(options))
 
 
+def differences(recorded: dict, options: dict) -> str:
+    """The fingerprint entries that differ, as options where they are ones: "--epochs 300 (now 200); ..."."""
+    parts = []
+    for name, value in options.items():
+        if recorded.get(name) != value:
+            option = f"--{name.replace('_', '-')} {recorded.get(name)!r} (now {value!r})"
+            parts.append(FINGERPRINT_WORDS.get(name, option))
+    return "; ".join(parts)
+
+
 def this_sitting(device, processes: Processes) -> dict:
-    """Where and at which commit this process's networks are trained, and when it started."""
+    """Where and at which commit the job's networks are trained, and when it started: the main process's
+    record, the same on every process."""
     record = environment()
-    return {"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": record["commit"],
+    mine = {"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": record["commit"],
             "processor": processor_name(record | {"device": str(device)}), "device": str(device),
             "processes": processes.world}
+    return processes.gather_objects([mine])[0]
 
 
 def keep_network(folder: Path, trained: Trained, options: dict, sitting: dict) -> None:
@@ -514,35 +530,64 @@ def keep_network(folder: Path, trained: Trained, options: dict, sitting: dict) -
     atomic_write_text(json.dumps(record, indent=1) + "\n", folder / f"network-{trained.index}.json")
 
 
+def read_kept(path: Path) -> tuple[Trained, dict, dict]:
+    """One kept network: (Trained, its sitting, its fingerprint); one line where the file is not one."""
+    try:
+        record = json.loads(path.read_text())
+        trained = Trained(int(record["index"]), float(record["accuracy"]),
+                          torch.tensor(record["per_class"], dtype=torch.float64),
+                          [tuple(test) for test in record["curve"]], float(record["seconds"]))
+        sitting, options = dict(record["sitting"]), dict(record["options"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--resume: {path} cannot be read ({type(error).__name__}); delete it to train that "
+                         f"network again")
+    return trained, sitting, options
+
+
 def networks_kept(folder: Path, options: dict, num_eval: int) -> list[tuple[Trained, dict]]:
-    """The networks an interrupted evaluation finished, [(Trained, its sitting)], those below num_eval; each
-    must have been trained with `options`, else one line naming what differs."""
+    """The networks an interrupted evaluation finished, [(Trained, its sitting)]: each must have been trained
+    with `options` and be one of the num_eval asked for, else one line saying what differs."""
     kept = []
     for path in sorted(folder.glob("network-*.json")):
-        try:
-            record = json.loads(path.read_text())
-            trained = Trained(record["index"], record["accuracy"], torch.tensor(record["per_class"]),
-                              [tuple(test) for test in record["curve"]], record["seconds"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UsageError(f"--resume: {path} cannot be read ({type(error).__name__}); delete it to train that "
-                             f"network again")
-        differences = [f"{name} {record['options'].get(name)!r} (now {value!r})" for name, value in options.items()
-                       if record["options"].get(name) != value]
-        if differences:
-            raise UsageError(f"--resume: {path} was trained with other options: {'; '.join(differences[:3])}; "
-                             f"give them again, or --overwrite to start again")
-        if trained.index < num_eval:
-            kept.append((trained, record["sitting"]))
+        trained, sitting, recorded = read_kept(path)
+        if recorded != options:
+            raise UsageError(f"--resume: {path} was trained with other options: {differences(recorded, options)}; "
+                             f"give the same again, or --overwrite to start again")
+        kept.append((trained, sitting))
+    beyond = sorted(trained.index + 1 for trained, _ in kept if trained.index >= num_eval)
+    if beyond:
+        raise UsageError(f"--num-eval {num_eval}: {folder} holds network {', '.join(map(str, beyond))} of this "
+                         f"evaluation; pass --num-eval {max(beyond)} or more, or --overwrite to start again")
     return kept
 
 
+def finished_already(out: Path, options: dict, num_eval: int) -> bool:
+    """--resume on a finished evaluation: True (nothing to do; a folder of kept networks left by a stop between
+    writing results.json and removing it is removed) when it was made with these options and networks, False
+    where there is none; one line where it was made otherwise."""
+    path = out / "results.json"
+    if not path.exists():
+        return False
+    try:
+        result = json.loads(path.read_text())
+        recorded, made = result.get("fingerprint"), int(result["num_eval"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UsageError(f"--resume: {path} cannot be read ({type(error).__name__}); --overwrite to replace it")
+    if made != num_eval or (recorded is not None and recorded != options):
+        what = (f"--num-eval {made} (now {num_eval})" if made != num_eval else differences(recorded, options))
+        raise UsageError(f"--resume: {out} holds a finished evaluation made with other options: {what}; give "
+                         f"another --out, or --overwrite to replace it")
+    shutil.rmtree(out / PARTIAL_EVALUATION, ignore_errors=True)
+    return True
+
+
 def sittings(kept: list[tuple[Trained, dict]], trained_now: list[int], sitting: dict, seconds: float) -> list[dict]:
-    """results.json's sittings: for each process start that trained networks, which ones, in how many seconds,
-    at which commit and where (this sitting's seconds are its wall time)."""
+    """results.json's sittings: for each job that trained networks, which ones, in how many seconds, at which
+    commit and where (the earlier ones' seconds are their networks' own; this one's is its wall time)."""
     earlier = {}
     for trained, where in kept:
         entry = earlier.setdefault(where["start"], dict(where, networks=[], seconds=0.0))
-        entry["networks"].append(trained.index)
+        entry["networks"] = sorted(entry["networks"] + [trained.index])
         entry["seconds"] = round(entry["seconds"] + trained.seconds, 1)
     now = [dict(sitting, networks=sorted(trained_now), seconds=round(seconds, 1))] if trained_now else []
     return sorted(earlier.values(), key=lambda entry: entry["start"]) + now
@@ -588,18 +633,19 @@ def job(args, holder) -> None:
     args.precision = resolve_precision(args.precision, device, args.compile)
     log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
     run = processes.main_first(lambda: (synthetic_job if args.syn else baseline_job)(args, log))  # one download
-    if not check_out(run.out, args):
-        log(f"--resume: {run.out} holds a finished evaluation (results.json); nothing to do")
-        return
-    epochs = args.epochs or PROTOCOLS[args.protocol].epochs
+    check_out(run.out, args)
     try:
         build_network(**run.network)
     except ValueError as error:
         raise UsageError(f"--model {args.model}: {error}")
-    options, folder = fingerprint(args, run), run.out / PARTIAL
+    options, folder = fingerprint(args, run, device), run.out / PARTIAL_EVALUATION
+    if args.resume and finished_already(run.out, options, args.num_eval):
+        log(f"--resume: {run.out} holds this evaluation, finished (results.json); nothing to do")
+        return
     kept = networks_kept(folder, options, args.num_eval) if args.resume else []
-    log(f"evaluate.py: {run.what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x {epochs} "
-        f"epochs on {device} ({args.precision})" + (f", {processes.world} processes" if processes.world > 1 else "")
+    log(f"evaluate.py: {run.what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x "
+        f"{options['epochs']} epochs on {device} ({args.precision})"
+        + (f", {processes.world} processes" if processes.world > 1 else "")
         + (f"; networks {', '.join(str(t.index + 1) for t, _ in kept)} taken from {folder}" if kept else ""))
     if args.overwrite and processes.main:
         shutil.rmtree(folder, ignore_errors=True)
@@ -611,7 +657,7 @@ def job(args, holder) -> None:
     if processes.main:
         seconds = time.perf_counter() - start
         trained_now = sorted(set(range(args.num_eval)) - {trained.index for trained, _ in kept})
-        result["sittings"] = sittings(kept, trained_now, sitting, seconds)
+        result.update(sittings=sittings(kept, trained_now, sitting, seconds), fingerprint=options)
         write_result(result | run.record, run.out, run.what, run.data, args, device, processes,
                      seconds + sum(trained.seconds for trained, _ in kept))
         shutil.rmtree(folder, ignore_errors=True)

@@ -371,7 +371,8 @@ case "$MODE" in
   full-cell)
     # the field's full budget for one cell, most telling runs first, so that a stopped script has the
     # headline (csdm - dm and each over random at IF 200, DM's protocol) earliest; rerun to continue: finished
-    # runs are skipped, an interrupted distillation resumes from its checkpoint.pt
+    # runs are skipped, an interrupted distillation resumes from its checkpoint.pt and an interrupted
+    # evaluation from the networks it kept
     tree="$OUT/full_cell"
     cell_run() {  # LABEL METHOD IF [distill.py options]: distil, evaluate (DM protocol), release the set
       local label=$1 method=$2 imbalance=$3; shift 3

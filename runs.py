@@ -34,6 +34,8 @@ from networks import cpuinfo
 
 # version of synthetic.pt and checkpoint.pt; a reader refuses another version with the fix
 FORMAT_VERSION = 1
+# the folder where evaluate.py keeps each finished network of an evaluation not yet summarised (its --resume)
+PARTIAL_EVALUATION = "evaluation.partial"
 
 
 # ----------------------------------------------------------------------------------------

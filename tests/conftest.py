@@ -24,7 +24,7 @@ def private_cache(tmp_path_factory):
 
 
 def make_tiny_data(num_classes=4, n_max=12, imbalance_factor=4.0, size=16, channels=3, seed=0,
-                   val_per_class=2) -> LongTailedData:
+                   val_per_class=2, test_per_class=5) -> LongTailedData:
     """A small long-tailed set of random-but-class-dependent uint8 images, built in memory."""
     g = torch.Generator().manual_seed(seed)
     counts = long_tailed_counts(n_max, num_classes, imbalance_factor)
@@ -37,7 +37,7 @@ def make_tiny_data(num_classes=4, n_max=12, imbalance_factor=4.0, size=16, chann
 
     train_images, train_labels = images_of(counts)
     val_images, val_labels = images_of([val_per_class] * num_classes)
-    test_images, test_labels = images_of([5] * num_classes)
+    test_images, test_labels = images_of([test_per_class] * num_classes)
     return LongTailedData(
         name="tiny-LT", class_names=[f"c{c}" for c in range(num_classes)], class_counts=counts,
         mean=(0.5,) * channels, std=(0.25,) * channels,

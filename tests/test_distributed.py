@@ -69,6 +69,8 @@ def test_two_processes_evaluate_like_one(cifar_args, tmp_path):
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert one["accs"] == pytest.approx(two["accs"], abs=1e-9)
     assert one["per_class"] == pytest.approx(two["per_class"], abs=1e-9)
+    # one sitting, however many processes: the main process's record, which networks, how many processes
+    assert [(s["networks"], s["processes"]) for s in two["sittings"]] == [([0, 1, 2], 2)]
 
 
 def test_a_64px_image_folder_end_to_end_with_depth_4(tmp_path):

@@ -1,5 +1,6 @@
 """Runs that survive stops: checkpoints, --resume, signals, refusals, non-finite losses."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,6 +176,23 @@ def test_resume_judges_a_run_finished_by_its_set_not_by_the_checkpoint_alone(fol
     assert (out / "synthetic.pt").read_bytes() == before
 
 
+def test_an_interrupted_evaluation_of_a_set_counts_as_an_evaluation(folder_data, tmp_path):
+    """Networks evaluate.py kept of a set (evaluation.partial/, in the run's folder or in one inside it) would
+    describe a set that is gone: continuing the set is refused as for a finished evaluation, one inside blocks
+    --overwrite, and the run's own goes with the set it evaluated under --overwrite."""
+    out = tmp_path / "run"
+    run(command(folder_data, out, iterations=2))
+    (out / "evaluation.partial").mkdir()
+    done = run(command(folder_data, out, "--resume", iterations=4), code=2)
+    assert done.stderr.startswith(f"distill.py: error: --resume --iterations 4: the set in {out} was evaluated")
+    (out / "ncfm" / "evaluation.partial").mkdir(parents=True)
+    done = run(command(folder_data, out, "--overwrite", iterations=2), code=2)
+    assert str(out / "ncfm") in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    shutil.rmtree(out / "ncfm")
+    run(command(folder_data, out, "--overwrite", iterations=2))
+    assert not (out / "evaluation.partial").exists()
+
+
 def test_a_run_that_would_replace_an_evaluated_set_is_refused(folder_data, tmp_path):
     """Continuing (--resume with more iterations) or replacing (--overwrite) a set that evaluate.py has scored
     would leave results.json describing a set that is gone: refused, nothing touched; continuing in a new
@@ -255,12 +273,17 @@ def evaluate_argv(out, *extra):
             "--device", "cpu", "--precision", "fp32", "--out", str(out), *map(str, extra)]
 
 
+def tiny(seed=0):
+    """The in-memory tiny set with 3 test images a class: per-class accuracies are thirds, which float32 rounds."""
+    from conftest import make_tiny_data
+    return make_tiny_data(size=16, seed=seed, test_per_class=3)
+
+
 @pytest.fixture
 def tiny_evaluate(monkeypatch):
     """evaluate.py on the in-memory tiny set, counting the networks it trains."""
     import evaluate
-    from conftest import make_tiny_data
-    monkeypatch.setattr(evaluate, "load_long_tailed", lambda *a, **k: make_tiny_data(size=16))
+    monkeypatch.setattr(evaluate, "load_long_tailed", lambda *a, **k: tiny())
     trained, real = [], evaluate.train_network
 
     def counting(*args, **kwargs):
@@ -282,26 +305,31 @@ def stop_after(monkeypatch, evaluate, networks):
     monkeypatch.setattr(evaluate, "train_network", stopping)
 
 
+def stopped_evaluation(evaluate, monkeypatch, out, networks):
+    """An evaluation of evaluate_argv(out) stopped after `networks` networks."""
+    with monkeypatch.context() as patch:
+        stop_after(patch, evaluate, networks)
+        with pytest.raises(Stopped):
+            evaluate.main(evaluate_argv(out))
+
+
 def exit_of(evaluate, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(argv)
     return exit_info.value.code, capsys.readouterr().err.strip()
 
 
-def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(tiny_evaluate, monkeypatch, tmp_path,
-                                                                       capsys):
+def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(tiny_evaluate, monkeypatch, tmp_path):
     """Networks finished before a stop are kept (evaluation.partial/network-<k>.json) and taken by --resume,
-    which trains only the rest: the same accuracies as one uninterrupted evaluation, each sitting recorded."""
+    which trains only the rest: the same accuracies, per class too, as one uninterrupted evaluation, each
+    sitting recorded."""
     evaluate, trained = tiny_evaluate
     evaluate.main(evaluate_argv(tmp_path / "straight"))
     straight = json.loads((tmp_path / "straight" / "results.json").read_text())
     assert [s["networks"] for s in straight["sittings"]] == [[0, 1, 2]]
 
     out = tmp_path / "stopped"
-    with monkeypatch.context() as patch:
-        stop_after(patch, evaluate, 2)
-        with pytest.raises(Stopped):
-            evaluate.main(evaluate_argv(out))
+    stopped_evaluation(evaluate, monkeypatch, out, 2)
     assert sorted(p.name for p in (out / "evaluation.partial").iterdir()) == ["network-0.json", "network-1.json"]
     assert not (out / "results.json").exists()
 
@@ -310,36 +338,71 @@ def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(tiny_eval
     resumed = json.loads((out / "results.json").read_text())
     assert len(trained) == 1  # network 3 alone
     assert resumed["accs"] == straight["accs"] and resumed["per_class"] == straight["per_class"]
+    assert resumed["head"] == straight["head"] and resumed["tail"] == straight["tail"]
     assert [s["networks"] for s in resumed["sittings"]] == [[0, 1], [2]]
     assert resumed["seconds"] == pytest.approx(sum(s["seconds"] for s in resumed["sittings"]), abs=0.2)
     assert not (out / "evaluation.partial").exists()
 
 
-def test_an_interrupted_evaluation_is_neither_lost_nor_mixed(tiny_evaluate, monkeypatch, tmp_path, capsys):
-    """Without --resume the kept networks are refused in one line, and kept; --resume with an option that
-    changes a network's result is refused, naming it; --overwrite starts again; --resume of a finished
-    evaluation has nothing to do."""
+def test_kept_networks_are_refused_without_resume_and_replaced_only_with_overwrite(tiny_evaluate, monkeypatch,
+                                                                                   tmp_path, capsys):
+    """Without --resume the kept networks are refused in one line, and kept; --resume with --overwrite
+    contradicts itself; --overwrite starts again."""
     evaluate, trained = tiny_evaluate
     out = tmp_path / "stopped"
-    with monkeypatch.context() as patch:
-        stop_after(patch, evaluate, 1)
-        with pytest.raises(Stopped):
-            evaluate.main(evaluate_argv(out))
+    stopped_evaluation(evaluate, monkeypatch, out, 1)
     kept = (out / "evaluation.partial" / "network-0.json").read_text()
     trained.clear()
-
     code, err = exit_of(evaluate, evaluate_argv(out), capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "1 finished networks of an interrupted evaluation" in err
     assert "--resume" in err and "--overwrite" in err
-    code, err = exit_of(evaluate, evaluate_argv(out, "--resume", "--epochs", "4"), capsys)
-    assert code == 2 and len(err.splitlines()) == 1 and "epochs 3 (now 4)" in err, err
     code, err = exit_of(evaluate, evaluate_argv(out, "--resume", "--overwrite"), capsys)
     assert code == 2 and "contradict" in err
     assert (out / "evaluation.partial" / "network-0.json").read_text() == kept and not trained
-
     evaluate.main(evaluate_argv(out, "--overwrite"))
     assert len(trained) == 3 and not (out / "evaluation.partial").exists()
-    finished = (out / "results.json").read_text()
+
+
+def test_resume_refuses_networks_made_otherwise(tiny_evaluate, monkeypatch, tmp_path, capsys):
+    """--resume takes a kept network only if it was trained with the same options on the same pixels and is
+    one of those asked for; each refusal is one line naming what differs, and nothing is trained or lost."""
+    evaluate, trained = tiny_evaluate
+    out = tmp_path / "stopped"
+    stopped_evaluation(evaluate, monkeypatch, out, 2)
+    kept = {p.name: p.read_text() for p in (out / "evaluation.partial").iterdir()}
+    trained.clear()
+    refusals = [(evaluate_argv(out, "--resume", "--epochs", "4"), "--epochs 3 (now 4)"),
+                (evaluate_argv(out, "--resume", "--eval-seed", "1"), "--eval-seed 0 (now 1)"),
+                (evaluate_argv(out, "--resume", "--num-eval", "1"), "--num-eval 1: "),
+                (evaluate_argv(out, "--resume", "--norm", "batch"), "the network's shape")]
+    for argv, words in refusals:
+        code, err = exit_of(evaluate, argv, capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+    with monkeypatch.context() as patch:  # other pixels, every option the same
+        patch.setattr(evaluate, "load_long_tailed", lambda *a, **k: tiny(seed=1))
+        code, err = exit_of(evaluate, evaluate_argv(out, "--resume"), capsys)
+    assert code == 2 and "the training images, labels or tested split" in err, err
+    assert {p.name: p.read_text() for p in (out / "evaluation.partial").iterdir()} == kept and not trained
+    (out / "evaluation.partial" / "network-1.json").write_text('{"index": 1}')
+    code, err = exit_of(evaluate, evaluate_argv(out, "--resume"), capsys)
+    assert code == 2 and "network-1.json cannot be read (KeyError); delete it" in err, err
+
+
+def test_resume_of_a_finished_evaluation(tiny_evaluate, tmp_path, capsys):
+    """--resume on a finished evaluation made with these options has nothing to do (and removes a kept-network
+    folder a stop after results.json left); made with other options or networks, it is refused."""
+    evaluate, trained = tiny_evaluate
+    out = tmp_path / "done"
+    evaluate.main(evaluate_argv(out))
+    finished, trained[:] = (out / "results.json").read_text(), []
+    (out / "evaluation.partial").mkdir()
+    (out / "evaluation.partial" / "network-0.json").write_text("{}")
     evaluate.main(evaluate_argv(out, "--resume"))
-    assert "holds a finished evaluation (results.json); nothing to do" in capsys.readouterr().out
-    assert (out / "results.json").read_text() == finished and len(trained) == 3
+    assert "finished (results.json); nothing to do" in capsys.readouterr().out
+    assert not (out / "evaluation.partial").exists()
+    for argv, words in ((evaluate_argv(out, "--resume", "--epochs", "4"), "--epochs 3 (now 4)"),
+                        (evaluate_argv(out, "--resume", "--num-eval", "4"), "--num-eval 3 (now 4)")):
+        code, err = exit_of(evaluate, argv, capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and "holds a finished evaluation made with other" in err
+        assert words in err, err
+    assert (out / "results.json").read_text() == finished and not trained
