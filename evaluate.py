@@ -29,18 +29,21 @@ tiles, decoded): the fair baseline of a distilled set is the random set at its f
 An evaluation survives stops network by network: each finished network is written at once to
 --out/evaluation.partial/network-<k>.json (its accuracies, tests, seconds, and the sitting's commit and
 machine; networks trained together once the group finishes), and --resume trains only the networks missing
-there, refusing any kept with other options (every option but where, how fast and how many: --device within
-one kind, --data-dir, --num-eval upwards, --stacked...; the training images, labels and tested split are
-compared by their SHA-256). Each network's draws come from its own seed, so the result is that of an
-uninterrupted evaluation; results.json's `sittings` say which networks each sitting trained, and the folder
-is removed once results.json is written.
+there, refusing any kept with other options (every option but where and how many may change: --device
+within one kind, --data-dir, --num-eval upwards, --stacked; the precision and --compile may not; the
+training images, labels and tested split are compared by their SHA-256). Each network's draws come from its
+own seed, so the result is that of an uninterrupted evaluation. The folder is removed once results.json is
+written; --resume on a finished evaluation has nothing to do if it was made with the same options and
+networks, and refuses it otherwise. --out must be on storage every process sees under torchrun.
 
 results.json: acc_mean, acc_std (percent), accs (one per network), per_class (mean over networks,
 class order), head / medium / tail (mean accuracy of the first, middle and last third of the classes
 in long-tail order: for 10 classes 3 / 4 / 3), best_acc_mean / best_accs (best over the protocol's
-evaluations), the protocol's settings, the model, the configuration and, for --syn, syn_sha256 (the
-evaluated file's SHA-256, to check a copy against); per_class.png shows the
-per-class accuracy beside the class counts, and the run folder's README.md is updated with the numbers.
+evaluations), the protocol's settings, the model, the configuration, sittings (which networks each
+sitting trained, in how many seconds, at which commit, where; an earlier sitting's seconds are its
+networks' own), fingerprint (what --resume compares) and, for --syn, syn_sha256 (the evaluated file's
+SHA-256, to check a copy against); per_class.png shows the per-class accuracy beside the class counts, and
+the run folder's README.md is updated with the numbers.
 """
 from __future__ import annotations
 
@@ -504,9 +507,9 @@ def fingerprint(args, run: Job, device) -> dict:
 def differences(recorded: dict, options: dict) -> str:
     """The fingerprint entries that differ, as options where they are ones: "--epochs 300 (now 200); ..."."""
     parts = []
-    for name, value in options.items():
-        if recorded.get(name) != value:
-            option = f"--{name.replace('_', '-')} {recorded.get(name)!r} (now {value!r})"
+    for name in sorted(recorded.keys() | options.keys()):
+        if recorded.get(name) != options.get(name):
+            option = f"--{name.replace('_', '-')} {recorded.get(name)!r} (now {options.get(name)!r})"
             parts.append(FINGERPRINT_WORDS.get(name, option))
     return "; ".join(parts)
 
@@ -561,24 +564,43 @@ def networks_kept(folder: Path, options: dict, num_eval: int) -> list[tuple[Trai
     return kept
 
 
+# what a results.json from before fingerprints were recorded says of the options, compared in their stead
+RECORDED_BEFORE_FINGERPRINTS = ("epochs", "protocol", "model", "split")
+
+
 def finished_already(out: Path, options: dict, num_eval: int) -> bool:
-    """--resume on a finished evaluation: True (nothing to do; a folder of kept networks left by a stop between
-    writing results.json and removing it is removed) when it was made with these options and networks, False
-    where there is none; one line where it was made otherwise."""
+    """--resume where results.json is: True (nothing to do) when it is this evaluation, made with these options
+    and networks, and no later one was interrupted after it (kept networks of sittings it does not list);
+    False where there is none, or a later one to continue; one line where it was made otherwise. Reads only."""
     path = out / "results.json"
-    if not path.exists():
+    if not path.exists() or later_networks_kept(out / PARTIAL_EVALUATION, path):
         return False
     try:
         result = json.loads(path.read_text())
-        recorded, made = result.get("fingerprint"), int(result["num_eval"])
+        recorded = dict(result.get("fingerprint") or {name: result[name] for name in RECORDED_BEFORE_FINGERPRINTS})
+        made = int(result["num_eval"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UsageError(f"--resume: {path} cannot be read ({type(error).__name__}); --overwrite to replace it")
-    if made != num_eval or (recorded is not None and recorded != options):
-        what = (f"--num-eval {made} (now {num_eval})" if made != num_eval else differences(recorded, options))
+    compared = {name: options.get(name) for name in recorded} if "fingerprint" not in result else options
+    if made != num_eval or recorded != compared:
+        what = f"--num-eval {made} (now {num_eval})" if made != num_eval else differences(recorded, compared)
         raise UsageError(f"--resume: {out} holds a finished evaluation made with other options: {what}; give "
                          f"another --out, or --overwrite to replace it")
-    shutil.rmtree(out / PARTIAL_EVALUATION, ignore_errors=True)
     return True
+
+
+def later_networks_kept(folder: Path, results: Path) -> bool:
+    """Whether folder keeps a network of a sitting that results.json does not list: an evaluation begun after
+    it (with --overwrite) and interrupted. Networks of its own sittings are a leftover of a stop between
+    writing results.json and removing the folder; a network file that cannot be read counts as later."""
+    files = sorted(folder.glob("network-*.json"))
+    if not files:
+        return False
+    try:
+        listed = {sitting["start"] for sitting in json.loads(results.read_text()).get("sittings", [])}
+        return any(json.loads(file.read_text())["sitting"]["start"] not in listed for file in files)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True
 
 
 def sittings(kept: list[tuple[Trained, dict]], trained_now: list[int], sitting: dict, seconds: float) -> list[dict]:
@@ -639,17 +661,18 @@ def job(args, holder) -> None:
     except ValueError as error:
         raise UsageError(f"--model {args.model}: {error}")
     options, folder = fingerprint(args, run, device), run.out / PARTIAL_EVALUATION
-    if args.resume and finished_already(run.out, options, args.num_eval):
+    finished = args.resume and finished_already(run.out, options, args.num_eval)
+    kept = networks_kept(folder, options, args.num_eval) if args.resume and not finished else []
+    processes.barrier()  # every process has read the folder before the main one removes it
+    if (finished or args.overwrite) and processes.main:  # a leftover, or networks --overwrite replaces
+        shutil.rmtree(folder, ignore_errors=True)
+    if finished:
         log(f"--resume: {run.out} holds this evaluation, finished (results.json); nothing to do")
         return
-    kept = networks_kept(folder, options, args.num_eval) if args.resume else []
     log(f"evaluate.py: {run.what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x "
         f"{options['epochs']} epochs on {device} ({args.precision})"
         + (f", {processes.world} processes" if processes.world > 1 else "")
         + (f"; networks {', '.join(str(t.index + 1) for t, _ in kept)} taken from {folder}" if kept else ""))
-    if args.overwrite and processes.main:
-        shutil.rmtree(folder, ignore_errors=True)
-    processes.barrier()
     sitting, start = this_sitting(device, processes), time.perf_counter()
     result = evaluate(run.images, run.labels, run.data, args, run.network, device, processes=processes,
                       done=tuple(trained for trained, _ in kept),

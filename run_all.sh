@@ -202,6 +202,7 @@ finished() {
   fi
   [[ "$made" == "$want" ]] ||
     fail "$dir holds a finished run made with other options ($made), not ($want); give another --out, or move it away"
+  rm -rf "$dir/evaluation.partial"  # networks kept by a stop after results.json was written: a leftover
   echo "== $dir: done, skipped"
 }
 

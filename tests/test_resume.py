@@ -388,15 +388,17 @@ def test_resume_refuses_networks_made_otherwise(tiny_evaluate, monkeypatch, tmp_
     assert code == 2 and "network-1.json cannot be read (KeyError); delete it" in err, err
 
 
-def test_resume_of_a_finished_evaluation(tiny_evaluate, tmp_path, capsys):
-    """--resume on a finished evaluation made with these options has nothing to do (and removes a kept-network
-    folder a stop after results.json left); made with other options or networks, it is refused."""
+def test_resume_of_a_finished_evaluation(tiny_evaluate, monkeypatch, tmp_path, capsys):
+    """--resume on a finished evaluation made with these options has nothing to do (and removes a kept network
+    a stop between writing results.json and removing the folder left); made with other options or networks,
+    it is refused; an evaluation begun over it with --overwrite and stopped is continued, not lost."""
     evaluate, trained = tiny_evaluate
     out = tmp_path / "done"
     evaluate.main(evaluate_argv(out))
     finished, trained[:] = (out / "results.json").read_text(), []
     (out / "evaluation.partial").mkdir()
-    (out / "evaluation.partial" / "network-0.json").write_text("{}")
+    leftover = {"sitting": {"start": json.loads(finished)["sittings"][0]["start"]}}
+    (out / "evaluation.partial" / "network-0.json").write_text(json.dumps(leftover))
     evaluate.main(evaluate_argv(out, "--resume"))
     assert "finished (results.json); nothing to do" in capsys.readouterr().out
     assert not (out / "evaluation.partial").exists()
@@ -406,3 +408,12 @@ def test_resume_of_a_finished_evaluation(tiny_evaluate, tmp_path, capsys):
         assert code == 2 and len(err.splitlines()) == 1 and "holds a finished evaluation made with other" in err
         assert words in err, err
     assert (out / "results.json").read_text() == finished and not trained
+
+    with monkeypatch.context() as patch:  # a new evaluation over it, stopped after one network
+        stop_after(patch, evaluate, 1)
+        with pytest.raises(Stopped):
+            evaluate.main(evaluate_argv(out, "--overwrite"))
+    trained.clear()
+    evaluate.main(evaluate_argv(out, "--resume"))
+    assert len(trained) == 2
+    assert [s["networks"] for s in json.loads((out / "results.json").read_text())["sittings"]] == [[0], [1, 2]]
