@@ -660,19 +660,35 @@ def job(args, holder) -> None:
         build_network(**run.network)
     except ValueError as error:
         raise UsageError(f"--model {args.model}: {error}")
-    options, folder = fingerprint(args, run, device), run.out / PARTIAL_EVALUATION
-    finished = args.resume and finished_already(run.out, options, args.num_eval)
-    kept = networks_kept(folder, options, args.num_eval) if args.resume and not finished else []
-    processes.barrier()  # every process has read the folder before the main one removes it
-    if (finished or args.overwrite) and processes.main:  # a leftover, or networks --overwrite replaces
-        shutil.rmtree(folder, ignore_errors=True)
-    if finished:
+    options = fingerprint(args, run, device)
+    kept = continued_networks(args, run.out, options, processes)
+    if kept is None:
         log(f"--resume: {run.out} holds this evaluation, finished (results.json); nothing to do")
         return
     log(f"evaluate.py: {run.what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x "
         f"{options['epochs']} epochs on {device} ({args.precision})"
         + (f", {processes.world} processes" if processes.world > 1 else "")
-        + (f"; networks {', '.join(str(t.index + 1) for t, _ in kept)} taken from {folder}" if kept else ""))
+        + (f"; networks {', '.join(str(t.index + 1) for t, _ in kept)} taken from --resume" if kept else ""))
+    train_and_write(args, run, device, processes, options, kept)
+
+
+def continued_networks(args, out: Path, options: dict, processes: Processes) -> list[tuple[Trained, dict]] | None:
+    """The networks this evaluation takes from an interrupted one ([] without --resume); None where --resume
+    finds it finished. Every process reads the folder before the main one removes a leftover, or the networks
+    --overwrite replaces."""
+    folder = out / PARTIAL_EVALUATION
+    finished = args.resume and finished_already(out, options, args.num_eval)
+    kept = networks_kept(folder, options, args.num_eval) if args.resume and not finished else []
+    processes.barrier()
+    if (finished or args.overwrite) and processes.main:
+        shutil.rmtree(folder, ignore_errors=True)
+    return None if finished else kept
+
+
+def train_and_write(args, run: Job, device, processes: Processes, options: dict, kept: list) -> None:
+    """Train the networks not kept, each kept as it finishes, then write results.json (with every sitting)
+    and remove the kept networks' folder."""
+    folder = run.out / PARTIAL_EVALUATION
     sitting, start = this_sitting(device, processes), time.perf_counter()
     result = evaluate(run.images, run.labels, run.data, args, run.network, device, processes=processes,
                       done=tuple(trained for trained, _ in kept),
