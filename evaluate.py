@@ -55,6 +55,7 @@ import json
 import shutil
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -515,10 +516,11 @@ def differences(recorded: dict, options: dict) -> str:
 
 
 def this_sitting(device, processes: Processes) -> dict:
-    """Where and at which commit the job's networks are trained, and when it started: the main process's
-    record, the same on every process."""
+    """Where and at which commit the job's networks are trained, and when it started (to the microsecond: the
+    start tells sittings apart, and two evaluations of one folder may start within a second): the main
+    process's record, the same on every process."""
     record = environment()
-    mine = {"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": record["commit"],
+    mine = {"start": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "commit": record["commit"],
             "processor": processor_name(record | {"device": str(device)}), "device": str(device),
             "processes": processes.world}
     return processes.gather_objects([mine])[0]
