@@ -199,6 +199,11 @@ def _processor(record: dict) -> str:
     return processor_name(record) or "an unrecorded processor"
 
 
+def _at(record: dict) -> str:
+    """Where a sitting (or a whole run) computed: "at <commit> on <processor>"."""
+    return f"at {_short(record.get('commit'))} on {_processor(record)}"
+
+
 def distillation_record(result: dict, folder: Path) -> tuple[dict, dict]:
     """The distillation behind an evaluated set: (its config.json, its run.json), read from the set's folder
     (--syn) or the result's own; empty dicts for a baseline or where the files are gone."""
@@ -218,7 +223,7 @@ def distilled_where(run: dict) -> str:
     if not run:
         return "(its run.json is gone)"
     stretches = run.get("stretches") or [run]
-    parts = [f"at {_short(part.get('commit'))} on {_processor(part)}"
+    parts = [_at(part)
              + (f" (iterations {part['iterations'][0]}-{part['iterations'][1]})" if len(stretches) > 1 else "")
              for part in stretches]
     one_sitting = run.get("session_seconds", 0) >= run.get("wall_seconds", float("inf"))
@@ -229,7 +234,7 @@ def evaluated_where(result: dict) -> str:
     """Where and at which commit a set was evaluated: each sitting of a resumed evaluation (results.json's
     sittings, with the networks it trained), else the one its environment records."""
     sittings = result.get("sittings") or [result.get("environment") or {}]
-    return ", ".join(f"at {_short(part.get('commit'))} on {_processor(part)}"
+    return ", ".join(_at(part)
                      + (f" (networks {', '.join(str(k + 1) for k in part['networks'])})" if len(sittings) > 1 else "")
                      for part in sittings)
 
