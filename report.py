@@ -99,11 +99,20 @@ def over_random(record: dict, records: list[dict]) -> float | None:
     return None if ruler is None else record["acc_mean"] - ruler["acc_mean"]
 
 
+def usual_budget(records: list[dict]) -> tuple[int, int]:
+    """The (networks, epochs) most of a table's cells were evaluated with (the larger one on a tie)."""
+    budgets = [(r["num_eval"], r["epochs"]) for r in records]
+    return max(set(budgets), key=lambda budget: (budgets.count(budget), budget))
+
+
 def _cell(record, records) -> str:
+    """mean ± std, the gain over random in brackets, and the evaluation budget where it is not the table's."""
     if not record:
         return "-"
     gain = over_random(record, records)
-    return f"{record['acc_mean']:.1f} ± {record['acc_std']:.1f}" + (f" ({gain:+.1f})" if gain is not None else "")
+    budget = (record["num_eval"], record["epochs"])
+    return (f"{record['acc_mean']:.1f} ± {record['acc_std']:.1f}" + (f" ({gain:+.1f})" if gain is not None else "")
+            + (f" ({budget[0]} x {budget[1]} epochs)" if budget != usual_budget(records) else ""))
 
 
 def _ordered_methods(rows: list[dict]) -> list[str]:
@@ -149,8 +158,10 @@ def grid_report(records: list[dict], table: Path) -> list[str]:
         ipcs = sorted({r["ipc"] for r in rows})
         brackets = ("in brackets: minus the random baseline of the same cell; "
                     if any(over_random(r, rows) is not None for r in rows) else "")
+        networks, epochs = usual_budget(rows)
         lines += [f"## {dataset}-LT, {protocol} protocol, {model}: {rows[0]['split']} accuracy (%), final epoch, "
-                  f"mean ± std over networks; {brackets}cells: IPC {' / '.join(map(str, ipcs))}", ""]
+                  f"mean ± std over {networks} networks x {epochs} epochs unless a cell says otherwise; "
+                  f"{brackets}cells: IPC {' / '.join(map(str, ipcs))}", ""]
         lines += grid_table(rows) + [""]
         if dataset == "cifar10" and model == "convnet":  # the published figures are ConvNet-3's
             lines += published_table(sorted({r["imbalance"] for r in rows}), ipcs) + [""]

@@ -74,6 +74,20 @@ def test_improvement_over_random_needs_the_same_epochs(tmp_path):
     assert report.over_random(dict(csdm, epochs=300), records) == 17.0
 
 
+def test_a_cell_evaluated_with_another_budget_says_so(tmp_path):
+    """The full long-tailed set trains 5 x 200 epochs beside distilled sets' 5 x 1000: its cell names its budget,
+    the others do not, and the heading names the usual one."""
+    budgets = {"random": (5, 1000), "csdm": (5, 1000), "dm": (5, 1000), "full": (5, 200)}
+    for method, (networks, epochs) in budgets.items():
+        folder = tmp_path / "cifar10" / "if200" / "ipc10" / method
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(dict(fake_result(50.0), num_eval=networks, epochs=epochs)))
+    table = report.write_report(tmp_path, None).read_text()
+    assert "| full | 50.0 ± 0.5 (5 x 200 epochs) |" in table
+    assert "| csdm | 50.0 ± 0.5 (+0.0) |" in table
+    assert "mean ± std over 5 networks x 1000 epochs unless a cell says otherwise" in table
+
+
 def test_each_table_names_its_data(tmp_path):
     """A table says where its images came from: results.json's data_source, or for an older file what
     data_lt.data_source says of the --data-dir of its command or of the set it evaluated, where that folder
