@@ -100,19 +100,28 @@ def over_random(record: dict, records: list[dict]) -> float | None:
 
 
 def usual_budget(records: list[dict]) -> tuple[int, int]:
-    """The (networks, epochs) most of a table's cells were evaluated with (the larger one on a tie)."""
-    budgets = [(r["num_eval"], r["epochs"]) for r in records]
-    return max(set(budgets), key=lambda budget: (budgets.count(budget), budget))
+    """The (networks, epochs) a table's distilled sets were evaluated with most often (all its cells where it
+    holds only baselines, whose copies per IPC would otherwise outvote them); on a tie the most epochs, then
+    the most networks."""
+    budgets = [(r["num_eval"], r["epochs"]) for r in records if not is_baseline(r["method"])] or \
+              [(r["num_eval"], r["epochs"]) for r in records]
+    return max(set(budgets), key=lambda budget: (budgets.count(budget), budget[1], budget[0]))
+
+
+def budget_note(record: dict, records: list[dict]) -> str:
+    """" [<networks> x <epochs> epochs]" where a cell was evaluated otherwise than its table's usual budget."""
+    budget = (record["num_eval"], record["epochs"])
+    return "" if budget == usual_budget(records) else f" [{budget[0]} x {budget[1]} epochs]"
 
 
 def _cell(record, records) -> str:
-    """mean ± std, the gain over random in brackets, and the evaluation budget where it is not the table's."""
+    """mean ± std, the gain over random in brackets, the evaluation budget in square brackets where it is
+    not the table's."""
     if not record:
         return "-"
     gain = over_random(record, records)
-    budget = (record["num_eval"], record["epochs"])
     return (f"{record['acc_mean']:.1f} ± {record['acc_std']:.1f}" + (f" ({gain:+.1f})" if gain is not None else "")
-            + (f" ({budget[0]} x {budget[1]} epochs)" if budget != usual_budget(records) else ""))
+            + budget_note(record, records))
 
 
 def _ordered_methods(rows: list[dict]) -> list[str]:
@@ -160,7 +169,7 @@ def grid_report(records: list[dict], table: Path) -> list[str]:
                     if any(over_random(r, rows) is not None for r in rows) else "")
         networks, epochs = usual_budget(rows)
         lines += [f"## {dataset}-LT, {protocol} protocol, {model}: {rows[0]['split']} accuracy (%), final epoch, "
-                  f"mean ± std over {networks} networks x {epochs} epochs unless a cell says otherwise; "
+                  f"mean ± std over {networks} networks x {epochs} epochs, or those in square brackets; "
                   f"{brackets}cells: IPC {' / '.join(map(str, ipcs))}", ""]
         lines += grid_table(rows) + [""]
         if dataset == "cifar10" and model == "convnet":  # the published figures are ConvNet-3's
@@ -307,9 +316,11 @@ def plot_accuracy_vs_if(records: list[dict], path: Path) -> None:
     for axis, panel in zip(axes[0], panels):
         rows = [r for r in records if (r["dataset"], r["ipc"], r["protocol"], r["model"]) == panel]
         for method in _ordered_methods(rows):
-            points = sorted((r["imbalance"], r["acc_mean"], r["acc_std"]) for r in rows if r["method"] == method)
-            axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                          marker="o", capsize=3, label=method)
+            runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["imbalance"])
+            notes = sorted({budget_note(r, rows) for r in runs})
+            axis.errorbar([r["imbalance"] for r in runs], [r["acc_mean"] for r in runs],
+                          yerr=[r["acc_std"] for r in runs], marker="o", capsize=3,
+                          label=method + "".join(notes))
         axis.set_xscale("log")
         axis.set_xlabel("imbalance factor")
         axis.set_ylabel("accuracy (%)")

@@ -83,9 +83,21 @@ def test_a_cell_evaluated_with_another_budget_says_so(tmp_path):
         folder.mkdir(parents=True)
         (folder / "results.json").write_text(json.dumps(dict(fake_result(50.0), num_eval=networks, epochs=epochs)))
     table = report.write_report(tmp_path, None).read_text()
-    assert "| full | 50.0 ± 0.5 (5 x 200 epochs) |" in table
+    assert "| full | 50.0 ± 0.5 [5 x 200 epochs] |" in table
     assert "| csdm | 50.0 ± 0.5 (+0.0) |" in table
-    assert "mean ± std over 5 networks x 1000 epochs unless a cell says otherwise" in table
+    assert "mean ± std over 5 networks x 1000 epochs, or those in square brackets" in table
+
+
+def test_the_usual_budget_is_the_distilled_sets_and_a_tie_goes_to_more_epochs():
+    """Baselines copied into every IPC's folder do not outvote the distilled sets; fewer networks alone is
+    a budget of its own too (the ruler still applies: it compares epochs)."""
+    def record(method, networks, epochs):
+        return dict(method=method, num_eval=networks, epochs=epochs)
+    copies = [record("full", 5, 200)] * 3 + [record("csdm", 5, 1000), record("dm", 5, 1000)]
+    assert report.usual_budget(copies) == (5, 1000)
+    assert report.usual_budget([record("dm", 10, 200), record("csdm", 5, 1000)]) == (5, 1000)
+    assert report.budget_note(record("dm", 3, 1000), copies) == " [3 x 1000 epochs]"
+    assert report.usual_budget([record("random", 3, 300)]) == (3, 300)
 
 
 def test_each_table_names_its_data(tmp_path):
