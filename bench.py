@@ -4,6 +4,7 @@ $ python bench.py                       # fixed-column table (a few minutes on 2
 $ python bench.py --json                # the same, plus one JSON line at the end
 $ python bench.py --data-dir data/cifar10 --device cuda
 $ python bench.py --scaling 10 100 200    # seconds per iteration and peak memory against the class count
+$ python bench.py --precisions          # a csdm iteration in fp32 and in bf16 (emulated, slow, without AMX/AVX512-BF16)
 $ python bench.py --out results/bench_X.json   # also write the figures with their command, commit and machine
 
 Shapes are CIFAR-10-LT's (IF 200, 10 classes, 3 x 32 x 32); without --data-dir the pixels are
@@ -32,6 +33,8 @@ random, which changes no timing. Every timing is the median of --repeats runs af
                        20 iterations with distill.py's defaults (and peak GPU memory on a GPU), in GB of 1e9
                        bytes (until 2026-11-30 in GiB of 2^30 bytes under the same name: the committed
                        results/bench_*.json files hold GiB)
+  bf16_over_fp32       (--precisions) seconds per csdm iteration at batch-real 256 in bf16 over fp32: below 1 on
+                       CPUs with AMX-BF16 or AVX512-BF16 and on GPUs, many times 1 where bfloat16 is emulated
   extractor_gflops     the extractor's achieved GFLOP/s (analytic convolution FLOPs) and its share
                        of the matmul peak measured here in the same precision (forward + backward mix of an
                        iteration; extractor_forward_gflops: no-grad forward alone)
@@ -56,8 +59,8 @@ import torch.nn.functional as F
 from data_lt import LongTailedData, decode, initial_synthetic, load_long_tailed, long_tailed_counts
 from distill import build_parser as distill_parser
 from distill import distill
-from networks import (ConvNet, autocast, build_network, in_micro_batches, micro_batch_size, reset_parameters_,
-                      resolve_precision)
+from networks import (PRECISIONS, ConvNet, autocast, build_network, cpu_has_bf16, in_micro_batches,
+                      micro_batch_size, reset_parameters_, resolve_precision)
 from runs import OneLineParser, atomic_write_text, environment, keep_freed_memory, resolve_device
 from stacked import train_networks_stacked
 from training import PROTOCOLS, train_network
@@ -119,11 +122,11 @@ def get_data(data_dir: str | None) -> LongTailedData:
 # Distillation iterations
 
 def iteration_seconds(data, device, method: str, num_freqs: int, compile: bool, repeats: int,
-                      warmup: int = 3, ipc: int = 10, batch_real: int = 256) -> float:
+                      warmup: int = 3, ipc: int = 10, batch_real: int = 256, precision: str = "auto") -> float:
     """Median seconds of one distillation iteration after `warmup` iterations (compilation included there)."""
     argv = ["--method", method, "--ipc", str(ipc), "--batch-real", str(batch_real), "--num-freqs", str(num_freqs),
             "--iterations", str(warmup + repeats), "--device", str(device), "--ckpt-every", "1000000",
-            "--out", "/tmp/csdm-bench-unused"] + (["--compile"] if compile else [])
+            "--precision", precision, "--out", "/tmp/csdm-bench-unused"] + (["--compile"] if compile else [])
     args = distill_parser().parse_args(argv)
     history = distill(args, data, device, log=lambda m: None)["history"]
     seconds = np.diff([0.0] + [h[2] for h in history])
@@ -378,6 +381,19 @@ def scaling_table(classes: list[int], batch_real: int, device, compile: bool, ma
     return rows
 
 
+def precision_costs(data, device, compile: bool, repeats: int, method: str = "csdm") -> dict:
+    """Seconds per `method` iteration at batch-real 256 in float32 and in bfloat16 (after 2 warm-up
+    iterations each), their ratio, and whether the CPU has bfloat16 instructions: where it has not,
+    PyTorch emulates bfloat16 and --precision bf16 costs many times fp32's time."""
+    seconds = {precision: iteration_seconds(data, device, method, 1024, compile, repeats, warmup=2, precision=precision)
+               for precision in PRECISIONS}
+    print(f"{method}, IPC 10, batch-real 256, {device}, compile {compile}: "
+          + ", ".join(f"{p} {t:.2f} s/iter" for p, t in seconds.items())
+          + f"; bf16 / fp32 {seconds['bf16'] / seconds['fp32']:.1f}", flush=True)
+    return {"method": method, "compile": compile, "cpu_has_bf16": cpu_has_bf16() if device.type == "cpu" else None,
+            **{f"sec_per_iter_{p}": t for p, t in seconds.items()}, "bf16_over_fp32": seconds["bf16"] / seconds["fp32"]}
+
+
 def peak_memory(data_dir, device, malloc_tuned: bool) -> tuple[float, float | None]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -483,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scaling", type=int, nargs="+", default=None, metavar="C",
                         help="instead: seconds per csdm iteration and peak memory for C classes (IPC 10)")
     parser.add_argument("--batch-real", type=int, default=64, help="--scaling: real images per class")
+    parser.add_argument("--precisions", action="store_true",
+                        help="instead: seconds per csdm iteration (batch-real 256) in fp32 and in bf16, and their "
+                             "ratio (bf16 is emulated, and slow, on CPUs without AMX-BF16 or AVX512-BF16)")
     parser.add_argument("--out", default=None, metavar="JSON",
                         help="also write the figures here, with the command, commit, CPU and libraries")
     return parser
@@ -511,8 +530,14 @@ def main(argv=None) -> None:
             print(json.dumps(rows))
         write_record(args.out, rows)
         return
-    precision = resolve_precision("auto", device, compile)
     data = get_data(args.data_dir)
+    if args.precisions:
+        figures = precision_costs(data, device, compile, args.repeats)
+        if args.json:
+            print(json.dumps(figures))
+        write_record(args.out, figures)
+        return
+    precision = resolve_precision("auto", device, compile)
     r = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else
          f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
          "precision": precision, "compile": compile, "malloc_tuned": malloc_tuned, "torch": torch.__version__}

@@ -30,6 +30,7 @@ PyTorch's native kernel for it is fast on channels_last tensors (about 3x on CPU
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -48,13 +49,24 @@ def resolve_precision(precision: str, device: torch.device, compiled: bool = Fal
     compiled (eager bfloat16 group norm is several times slower than float32 on CPU, torch.compile fuses
     it away). On the 2-core AMD EPYC with AVX512-BF16 a compiled csdm iteration at batch-real 256 takes
     0.50 s in bf16 against 0.80 s in float32. The flags are read on x86 Linux only (elsewhere: fp32)."""
+    if precision == "bf16" and device.type == "cpu" and cpu_flags() and not cpu_has_bf16():
+        warnings.warn("--precision bf16 on a CPU without bfloat16 instructions (AMX-BF16 or AVX512-BF16): "
+                      "bfloat16 is emulated here and can be tens of times slower than fp32 (bench.py "
+                      "--precisions measures it); use --precision auto or fp32")
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if not compiled:
         return "fp32"
-    return "bf16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bfloat16 matrix instructions (Intel AMX-BF16, AVX512-BF16). Without them
+    PyTorch emulates bfloat16: on 2 cores of an AMD EPYC with AVX2 alone a compiled csdm iteration at
+    batch-real 256 took 38.8 s in bf16 against 2.5 s in float32 (results/bench_precisions_epyc_avx2.json)."""
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def cpuinfo(field: str) -> str:

@@ -4,6 +4,7 @@ norm options and deterministic initialisation."""
 import math
 import os
 import platform
+import warnings
 
 import pytest
 import torch
@@ -106,9 +107,31 @@ def test_precision_resolution(monkeypatch, flags, expected):
     import networks
     monkeypatch.setattr(networks, "cpu_flags", lambda: flags)
     cpu = torch.device("cpu")
-    assert networks.resolve_precision("fp32", cpu, True) == "fp32" and networks.resolve_precision("bf16", cpu) == "bf16"
-    assert networks.resolve_precision("auto", cpu, compiled=False) == "fp32"  # eager bfloat16 group norm is slow
-    assert networks.resolve_precision("auto", cpu, compiled=True) == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert networks.resolve_precision("bf16", cpu) == "bf16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto and fp32 never warn
+        assert networks.resolve_precision("fp32", cpu, True) == "fp32"
+        assert networks.resolve_precision("auto", cpu, compiled=False) == "fp32"  # eager bfloat16 group norm is slow
+        assert networks.resolve_precision("auto", cpu, compiled=True) == expected
+
+
+@pytest.mark.parametrize("flags, warns", [({"fpu", "avx2", "fma"}, True), ({"fpu", "avx512f", "avx512_bf16"}, False),
+                                          ({"fpu", "amx_bf16"}, False), (set(), False)])
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_warns(monkeypatch, flags, warns):
+    """--precision bf16 on an x86 CPU without AMX-BF16 or AVX512-BF16 (emulated bfloat16, tens of times
+    slower) keeps bf16 and warns once, naming the option and the fix; where the flags cannot be read
+    (empty set: not Linux) or bf16 is native, it is silent."""
+    import networks
+    monkeypatch.setattr(networks, "cpu_flags", lambda: flags)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert networks.resolve_precision("bf16", torch.device("cpu"), compiled=True) == "bf16"
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == int(warns)
+    if warns:
+        assert "--precision bf16" in messages[0] and "use --precision auto or fp32" in messages[0]
 
 
 def test_cpu_flags_reads_this_machine():
