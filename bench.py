@@ -33,11 +33,16 @@ random, which changes no timing. Every timing is the median of --repeats runs af
                        20 iterations with distill.py's defaults (and peak GPU memory on a GPU), in GB of 1e9
                        bytes (until 2026-11-30 in GiB of 2^30 bytes under the same name: the committed
                        results/bench_*.json files hold GiB)
-  bf16_over_fp32       (--precisions) seconds per csdm iteration at batch-real 256 in bf16 over fp32: below 1 on
-                       CPUs with AMX-BF16 or AVX512-BF16 and on GPUs, many times 1 where bfloat16 is emulated
   extractor_gflops     the extractor's achieved GFLOP/s (analytic convolution FLOPs) and its share
                        of the matmul peak measured here in the same precision (forward + backward mix of an
                        iteration; extractor_forward_gflops: no-grad forward alone)
+
+--precisions measures instead, for a compiled csdm iteration at batch-real 256:
+  sec_per_iter_fp32, sec_per_iter_bf16, bf16_over_fp32
+                       seconds per iteration in each precision and their ratio (0.63 on the EPYC with
+                       AVX512-BF16 of BENCHMARKS.md; 12.9 on an AVX2-only one, where bfloat16 is emulated)
+  cpu_bf16_flags       the CPU's bfloat16 flags in /proc/cpuinfo (amx_bf16, avx512_bf16; empty: emulated)
+                       and cpu_vector_flags, its AVX and AMX flags
 """
 from __future__ import annotations
 
@@ -59,7 +64,7 @@ import torch.nn.functional as F
 from data_lt import LongTailedData, decode, initial_synthetic, load_long_tailed, long_tailed_counts
 from distill import build_parser as distill_parser
 from distill import distill
-from networks import (PRECISIONS, ConvNet, autocast, build_network, cpu_has_bf16, in_micro_batches,
+from networks import (BF16_FLAGS, PRECISIONS, ConvNet, autocast, build_network, cpu_flags, in_micro_batches,
                       micro_batch_size, reset_parameters_, resolve_precision)
 from runs import OneLineParser, atomic_write_text, environment, keep_freed_memory, resolve_device
 from stacked import train_networks_stacked
@@ -383,14 +388,18 @@ def scaling_table(classes: list[int], batch_real: int, device, compile: bool, ma
 
 def precision_costs(data, device, compile: bool, repeats: int, method: str = "csdm") -> dict:
     """Seconds per `method` iteration at batch-real 256 in float32 and in bfloat16 (after 2 warm-up
-    iterations each), their ratio, and whether the CPU has bfloat16 instructions: where it has not,
+    iterations each), their ratio, and the CPU's flags that decide it: without amx_bf16 or avx512_bf16
     PyTorch emulates bfloat16 and --precision bf16 costs many times fp32's time."""
-    seconds = {precision: iteration_seconds(data, device, method, 1024, compile, repeats, warmup=2, precision=precision)
+    seconds = {precision: iteration_seconds(data, device, method, num_freqs=1024, compile=compile, repeats=repeats,
+                                            warmup=2, precision=precision)
                for precision in PRECISIONS}
     print(f"{method}, IPC 10, batch-real 256, {device}, compile {compile}: "
           + ", ".join(f"{p} {t:.2f} s/iter" for p, t in seconds.items())
           + f"; bf16 / fp32 {seconds['bf16'] / seconds['fp32']:.1f}", flush=True)
-    return {"method": method, "compile": compile, "cpu_has_bf16": cpu_has_bf16() if device.type == "cpu" else None,
+    flags = cpu_flags()
+    return {"method": method, "compile": compile, "device": str(device),
+            "cpu_bf16_flags": sorted(flags & BF16_FLAGS),
+            "cpu_vector_flags": sorted(f for f in flags if f.startswith(("avx", "amx"))),
             **{f"sec_per_iter_{p}": t for p, t in seconds.items()}, "bf16_over_fp32": seconds["bf16"] / seconds["fp32"]}
 
 
@@ -496,12 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc at its defaults (distill.py and evaluate.py tune it: "
                              "runs.keep_freed_memory), to measure what that setting buys")
-    parser.add_argument("--scaling", type=int, nargs="+", default=None, metavar="C",
-                        help="instead: seconds per csdm iteration and peak memory for C classes (IPC 10)")
+    instead = parser.add_mutually_exclusive_group()
+    instead.add_argument("--scaling", type=int, nargs="+", default=None, metavar="C",
+                         help="instead: seconds per csdm iteration and peak memory for C classes (IPC 10)")
     parser.add_argument("--batch-real", type=int, default=64, help="--scaling: real images per class")
-    parser.add_argument("--precisions", action="store_true",
-                        help="instead: seconds per csdm iteration (batch-real 256) in fp32 and in bf16, and their "
-                             "ratio (bf16 is emulated, and slow, on CPUs without AMX-BF16 or AVX512-BF16)")
+    instead.add_argument("--precisions", action="store_true",
+                         help="instead: seconds per csdm iteration (batch-real 256) in fp32 and in bf16, and their "
+                              "ratio (bf16 is emulated, and slow, on CPUs without AMX-BF16 or AVX512-BF16)")
     parser.add_argument("--out", default=None, metavar="JSON",
                         help="also write the figures here, with the command, commit, CPU and libraries")
     return parser

@@ -41,18 +41,19 @@ DEFAULT_NORMS = {"convnet": "instance", "alexnet": "none", "vgg11": "instance", 
 NORMS = ("instance", "batch", "none")
 POOLINGS = ("avg", "max", "none")
 PRECISIONS = ("fp32", "bf16")
+BF16_FLAGS = {"amx_bf16", "avx512_bf16"}  # /proc/cpuinfo flags of CPUs that compute bfloat16 natively
 
 
 def resolve_precision(precision: str, device: torch.device, compiled: bool = False) -> str:
     """'auto' -> bf16 where bfloat16 is fast, else fp32. Fast: CUDA GPUs that support it; CPUs with
-    bfloat16 matrix instructions (Intel AMX-BF16, or AVX512-BF16 as on AMD Zen 4/5) when the network is
+    bfloat16 instructions (Intel AMX-BF16, or AVX512-BF16 as on AMD Zen 4/5) when the network is
     compiled (eager bfloat16 group norm is several times slower than float32 on CPU, torch.compile fuses
     it away). On the 2-core AMD EPYC with AVX512-BF16 a compiled csdm iteration at batch-real 256 takes
-    0.50 s in bf16 against 0.80 s in float32. The flags are read on x86 Linux only (elsewhere: fp32)."""
+    0.50 s in bf16 against 0.80 s in float32. The flags are read on x86 Linux only (elsewhere: fp32).
+    An explicit precision is kept; bf16 on a CPU whose flags show no bfloat16 instructions warns once
+    per process (warn_emulated_bf16)."""
     if precision == "bf16" and device.type == "cpu" and cpu_flags() and not cpu_has_bf16():
-        warnings.warn("--precision bf16 on a CPU without bfloat16 instructions (AMX-BF16 or AVX512-BF16): "
-                      "bfloat16 is emulated here and can be tens of times slower than fp32 (bench.py "
-                      "--precisions measures it); use --precision auto or fp32")
+        warn_emulated_bf16()
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -63,10 +64,23 @@ def resolve_precision(precision: str, device: torch.device, compiled: bool = Fal
 
 
 def cpu_has_bf16() -> bool:
-    """Whether the CPU has bfloat16 matrix instructions (Intel AMX-BF16, AVX512-BF16). Without them
-    PyTorch emulates bfloat16: on 2 cores of an AMD EPYC with AVX2 alone a compiled csdm iteration at
-    batch-real 256 took 38.8 s in bf16 against 2.5 s in float32 (results/bench_precisions_epyc_avx2.json)."""
-    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    """Whether the CPU has bfloat16 instructions (Intel AMX-BF16, AVX512-BF16) in its flags."""
+    return bool(cpu_flags() & BF16_FLAGS)
+
+
+
+def warn_emulated_bf16() -> None:
+    """The process's one warning that bf16 was asked for where PyTorch emulates it: on 2 cores of an AMD
+    EPYC with AVX2 alone a compiled csdm iteration at batch-real 256 took 42.8 s in bf16 against 3.3 s in
+    float32 (results/bench_precisions_epyc_avx2.json)."""
+    if not warn_emulated_bf16.warned:
+        warn_emulated_bf16.warned = True
+        warnings.warn("--precision bf16 on a CPU without bfloat16 instructions (AMX-BF16 or AVX512-BF16): "
+                      "bfloat16 is emulated here, many times slower than fp32 (13x for a csdm iteration on one "
+                      "such CPU; bench.py --precisions measures yours); use --precision auto or fp32")
+
+
+warn_emulated_bf16.warned = False
 
 
 def cpuinfo(field: str) -> str:

@@ -37,10 +37,20 @@ def test_out_records_what_measured_the_figures(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:--precision bf16")  # emulated bf16 on this CPU warns; tests/test_networks.py checks it
-def test_the_precision_comparison_runs_both_precisions(capsys):
-    """--precisions times an iteration in fp32 and in bf16 and reports their ratio and the CPU's bf16 flag."""
+def test_the_precision_comparison_distils_in_both_precisions(monkeypatch, capsys):
+    """--precisions times real distillation iterations, one run in fp32 and one in bf16 (what reaches
+    distill()), and records the CPU's bfloat16 flags beside the two timings."""
+    seen = []
+    real_distill = bench.distill
+    monkeypatch.setattr(bench, "distill", lambda args, *rest, **kw: seen.append(args.precision) or real_distill(args, *rest, **kw))
     data = bench.random_cifar10_lt(imbalance_factor=4, num_classes=4, n_max=8)
     figures = bench.precision_costs(data, torch.device("cpu"), compile=False, repeats=1)
+    assert sorted(seen) == ["bf16", "fp32"]
     assert figures["sec_per_iter_fp32"] > 0 and figures["sec_per_iter_bf16"] > 0
-    assert figures["bf16_over_fp32"] == pytest.approx(figures["sec_per_iter_bf16"] / figures["sec_per_iter_fp32"])
-    assert isinstance(figures["cpu_has_bf16"], bool) and "bf16 / fp32" in capsys.readouterr().out
+    assert set(figures["cpu_bf16_flags"]) <= {"amx_bf16", "avx512_bf16"} and "bf16 / fp32" in capsys.readouterr().out
+
+
+def test_one_instead_mode_at_a_time(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--precisions", "--scaling", "10"])
+    assert exit_info.value.code == 2 and "--scaling" in capsys.readouterr().err

@@ -213,6 +213,7 @@ def test_bfloat16_testing_does_not_break_ties_towards_the_head():
 # ------------------------------------------------------------------------------------------
 # The compiled, bfloat16 path
 
+@pytest.mark.filterwarnings("ignore:--precision bf16")  # slow where bf16 is emulated, and says so (test_networks.py)
 def test_compiled_bf16_distillation_follows_the_float32_eager_run(tmp_path, monkeypatch):
     """distill() with --compile --precision bf16 (the GPU default) against float32 eager, 2 iterations of the
     default csdm on the tiny set. bfloat16 keeps ~3 significant digits, so features differ by ~0.5 % and
