@@ -66,8 +66,9 @@ options:
   --seed N             the seed of every run's data subset and distillation (default: 0; the grid of another
                        seed goes to OUT/seed<N>/); evaluation networks are always seed 0's, for paired differences
   --precision P        auto, fp32 or bf16, passed to distill.py and evaluate.py (default: auto; bf16 for
-                       --full-cell, so that its checkpoints resume on any machine; fp32 for --calibration-bench,
-                       the protocol bench's precision)
+                       --full-cell, so that its checkpoints resume on any machine in one arithmetic, which needs
+                       a GPU or a CPU with AMX-BF16 or AVX512-BF16: elsewhere bf16 is emulated, about 13 times
+                       slower, and distill.py warns; fp32 for --calibration-bench, the protocol bench's precision)
 EOF
 }
 
