@@ -29,6 +29,7 @@ PyTorch's native kernel for it is fast on channels_last tensors (about 3x on CPU
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from contextlib import nullcontext
@@ -68,7 +69,6 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_flags() & BF16_FLAGS)
 
 
-
 def warn_emulated_bf16() -> None:
     """The process's one warning that bf16 was asked for where PyTorch emulates it: on 2 cores of an AMD
     EPYC with AVX2 alone a compiled csdm iteration at batch-real 256 took 42.8 s in bf16 against 3.3 s in
@@ -93,9 +93,10 @@ def cpuinfo(field: str) -> str:
     return values[0] if values else ""
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
-    return set(cpuinfo("flags").split())
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere), read once a process."""
+    return frozenset(cpuinfo("flags").split())
 
 
 def micro_batch_size(device: torch.device, image_size: int = 32) -> int | None:
