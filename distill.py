@@ -70,7 +70,7 @@ from runs import (FORMAT_VERSION, PARTIAL_EVALUATION, OneLineParser, Processes, 
                   step_or_fall_back, write_run_readme)
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
                  kernel_metric_p, per_class_loss, sample_frequencies)
-from training import PROTOCOLS, train_network
+from training import POOL_SCHEDULES, train_network
 
 STREAM_NETWORK, STREAM_FREQS, STREAM_POOL = 11, 12, 13
 # Optimiser and learning rate on pixels per method, picked on the validation split (README, "How the
@@ -78,16 +78,39 @@ STREAM_NETWORK, STREAM_FREQS, STREAM_POOL = 11, 12, 13
 # mmd) are ~1e-2 per class, so SGD at lr 1 hardly moves the pixels (csdm 27.4 % on validation, random
 # images 27.6 %); Adam is free of the loss's scale. Their SGD rate, 500, was validated for csdm only.
 DEFAULT_OPTIMIZER = {"dm": "sgd", "mmd": "adam", "sdm": "adam", "csdm": "adam", "ncfm": "adam"}
-DEFAULT_LR_IMG = {("sgd", "dm"): 1.0, ("sgd", "mmd"): 500.0, ("sgd", "sdm"): 500.0, ("sgd", "csdm"): 500.0,
-                  ("sgd", "ncfm"): 500.0, ("adam", "dm"): 0.01, ("adam", "mmd"): 0.01, ("adam", "sdm"): 0.01,
-                  ("adam", "csdm"): 0.01, ("adam", "ncfm"): 0.01}
+
+
+def default_lr_img(optimizer: str, method: str) -> float:
+    """SGD: 1 for dm (DM's rate), 500 for the kernel losses; Adam and AdamW: 0.01 (NCFM's lr_img) for all."""
+    if optimizer == "sgd":
+        return 1.0 if method == "dm" else 500.0
+    return 0.01
+
+
+# --preset: option values that together are a published pipeline; options given on the command line win.
+# ncfm-paper: NCFM's CIFAR-10 IPC-10 condensation (gszfwsb/NCFM config/ipc10/cifar10.yaml, condenser/
+# Condenser.py, condenser/compute_loss.py): a pool of 20 ConvNets pre-trained 60 epochs (POOL_SCHEDULES["ncfm"]),
+# each iteration one pool network interpolated with its initialisation, the calibration term at weight 1 with the
+# trained network, batch_real 1024, 4096 frequencies, factor 2, AdamW on the pixels at lr 0.01, and one
+# optimiser step per class, each class's real and synthetic images augmented by one draw (pairing "class").
+PRESETS = {
+    "ncfm-paper": {"extractor": "pool", "pool_size": 20, "pool_schedule": "ncfm", "calibration": 1.0,
+                   "batch_real": 1024, "num_freqs": 4096, "factor": 2, "optimizer": "adamw", "lr_img": 0.01,
+                   "dsa_pairing": "class", "class_steps": True},
+}
 # options that may change between a checkpoint and its --resume: where and how a run is executed,
 # not what it computes (--iterations may grow: nothing depends on the total)
 RUN_OPTIONS = {"iterations", "device", "out", "log_every", "ckpt_every", "resume", "overwrite", "data_dir",
-               "class_chunk", "compile"}
+               "class_chunk", "compile", "pool_cache", "pool_only", "kernel_names"}
+# Until 2026-12-07 the kernels named laplacian and cauchy were product kernels; configs written since carry
+# kernel_names 2, and an older record's kernel is read under its present name.
+KERNEL_NAMES = 2
+RENAMED_KERNELS = {"laplacian": "laplacian-l1", "cauchy": "cauchy-product"}
 # options added after checkpoints were first written, with the value that older checkpoints ran with
 ADDED_OPTIONS = {"calibration": 0.0, "dsa_pairing": "position", "calibration_tau": 0.0, "pool_rebalance": "none",
-                 "class_aware": False, "extractor": "random", "factor": 1, "pool_size": 4, "pool_epochs": 3}
+                 "class_aware": False, "extractor": "random", "factor": 1, "pool_size": 4, "pool_epochs": 3,
+                 "pool_schedule": "brief", "class_steps": False, "preset": None, "pool_cache": None,
+                 "imq_beta": 0.5}
 RUN_FILES = ("synthetic.pt", "checkpoint.pt", "config.json", "results.json")
 # everything a run folder holds, removed by --overwrite once every input is checked
 OUTPUT_FILES = RUN_FILES + ("run.json", "README.md", "loss.csv", "loss.png", "synthetic.png", "init.png",
@@ -97,20 +120,38 @@ OUTPUT_FILES = RUN_FILES + ("run.json", "README.md", "loss.csv", "loss.png", "sy
 # ----------------------------------------------------------------------------------------
 # Options
 
+class DistillParser(OneLineParser):
+    """Options: the command line over the --preset's values over the defaults, and the pool's epochs filled in
+    from its schedule, so that the parsed namespace is the one record of what the run does."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        found, extra = super().parse_known_args(args, namespace)
+        if found.preset is not None:
+            self.set_defaults(**PRESETS[found.preset])
+            found, extra = super().parse_known_args(args, namespace)
+        if found.pool_epochs is None:
+            found.pool_epochs = POOL_SCHEDULES[found.pool_schedule].epochs
+        return found, extra
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="distill.py", description=__doc__.split("\n\n")[0],
+    p = DistillParser(prog="distill.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", default="csdm", choices=METHODS, help="matching loss")
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                   help="a published pipeline's option values (PRESETS in distill.py); options given on the "
+                        "command line win. ncfm-paper: NCFM's CIFAR-10 IPC-10 condensation")
     add_data_arguments(p)
     g = p.add_argument_group("distillation")
     g.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
     g.add_argument("--iterations", type=int, default=20000, help="optimiser steps on the synthetic images")
     g.add_argument("--batch-real", type=int, default=256, help="real images per class per iteration")
-    g.add_argument("--optimizer", default=None, choices=("sgd", "adam"),
-                   help=f"optimiser on pixels: SGD with momentum 0.5 (DM) or Adam (free of the loss's scale) "
+    g.add_argument("--optimizer", default=None, choices=("sgd", "adam", "adamw"),
+                   help=f"optimiser on pixels: SGD with momentum 0.5 (DM), Adam (free of the loss's scale) or "
+                        f"AdamW (PyTorch's defaults, as NCFM) "
                         f"(default: per method, {DEFAULT_OPTIMIZER})")
     g.add_argument("--lr-img", type=finite_float, default=None,
-                   help="learning rate on pixels (default: per method and optimiser, DEFAULT_LR_IMG in distill.py)")
+                   help="learning rate on pixels (default: per method and optimiser, default_lr_img in distill.py)")
     g.add_argument("--factor", type=int, default=2,
                    help="multi-formation (NCFM, IDC): each synthetic image holds factor x factor tiles, each "
                         "decoded to a full-size training image, so the set has IPC x factor^2 images per class "
@@ -119,7 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature extractor per iteration: a fresh random ConvNet (DM), or one of a pool of "
                         "ConvNets trained briefly on the long-tailed set, blended with its initialisation (NCFM)")
     g.add_argument("--pool-size", type=int, default=4, help="--extractor pool: networks in the pool")
-    g.add_argument("--pool-epochs", type=int, default=3, help="--extractor pool: training epochs of each network")
+    g.add_argument("--pool-schedule", default="brief", choices=tuple(POOL_SCHEDULES),
+                   help="--extractor pool: how each pool network is trained (training.POOL_SCHEDULES): brief, the "
+                        "project's first pool (3 epochs of DM's evaluation schedule), or ncfm, NCFM's pre-training "
+                        "(60 epochs of SGD, lr x0.2 at epochs 40 and 50)")
+    g.add_argument("--pool-epochs", type=int, default=None,
+                   help="--extractor pool: training epochs of each network (default: the schedule's)")
+    g.add_argument("--pool-cache", default=None,
+                   help="--extractor pool: folder of trained pools, one file per network so that a stopped "
+                        "pool continues (default: $CSDM_CACHE_DIR/pools)")
+    g.add_argument("--pool-only", action="store_true",
+                   help="--extractor pool: train (or complete) the pool in --pool-cache and stop, writing nothing "
+                        "to --out (NCFM's pre-training as a step of its own)")
+    g.add_argument("--class-steps", action="store_true",
+                   help="one optimiser step per class per iteration, on that class's loss (NCFM), instead of one "
+                        "step on the sum over classes (DM)")
     g.add_argument("--calibration", type=finite_float, default=0.0,
                    help="--extractor pool: weight of NCFM's cross-entropy calibration term (the iteration's pool "
                         "network, trained, classifies the synthetic images); 0: off")
@@ -145,12 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "classes, the result is the same")
     g = p.add_argument_group("loss")
     g.add_argument("--kernel", default="gaussian", choices=KERNELS, help="universal kernel of the spectral methods")
+    g.add_argument("--imq-beta", type=finite_float, default=0.5,
+                   help="--kernel imq: the exponent beta of (1 + ||delta||^2 / sigma^2)^-beta")
     g.add_argument("--num-freqs", type=int, default=1024, help="frequencies M drawn per iteration")
     g.add_argument("--bandwidth", type=finite_float, default=1.0,
                    help="kernel bandwidth sigma (with --bandwidth-rule median: a multiple of the median distance)")
     g.add_argument("--bandwidth-rule", default="fixed", choices=("fixed", "median"),
                    help="fixed sigma, or per class sigma_c = bandwidth x median pairwise distance of the "
-                        "iteration's real features of class c, in the kernel's metric (L1 for laplacian, else L2)")
+                        "iteration's real features of class c, in the kernel's metric (L1 for laplacian-l1, else L2)")
     g.add_argument("--feature-norm", default="l2", choices=("l2", "none"),
                    help="L2-normalise features before the spectral and mmd losses (dm always uses raw features)")
     g.add_argument("--alpha-head", type=finite_float, default=ALPHA_HEAD,
@@ -194,6 +251,8 @@ def check_options(args) -> None:
         raise UsageError(f"--lr-img must be > 0 (got {args.lr_img})")
     if not args.bandwidth > 0:
         raise UsageError(f"--bandwidth must be > 0 (got {args.bandwidth})")
+    if not args.imq_beta > 0:
+        raise UsageError(f"--imq-beta must be > 0 (got {args.imq_beta})")
     if args.bandwidth_rule == "median" and args.batch_real < 2:
         raise UsageError("--bandwidth-rule median needs two real images of a class to measure a distance: "
                          "raise --batch-real to 2 or more, or use --bandwidth-rule fixed")
@@ -240,8 +299,9 @@ def resolved_config(args, data: LongTailedData) -> dict:
     optimizer_name = args.optimizer or DEFAULT_OPTIMIZER[args.method]
     device = resolve_device(args.device)
     return dict(vars(args), depth=args.depth or depth_for_size(data.image_size), optimizer=optimizer_name,
-                lr_img=args.lr_img or DEFAULT_LR_IMG[optimizer_name, args.method],
-                precision=resolve_precision(args.precision, device, args.compile), format_version=FORMAT_VERSION)
+                lr_img=args.lr_img or default_lr_img(optimizer_name, args.method),
+                precision=resolve_precision(args.precision, device, args.compile), format_version=FORMAT_VERSION,
+                kernel_names=KERNEL_NAMES)
 
 
 # ----------------------------------------------------------------------------------------
@@ -275,9 +335,17 @@ def load_checkpoint(out: Path, config: dict) -> dict | None:
 def option_differences(recorded: dict, config: dict, what: str) -> list[str]:
     """The options (not the run options such as --iterations) in which a recorded config differs from this
     run's, as '--option theirs (what) vs ours (now)'."""
-    theirs, ours = ADDED_OPTIONS | comparable_config(recorded), comparable_config(config)
+    theirs, ours = ADDED_OPTIONS | comparable_config(with_present_kernel_name(recorded)), comparable_config(config)
     return [f"--{key.replace('_', '-')} {theirs.get(key)} ({what}) vs {ours.get(key)} (now)"
             for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
+
+
+def with_present_kernel_name(config: dict) -> dict:
+    """A recorded config with its kernel under the present name (records before kernel_names 2 called the
+    product kernels laplacian and cauchy)."""
+    if config.get("kernel_names", 1) >= KERNEL_NAMES or "kernel" not in config:
+        return config
+    return dict(config, kernel=RENAMED_KERNELS.get(config["kernel"], config["kernel"]))
 
 
 def finished_set(out: Path, config: dict, checkpoint: dict | None) -> bool:
@@ -344,14 +412,28 @@ def pool_file(args, data: LongTailedData, depth: int, precision: str) -> Path:
     names and the SHA-1 of its long-tailed training images and labels, whatever its name: two image-folder
     trees of the same counts and size are two data sets, and so are CIFAR-10 from torchvision and its JPEG
     copy (other pixels, so another subset and other pictures under the same seed)."""
+    return pool_folder(args) / f"pool-{pool_digest(args, data, depth, precision, with_size=True)}.pt"
+
+
+def pool_networks_folder(args, data: LongTailedData, depth: int, precision: str) -> Path:
+    """Where the pool's networks are cached one file each, as they finish. Network k depends on (seed, k) and
+    not on --pool-size: a pool of 2 shares its networks with a pool of 20."""
+    return pool_folder(args) / f"networks-{pool_digest(args, data, depth, precision, with_size=False)}"
+
+
+def pool_folder(args) -> Path:
+    return Path(args.pool_cache) if args.pool_cache else cache_dir() / "pools"
+
+
+def pool_digest(args, data: LongTailedData, depth: int, precision: str, with_size: bool) -> str:
     key = (data.name, tuple(data.class_counts), data.channels, data.image_size, args.val_per_class, args.seed,
-           args.width, depth, args.norm, args.pooling, args.pool_size, args.pool_epochs, precision) + (
-           (args.pool_rebalance,) if args.pool_rebalance != "none" else ())
+           args.width, depth, args.norm, args.pooling) + ((args.pool_size,) if with_size else ()) + (
+           args.pool_epochs, precision) + ((args.pool_rebalance,) if args.pool_rebalance != "none" else ()) + (
+           (args.pool_schedule,) if args.pool_schedule != "brief" else ())  # the first pools' paths unchanged
     content = hashlib.sha1(memoryview(data.train_images.contiguous().numpy()))  # no copy of the images
     content.update(memoryview(data.train_labels.contiguous().numpy()))
     key += (tuple(data.class_names), content.hexdigest())
-    digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
-    return cache_dir() / "pools" / f"pool-{digest}.pt"
+    return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
 
 
 def retrain_classifier_balanced(net, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -394,9 +476,9 @@ def pool_logit_shift(args, data: LongTailedData, device) -> torch.Tensor | None:
 
 def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device, processes: Processes,
                    log=print) -> list[dict]:
-    """NCFM's pool: --pool-size ConvNets, each trained --pool-epochs epochs on the long-tailed set
-    (the evaluation protocol's SGD and DSA), kept with its initialisation. Trained once, cached,
-    and split across processes under torchrun."""
+    """NCFM's pool: --pool-size ConvNets, each trained --pool-epochs epochs on the long-tailed set under
+    --pool-schedule, kept with its initialisation. Each network is cached as it finishes (a stopped pool
+    continues with the next one), the whole pool once all are; split across processes under torchrun."""
     precision = resolve_precision(args.precision, device, args.compile)
     path = pool_file(args, data, depth, precision)
     if path.exists():
@@ -404,26 +486,41 @@ def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device,
             return torch.load(path, map_location="cpu", weights_only=True)["networks"]
         except Exception:
             log(f"extractor pool {path} unreadable; training it again")
-    log(f"training the extractor pool: {args.pool_size} networks x {args.pool_epochs} epochs on "
-        f"{len(data.train_labels)} images -> {path}")
-    images, labels = data.normalise(data.train_images).to(device), data.train_labels.to(device)
-    logit_shift, mine = pool_logit_shift(args, data, device), []
-    for k in range(processes.rank, args.pool_size, processes.world):
-        generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_POOL, k))
-        net = reset_parameters_(convnet(args, data, depth, device), generator)
-        init = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
-        train_network(net, images, labels, generator, PROTOCOLS["dm"], args.pool_epochs, precision=precision,
-                      compile=args.compile, logit_shift=logit_shift)
-        if args.pool_rebalance == "crt":
-            retrain_classifier_balanced(net, images, labels, data.num_classes, generator)
-        trained = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
-        mine.append((k, {"init": init, "trained": trained}))
-        log(f"  pool network {k + 1}/{args.pool_size} trained")
+    log(f"training the extractor pool: {args.pool_size} networks x {args.pool_epochs} epochs ({args.pool_schedule} "
+        f"schedule) on {len(data.train_labels)} images -> {path}")
+    folder = pool_networks_folder(args, data, depth, precision)
+    mine = [(k, pool_network(args, data, depth, device, k, folder, log))
+            for k in range(processes.rank, args.pool_size, processes.world)]
     mine = processes.gather_objects(mine)
     networks = [network for _, network in sorted(mine, key=lambda entry: entry[0])]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save({"networks": networks}, path)
+    if processes.main:
+        atomic_save({"networks": networks}, path)
     return networks
+
+
+def pool_network(args, data: LongTailedData, depth: int, device, k: int, folder: Path, log) -> dict:
+    """Pool network k ({"init", "trained"} state dicts), from folder/network-k.pt or trained and written there.
+    Its draws (initialisation, batches, augmentation) come from (seed, k) alone."""
+    path = folder / f"network-{k}.pt"
+    if path.exists():
+        log(f"  pool network {k + 1}/{args.pool_size}: {path}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    start = time.perf_counter()
+    precision = resolve_precision(args.precision, device, args.compile)
+    images, labels = data.normalise(data.train_images).to(device), data.train_labels.to(device)
+    generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_POOL, k))
+    net = reset_parameters_(convnet(args, data, depth, device), generator)
+    init = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
+    train_network(net, images, labels, generator, POOL_SCHEDULES[args.pool_schedule], args.pool_epochs,
+                  precision=precision, compile=args.compile, logit_shift=pool_logit_shift(args, data, device))
+    if args.pool_rebalance == "crt":
+        retrain_classifier_balanced(net, images, labels, data.num_classes, generator)
+    network = {"init": init, "trained": {name: value.detach().cpu().clone() for name, value in net.state_dict().items()},
+               "seconds": torch.tensor(time.perf_counter() - start, dtype=torch.float64)}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save(network, path)
+    log(f"  pool network {k + 1}/{args.pool_size} trained in {network['seconds'].item():.0f} s")
+    return network
 
 
 # ----------------------------------------------------------------------------------------
@@ -471,7 +568,8 @@ class Extractor:
         self.compiled = [self.embed]  # the compiled functions a step runs through
         self.pool = None
         if args.extractor == "pool":
-            self.pool = [{part: {name: value.to(device) for name, value in network[part].items()} for part in network}
+            self.pool = [{part: {name: value.to(device) for name, value in network[part].items()}
+                          for part in ("init", "trained")}
                          for network in extractor_pool(args, data, config["depth"], device, processes, log)]
         self.calibrator = None
         if args.calibration > 0:
@@ -523,7 +621,8 @@ def draw_frequencies(args, iteration: int, dim: int, device) -> torch.Tensor | N
     if args.method not in SPECTRAL_METHODS:
         return None
     generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_FREQS, iteration))
-    return sample_frequencies(args.num_freqs, dim, args.kernel, 1.0, generator=generator, device=device)
+    return sample_frequencies(args.num_freqs, dim, args.kernel, 1.0, generator=generator, device=device,
+                              beta=args.imq_beta)
 
 
 def chunk_classes(batch_real: int, decoded_per_class: int, images: int = 4096, with_grad: int = 1024) -> int:
@@ -561,15 +660,22 @@ class Matcher:
         per_class = args.norm == "batch"
         self.micro = None if per_class else micro_batch_size(device, data.image_size)
         self.real_chunk = None if per_class else self.micro or 1024
-        per_chunk = 1 if per_class else args.class_chunk or chunk_classes(args.batch_real, args.ipc * self.tiles)
+        per_chunk = 1 if per_class or args.class_steps else (
+            args.class_chunk or chunk_classes(args.batch_real, args.ipc * self.tiles))
         self.chunks = [(a, min(a + per_chunk, len(shard.classes))) for a in range(0, len(shard.classes), per_chunk)]
 
-    def backward(self, syn: torch.Tensor, iteration: int, extractor: Extractor, freqs) -> torch.Tensor:
-        """Accumulate d loss / d syn into syn.grad; returns the loss (detached)."""
+    def steps(self) -> list[list[tuple[int, int]]]:
+        """The chunks of each optimiser step of an iteration: all of them in one step, or with --class-steps
+        one step per class (NCFM)."""
+        return [[chunk] for chunk in self.chunks] if self.args.class_steps else [self.chunks]
+
+    def backward(self, syn: torch.Tensor, iteration: int, extractor: Extractor, freqs,
+                 chunks: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Accumulate d loss / d syn of `chunks` (default: all) into syn.grad; returns their loss (detached)."""
         index, position = self.sampler.sample(iteration)
         real_local = self.shard.local_of_class[self.train_labels[index]]
         total = torch.zeros((), device=self.device)
-        for first, last in self.chunks:
+        for first, last in chunks or self.chunks:
             in_real = (real_local >= first) & (real_local < last)
             loss = self.chunk_loss(syn, iteration, extractor, freqs, first, last, index[in_real], position[in_real])
             loss.backward()
@@ -650,8 +756,9 @@ def starting_state(args, config: dict, init_images, shard: Shard, checkpoint: di
     """The real initialisation, or the checkpoint's images and optimiser state; this process's rows."""
     images = checkpoint["images"] if checkpoint is not None else init_images
     syn = images[shard.rows].clone().to(device).requires_grad_(True)
-    optimizer = (torch.optim.SGD([syn], lr=config["lr_img"], momentum=0.5) if config["optimizer"] == "sgd"
-                 else torch.optim.Adam([syn], lr=config["lr_img"]))
+    optimizer = {"sgd": lambda: torch.optim.SGD([syn], lr=config["lr_img"], momentum=0.5),
+                 "adam": lambda: torch.optim.Adam([syn], lr=config["lr_img"]),
+                 "adamw": lambda: torch.optim.AdamW([syn], lr=config["lr_img"])}[config["optimizer"]]()
     if checkpoint is None:
         return LoopState(syn, optimizer, 0, [], 0.0)
     restore_optimizer(optimizer, checkpoint["optimizer"], shard.rows)
@@ -712,7 +819,8 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     for iteration in range(state.start_iteration, args.iterations):
         extractor.draw(iteration)
         freqs = draw_frequencies(args, iteration, extractor.feature_dim, device)
-        loss = step_or_fall_back(lambda: update(state, matcher, iteration, extractor, freqs), extractor.compiled)
+        loss = sum(step_or_fall_back(lambda: update(state, matcher, iteration, extractor, freqs, chunks),
+                                     extractor.compiled) for chunks in matcher.steps())
         value, signalled = check_finite(loss, state.syn, stop, processes, iteration)
         elapsed = state.elapsed_before + time.perf_counter() - start
         state.history.append((iteration, value, elapsed))
@@ -735,11 +843,11 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     }
 
 
-def update(state: LoopState, matcher: Matcher, iteration: int, extractor: Extractor, freqs) -> torch.Tensor:
-    """One step on the synthetic pixels; every draw is a function of the seed and the iteration, so it can
-    be repeated (runs.step_or_fall_back). Returns the loss."""
+def update(state: LoopState, matcher: Matcher, iteration: int, extractor: Extractor, freqs, chunks) -> torch.Tensor:
+    """One step on the synthetic pixels, on the loss of `chunks`; every draw is a function of the seed and the
+    iteration, so it can be repeated (runs.step_or_fall_back). Returns the loss."""
     state.optimizer.zero_grad(set_to_none=True)
-    loss = matcher.backward(state.syn, iteration, extractor, freqs)
+    loss = matcher.backward(state.syn, iteration, extractor, freqs, chunks)
     state.optimizer.step()
     return loss
 
@@ -880,7 +988,10 @@ def job(args, holder) -> None:
     check_options(args)
     processes, device = start_processes(args.device)
     holder[0] = processes
-    check_out_folder(args)
+    if args.pool_only and args.extractor != "pool":
+        raise UsageError("--pool-only trains the extractor pool: add --extractor pool (or --preset ncfm-paper)")
+    if not args.pool_only:
+        check_out_folder(args)
     log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
     torch.manual_seed(args.seed)  # nothing should draw from the global generator; pin it anyway
     out = Path(args.out)
@@ -889,6 +1000,10 @@ def job(args, holder) -> None:
         + (f", {processes.world} processes" if processes.world > 1 else ""))
     data = processes.main_first(lambda: load_from_args(args, log=log))  # one download, one cache file
     check_network(args, data)
+    if args.pool_only:
+        extractor_pool(args, data, resolved_config(args, data)["depth"], device, processes, log)
+        log(f"the pool of {args.pool_size} networks is in {pool_folder(args)}")
+        return
     try:
         checkpoint = prepare_out_folder(args, data, processes, log)
     except Finished as done:

@@ -421,12 +421,12 @@ case "$MODE" in
     }
     case "$ABLATION" in
       kernel)
-        for kernel in gaussian laplacian cauchy; do
+        for kernel in gaussian laplacian imq laplacian-l1 cauchy-product; do
           variant "csdm-$kernel-fixed" csdm 200 --kernel "$kernel"
           variant "csdm-$kernel-median" csdm 200 --kernel "$kernel" --bandwidth-rule median
         done ;;
       weighting)
-        for kernel in gaussian laplacian cauchy; do
+        for kernel in gaussian laplacian-l1 cauchy-product; do  # the kernels the weighting table measured
           variant "sdm-$kernel" sdm 200 --kernel "$kernel"
           variant "csdm-$kernel" csdm 200 --kernel "$kernel"
         done

@@ -28,7 +28,10 @@ import math
 
 import torch
 
-KERNELS = ("gaussian", "laplacian", "cauchy")
+# radial kernels first; the two product kernels (the project's "laplacian" and "cauchy" until 2026-12-07) under
+# names that say what they are: on d-dimensional features their l1 distance grows like d, so at 2048-d they are
+# close to a delta at the default bandwidth
+KERNELS = ("gaussian", "laplacian", "imq", "laplacian-l1", "cauchy-product")
 METHODS = ("csdm", "sdm", "ncfm", "mmd", "dm")
 SPECTRAL_METHODS = ("csdm", "sdm", "ncfm")
 # Class-aware end points a_head, a_tail (docs/method.md, "Class-aware weighting"). Chosen on the validation
@@ -39,37 +42,59 @@ _TINY = 1e-30  # keeps sqrt differentiable where an amplitude is exactly zero
 
 def sample_frequencies(num_freqs: int, dim: int, kernel: str = "gaussian", bandwidth: float = 1.0,
                        generator: torch.Generator | None = None, device=None,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Draw w_1..w_M ~ Lambda, the spectral measure of a kernel with bandwidth sigma. (M, d).
+                       dtype: torch.dtype = torch.float32, beta: float = 0.5) -> torch.Tensor:
+    """Draw w_1..w_M ~ Lambda, the spectral measure of a kernel with bandwidth sigma (Bochner:
+    kappa(delta) = E_w[cos(w . delta)]). (M, d).
 
-    gaussian  kappa = exp(-||delta||^2 / (2 sigma^2))    w ~ N(0, sigma^-2 I)
-    laplacian kappa = exp(-||delta||_1 / sigma)          w_j ~ Cauchy(0, 1/sigma)
-    cauchy    kappa = prod_j 1 / (1 + delta_j^2/sigma^2) w_j ~ Laplace(0, 1/sigma)
+    gaussian       kappa = exp(-||delta||^2 / (2 sigma^2))      w ~ N(0, sigma^-2 I)
+    laplacian      kappa = exp(-||delta||_2 / sigma)            w = z / (sigma |g|), z ~ N(0, I), g ~ N(0, 1)
+                                                                (the multivariate Cauchy)
+    imq            kappa = (1 + ||delta||^2 / sigma^2)^-beta     tau ~ Gamma(beta, 1), w ~ N(0, 2 tau sigma^-2 I)
+    laplacian-l1   kappa = exp(-||delta||_1 / sigma)            w_j ~ Cauchy(0, 1/sigma), independent
+    cauchy-product kappa = prod_j 1 / (1 + delta_j^2/sigma^2)   w_j ~ Laplace(0, 1/sigma), independent
+
+    The radial draws are Gaussian scale mixtures: E_w[cos(w . delta)] = E_s[exp(-s^2 ||delta||^2 / 2)] with
+    s = 1 / (sigma |g|) (whose mixture is exp(-||delta|| / sigma)) or s^2 = 2 tau / sigma^2 (the Laplace
+    transform of Gamma(beta, 1) at ||delta||^2 / sigma^2, (1 + ||delta||^2 / sigma^2)^-beta).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if not bandwidth > 0:
         raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+    if kernel == "imq" and not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
     shape = (num_freqs, dim)
-    if kernel == "gaussian":
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype) / bandwidth
+    if kernel in ("gaussian", "laplacian", "imq"):
+        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        if kernel == "gaussian":
+            return z / bandwidth
+        if kernel == "laplacian":
+            g = torch.randn((num_freqs, 1), generator=generator, device=device, dtype=dtype)
+            return z / (bandwidth * g.abs().clamp_min(1e-12))
+        tau = torch._standard_gamma(torch.full((num_freqs, 1), beta, device=device, dtype=dtype), generator)
+        return z * torch.sqrt(2 * tau) / bandwidth
     # inverse-CDF draws from u in (0, 1), kept off the end points where they diverge
     eps = 1e-7
     u = torch.rand(shape, generator=generator, device=device, dtype=dtype) * (1 - 2 * eps) + eps
-    if kernel == "laplacian":
+    if kernel == "laplacian-l1":
         return torch.tan(math.pi * (u - 0.5)) / bandwidth
     centred = u - 0.5
     return -torch.sign(centred) * torch.log1p(-2 * centred.abs()) / bandwidth
 
 
-def kernel_matrix(x: torch.Tensor, y: torch.Tensor, kernel: str = "gaussian", bandwidth: float = 1.0) -> torch.Tensor:
+def kernel_matrix(x: torch.Tensor, y: torch.Tensor, kernel: str = "gaussian", bandwidth: float = 1.0,
+                  beta: float = 0.5) -> torch.Tensor:
     """k(x_i, y_j) for every pair, (n, m), straight from the formulas above (a reference, O(n m d))."""
     delta = x[:, None, :] - y[None, :, :]
     if kernel == "gaussian":
         return torch.exp(-(delta ** 2).sum(-1) / (2 * bandwidth ** 2))
     if kernel == "laplacian":
+        return torch.exp(-delta.norm(dim=-1) / bandwidth)
+    if kernel == "imq":
+        return (1 + (delta ** 2).sum(-1) / bandwidth ** 2) ** -beta
+    if kernel == "laplacian-l1":
         return torch.exp(-delta.abs().sum(-1) / bandwidth)
-    if kernel == "cauchy":
+    if kernel == "cauchy-product":
         return torch.prod(1 / (1 + (delta / bandwidth) ** 2), dim=-1)
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
@@ -122,10 +147,10 @@ def class_weights(counts, a_head: float = ALPHA_HEAD, a_tail: float = ALPHA_TAIL
 
 
 def kernel_metric_p(kernel: str) -> float:
-    """The p of the distance ||delta||_p that a kernel's bandwidth scales: 1 for the Laplacian
-    exp(-||delta||_1 / sigma), 2 for the Gaussian and for the Cauchy product kernel (which is
+    """The p of the distance ||delta||_p that a kernel's bandwidth scales: 1 for the l1 Laplacian
+    exp(-||delta||_1 / sigma), 2 for the radial kernels and for the Cauchy product kernel (which is
     exp(-||delta||^2 / sigma^2) to first order for small per-coordinate differences)."""
-    return 1.0 if kernel == "laplacian" else 2.0
+    return 1.0 if kernel == "laplacian-l1" else 2.0
 
 
 def class_median_distances(feats: torch.Tensor, labels: torch.Tensor, num_classes: int,

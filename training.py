@@ -25,7 +25,7 @@ Passing `epochs` scales the schedule (milestones and evaluation interval are fra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -59,6 +59,19 @@ PROTOCOLS = {
     "ncfm": Protocol("ncfm", epochs=2000, batch_size=128, optimizer="adamw", lr=1e-3, momentum=0.0,
                      weight_decay=0.01, milestones=(0.2, 0.4, 0.6, 0.8), gamma=0.5, augmentation="ncfm",
                      cutmix_prob=0.5, evaluations=20),
+}
+
+# How distill.py's extractor pool is trained (--pool-schedule), apart from the evaluation protocols above.
+# - brief: the project's first pool, DM's evaluation row cut to 3 epochs (1 at lr 0.01, 2 at 0.001): weak
+#   classifiers, kept so that runs made with it resume and reproduce.
+# - ncfm: NCFM's pre-training (gszfwsb/NCFM pretrain/pretrain_script.py with config/ipc10/cifar10.yaml): SGD lr
+#   0.01, momentum 0.9, weight decay 5e-4, batch 128, 60 epochs, lr x0.2 after epochs 2E//3 and 5E//6 (40 and
+#   50), NCFM's DiffAug per image and CutMix with probability 0.5.
+POOL_SCHEDULES = {
+    "brief": replace(PROTOCOLS["dm"], name="brief", epochs=3),
+    "ncfm": Protocol("ncfm-pool", epochs=60, batch_size=128, optimizer="sgd", lr=0.01, momentum=0.9,
+                     weight_decay=5e-4, milestones=(2 / 3, 5 / 6), gamma=0.2, augmentation="ncfm", cutmix_prob=0.5,
+                     evaluations=1),
 }
 
 

@@ -58,22 +58,57 @@ def test_frequencies_follow_bochner(kernel):
     assert torch.allclose(empirical, expected, atol=6e-3)
 
 
+RADIAL_CLOSED_FORMS = {  # kappa as a function of r = ||delta||_2 / sigma, written from the formulas
+    "gaussian": lambda r: math.exp(-r ** 2 / 2),
+    "laplacian": lambda r: math.exp(-r),
+    "imq": lambda r: (1 + r ** 2) ** -0.5,
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(RADIAL_CLOSED_FORMS))
+def test_radial_kernels_match_their_closed_form_on_2048_d_unit_vectors(kernel):
+    """On the features distill.py matches (2048-d, L2-normalised) a radial kernel depends on ||delta||_2 alone:
+    the Monte-Carlo mean of cos(w . delta) over its spectral draws is the closed form at sigma = 1 and at the
+    median distance's scale, within 5 standard errors."""
+    g = torch.Generator().manual_seed(11)
+    points = torch.nn.functional.normalize(torch.randn(4, 2048, generator=g, dtype=torch.float64).abs(), dim=1)
+    deltas = torch.cat([points[:1] - points[1:], 0.2 * (points[:1] - points[1:])])  # ||delta|| ~ 0.9 and ~ 0.2
+    for sigma in (1.0, 0.5):
+        w = sample_frequencies(20_000, 2048, kernel, sigma, generator=g, dtype=torch.float64)
+        terms = torch.cos(deltas @ w.T)  # (deltas, M)
+        expected = torch.tensor([RADIAL_CLOSED_FORMS[kernel](r / sigma) for r in deltas.norm(dim=1).tolist()],
+                                dtype=torch.float64)
+        error = (terms.mean(1) - expected).abs()
+        assert (error < 5 * terms.std(1) / math.sqrt(w.shape[0]) + 1e-3).all(), (kernel, sigma, error)
+        assert torch.allclose(kernel_matrix(deltas, torch.zeros(1, 2048, dtype=torch.float64), kernel, sigma)[:, 0],
+                              expected)
+
+
+def test_the_l1_product_kernel_is_a_delta_on_2048_d_unit_vectors():
+    """Why the l1 Laplacian was renamed: at sigma = 1 two 2048-d unit vectors are e^-(tens) apart under it,
+    while the radial Laplacian keeps them at e^-||delta||_2."""
+    g = torch.Generator().manual_seed(12)
+    x, y = torch.nn.functional.normalize(torch.randn(2, 2048, generator=g, dtype=torch.float64).abs(), dim=1)
+    assert kernel_matrix(x[None], y[None], "laplacian-l1")[0, 0] < 1e-10
+    assert kernel_matrix(x[None], y[None], "laplacian")[0, 0] > 0.3
+
+
 def test_frequency_moments():
     g = torch.Generator().manual_seed(4)
     sigma = 0.5
     w = sample_frequencies(400_000, 1, "gaussian", sigma, generator=g, dtype=torch.float64)
     assert abs(w.mean()) < 0.02 and abs(w.var() - 1 / sigma ** 2) < 0.05  # N(0, sigma^-2)
-    w = sample_frequencies(400_000, 1, "laplacian", sigma, generator=g, dtype=torch.float64)
+    w = sample_frequencies(400_000, 1, "laplacian-l1", sigma, generator=g, dtype=torch.float64)
     # Cauchy(0, 1/sigma): median 0, quartiles +-1/sigma
     assert abs(w.median()) < 0.02 and abs(w.abs().median() - 1 / sigma) < 0.02
-    w = sample_frequencies(400_000, 1, "cauchy", sigma, generator=g, dtype=torch.float64)
+    w = sample_frequencies(400_000, 1, "cauchy-product", sigma, generator=g, dtype=torch.float64)
     assert abs(w.mean()) < 0.02 and abs(w.abs().mean() - 1 / sigma) < 0.02  # Laplace(0, 1/sigma)
     assert abs(w.var() - 2 / sigma ** 2) < 0.2
 
 
 def test_frequencies_are_reproducible_and_checked():
-    a = sample_frequencies(8, 5, "cauchy", generator=torch.Generator().manual_seed(7))
-    b = sample_frequencies(8, 5, "cauchy", generator=torch.Generator().manual_seed(7))
+    a = sample_frequencies(8, 5, "cauchy-product", generator=torch.Generator().manual_seed(7))
+    b = sample_frequencies(8, 5, "cauchy-product", generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and a.shape == (8, 5) and a.dtype == torch.float32
     with pytest.raises(ValueError, match="kernel"):
         sample_frequencies(8, 5, "polynomial")
@@ -141,8 +176,9 @@ def test_class_median_distances():
     for c in range(3):
         assert medians[c] == median_distance(real[real_labels == c])
     assert medians[3] == 1  # the bandwidth as given: not the other classes' (which depend on the class chunks)
-    # the Laplacian's bandwidth scales the L1 distance: its median rule measures in L1
-    assert kernel_metric_p("laplacian") == 1 and kernel_metric_p("gaussian") == kernel_metric_p("cauchy") == 2
+    # the l1 Laplacian's bandwidth scales the L1 distance: its median rule measures in L1; the radial ones in L2
+    assert kernel_metric_p("laplacian-l1") == 1
+    assert {kernel_metric_p(k) for k in ("gaussian", "laplacian", "imq", "cauchy-product")} == {2}
     l1 = class_median_distances(single, labels, 4, p=1)
     for c in range(3):
         x = real[real_labels == c]
