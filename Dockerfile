@@ -1,11 +1,11 @@
 # CSDM-LT: long-tailed dataset distillation, on a CUDA PyTorch image.
 #
 #   docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t csdm .
-#   docker run --gpus all -v "$PWD/data:/workspace/csdm/data" -v "$PWD/results:/workspace/csdm/results" \
+#   docker run --gpus all -v "$PWD/data:/workspace/csdm/data" -v "$PWD/runs:/workspace/csdm/runs" \
 #     -v csdm-cache:/workspace/cache csdm ./run_all.sh
 #
-# data/ holds the downloaded CIFAR (torchvision downloads there when no --data-dir is given), results/ the
-# runs, and the named volume csdm-cache the decoded splits (CSDM_CACHE_DIR) and torch.compile's kernels, so
+# data/ holds the downloaded CIFAR (torchvision downloads there when no --data-dir is given), runs/ the
+# runs (run_all.sh's default --out), and the named volume csdm-cache the decoded splits (CSDM_CACHE_DIR) and torch.compile's kernels, so
 # a second container neither downloads, decodes nor compiles again. GIT_COMMIT names the commit in every run
 # record (the image has no .git). Tests of this file, without a Docker engine: tests/test_docker.py.
 #
@@ -30,7 +30,7 @@ RUN pip install --no-cache-dir -r requirements.txt
 ENV CSDM_CACHE_DIR=/workspace/cache \
     TORCHINDUCTOR_CACHE_DIR=/workspace/cache/torchinductor \
     TRITON_CACHE_DIR=/workspace/cache/triton
-VOLUME ["/workspace/csdm/data", "/workspace/csdm/results", "/workspace/cache"]
+VOLUME ["/workspace/csdm/data", "/workspace/csdm/runs", "/workspace/cache"]
 
 # every module (so a new one is never left out) and the script; last, so that a code change rebuilds
 # only this layer

@@ -12,13 +12,16 @@
 #   ./run_all.sh --calibration-bench --data-dir data/cifar10  # the balanced calibration beside those sets
 #   ./run_all.sh --full-cell --data-dir data/cifar10      # the paper's headline cell at the field's full budget
 #                                                         #   (many hours on a CPU: stop and rerun to continue)
+#   ./run_all.sh --paper-cell --data-dir data/cifar10     # NCFM's pipeline (the paper's): ncfm and csdm, full budget
+#   ./run_all.sh --paper-bench --data-dir data/cifar10    # the same pipeline at a CPU budget (pool of 2, 400 its)
 #   ./run_all.sh --ablation kernel --data-dir data/cifar10  # one ablation table, on the validation split
 #
-# Each run lives in its own folder (results/<dataset>/if<IF>/ipc<IPC>/<method>/ for the grid; results/quick/...
-# with --quick, results/seed<N>/... with another seed); a finished run (results.json present) is skipped, an
-# interrupted one resumed, and a folder finished with other options (budget, seed, precision) refused, so the
-# script can be stopped and started again. The grid ends with results/table.md and results/accuracy_vs_if.png
-# (results/quick/table.md, ...).
+# Each run lives in its own folder under --out (default runs/, git-ignored: runs/<dataset>/if<IF>/ipc<IPC>/<method>/
+# for the grid; runs/quick/... with --quick, runs/seed<N>/... with another seed); a finished run (results.json
+# present) is skipped, an interrupted one resumed, and a folder finished with other options (budget, seed,
+# precision) refused, so the script can be stopped and started again. The grid ends with runs/table.md and
+# runs/accuracy_vs_if.png (runs/quick/table.md, ...). The committed reference results are under results/ and
+# are written only when asked for with --out results.
 set -euo pipefail
 cd "$(dirname "$0")"
 if (( BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4) )); then
@@ -57,11 +60,20 @@ options:
                        long-tailed set at IF 200 (5 networks x 200 epochs); finished sets of seed 0 released as
                        results/sets/cifar10-if<IF>-ipc10-<method>.pt (results/full_cell.md). Takes no --quick,
                        --datasets, --ifs, --ipcs or --methods
+  --paper-cell         NCFM's pipeline, the one the paper builds CSDM on (distill.py --preset ncfm-paper: a pool of
+                       20 ConvNets pre-trained 60 epochs, kept in OUT/paper_cell/pool/, calibration, batch-real
+                       1024, 4096 frequencies, AdamW, one step per class), 20,000 iterations, for ncfm (NCFM as
+                       published) and csdm at IF 200, then IF 10, each evaluated by 5 networks x 1000 epochs
+                       under DM's and under NCFM's protocol (OUT/paper_cell.md); days on a CPU
+  --paper-bench        the same pipeline at a CPU budget: the pool's first 2 networks (the full 60-epoch schedule,
+                       shared with --paper-cell's pool), 400 iterations, IF 200, 3 networks x 200 epochs under
+                       DM's protocol, test split: the CPU benchmark's evaluation (OUT/paper_bench.md)
   --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing,
                        balanced-calibration (validation split; writes OUT/ablations/NAME.md, a row and a line
                        of provenance per run)
   --data-dir DIR       data folder passed to distill.py / evaluate.py (default: download)
-  --out DIR            results folder (default: results)
+  --out DIR            where the runs go (default: runs, git-ignored, yours; the repository's committed
+                       reference results are in results/ and are rewritten only with --out results)
   --device DEV         auto, cpu, cuda, cuda:N (default: auto)
   --seed N             the seed of every run's data subset and distillation (default: 0; the grid of another
                        seed goes to OUT/seed<N>/); evaluation networks are always seed 0's, for paired differences
@@ -81,7 +93,7 @@ set_mode() {  # set_mode MODE OPTION: one job per call of the script
 }
 
 MODE=grid; ABLATION=""; QUICK=0; DATASETS="cifar10 cifar100"; IF_LIST=""; IPC_LIST=""
-METHODS="random dm mmd ncfm sdm csdm full"; DATA_DIR=""; OUT="results"; DEVICE="auto"; SEED=0; PRECISION=""
+METHODS="random dm mmd ncfm sdm csdm full"; DATA_DIR=""; OUT="runs"; DEVICE="auto"; SEED=0; PRECISION=""
 GRID_OPTIONS=()  # options that only shape the grid (--quick, --datasets, ...), refused with the other jobs
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -92,6 +104,8 @@ while [[ $# -gt 0 ]]; do
     --arch-bench) set_mode arch-bench "$1"; shift ;;
     --calibration-bench) set_mode calibration-bench "$1"; shift ;;
     --full-cell) set_mode full-cell "$1"; shift ;;
+    --paper-cell) set_mode paper-cell "$1"; shift ;;
+    --paper-bench) set_mode paper-bench "$1"; shift ;;
     --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed|--ablation|--precision)
       [[ $# -ge 2 ]] || fail "$1 needs a value; see ./run_all.sh --help"
       case "$1" in
@@ -125,15 +139,16 @@ if [[ "$MODE" != grid && ${#GRID_OPTIONS[@]} -gt 0 ]]; then
   else why="it shapes the grid; $MODE_FLAG runs a fixed set of runs"; fi
   fail "$MODE_FLAG: ${GRID_OPTIONS[0]} does not apply ($why); drop it"
 fi
+echo "== run_all.sh: runs go to $OUT/ (--out; the committed reference results are in results/)"
 [[ "$MODE" != full-cell || "$SEED" == 0 ]] ||
   fail "--full-cell: --seed does not apply (the cell runs seed 0, then seed 1 for its second seed); drop it"
 # the full cell's checkpoints resume on any machine in bf16; the calibration bench matches the protocol bench (fp32)
 if [[ -z "$PRECISION" ]]; then
-  case "$MODE" in full-cell) PRECISION=bf16 ;; calibration-bench) PRECISION=fp32 ;; *) PRECISION=auto ;; esac
+  case "$MODE" in full-cell|paper-cell|paper-bench) PRECISION=bf16 ;; calibration-bench) PRECISION=fp32 ;; *) PRECISION=auto ;; esac
 fi
 case "$MODE:$ABLATION" in
   ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration|ablation:pairing|ablation:balanced-calibration) ;;
-  grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:|calibration-bench:|full-cell:) ;;
+  grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:|calibration-bench:|full-cell:|paper-cell:|paper-bench:) ;;
   *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing or balanced-calibration" ;;
 esac
 if [[ "$MODE" != grid && "$MODE" != full-cell && -z "$DATA_DIR" ]]; then
@@ -407,6 +422,27 @@ case "$MODE" in
     cell_run sdm sdm 200  # csdm without its class weights, the least telling run of the cell: last
     "$PYTHON" report.py "$tree/dm" "$tree/ncfm" --table "$OUT/full_cell.md"
     "$PYTHON" report.py "${tree}_seed1/dm" --table "$OUT/full_cell_seed1.md" ;;
+
+  paper-cell|paper-bench)
+    # NCFM's pipeline with NCFM's loss (NCFM as published) and with csdm's; the pool is trained once per IF
+    # (distill.py caches it network by network in $tree/pool, so that a stopped pool continues) and shared
+    tree="$OUT/$MODE" pool=(--preset ncfm-paper --pool-cache "$OUT/paper_cell/pool") ifs="200 10"
+    if [[ $MODE == paper-bench ]]; then
+      DISTILL_BUDGET=(--iterations 400 --compile); EVAL_BUDGET=(--num-eval 3 --epochs 200 --compile); ifs=200
+      pool+=(--pool-size 2)
+    else
+      DISTILL_BUDGET=(--iterations 20000 --compile)
+    fi
+    for imbalance in $ifs; do
+      for method in ncfm csdm; do
+        run_one "$tree/dm/cifar10/if$imbalance/ipc10/$method-paper" "$method" cifar10 "$imbalance" 10 "${pool[@]}"
+        [[ $MODE == paper-bench ]] || eval_into "$tree/dm/cifar10/if$imbalance/ipc10/$method-paper" \
+          "$tree/ncfm/cifar10/if$imbalance/ipc10/$method-paper" "$method" cifar10 "$imbalance" 10 \
+          "${EVAL_BUDGET[@]}" --protocol ncfm
+      done
+    done
+    tables=("$tree/dm"); [[ $MODE == paper-bench ]] || tables+=("$tree/ncfm")
+    "$PYTHON" report.py "${tables[@]}" --table "$OUT/$MODE.md" ;;
 
   ablation)
     # the CPU benchmark's setting at IF 200 with half its iterations (300, so that the tables fit a CPU

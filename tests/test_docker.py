@@ -353,7 +353,7 @@ def test_a_missing_compiler_is_caught():
 
 def run_all_default_out(run_all_text):
     match = re.search(r'\bOUT="([^"$]+)"', run_all_text)
-    return match.group(1) if match else "results"
+    return match.group(1) if match else "runs"
 
 
 def volume_problems(dockerfile_text, run_all_text, data_dir=getattr(data_lt, "DEFAULT_DATA_DIR", "data")):
@@ -418,9 +418,9 @@ def test_missing_volumes_and_commit_are_caught():
     no_cache = dockerfile.replace(volume, json.dumps([v for v in json.loads(volume) if "cache" not in v]))
     assert volume_problems(no_cache, run_all) == ["the cache (CSDM_CACHE_DIR): /workspace/cache is not a VOLUME"]
     assert header_problems(no_cache) == []  # mounting more than the volumes is fine
-    no_results = dockerfile.replace(volume, json.dumps([v for v in json.loads(volume) if "results" not in v]))
-    assert volume_problems(no_results, run_all) == ["results: /workspace/csdm/results is not a VOLUME"]
-    assert volume_problems(dockerfile, run_all.replace('OUT="results"', 'OUT="out"')) == [
+    no_results = dockerfile.replace(volume, json.dumps([v for v in json.loads(volume) if "runs" not in v]))
+    assert volume_problems(no_results, run_all) == ["results: /workspace/csdm/runs is not a VOLUME"]
+    assert volume_problems(dockerfile, run_all.replace('OUT="runs"', 'OUT="out"')) == [
         "results: /workspace/csdm/out is not a VOLUME"]
     assert "CSDM_CACHE_DIR is not set" in volume_problems(dockerfile.replace("CSDM_CACHE_DIR=", "X="), run_all)[0]
     assert volume_problems(dockerfile.replace("ARG GIT_COMMIT=unknown\n", ""), run_all)[0].startswith("no ARG")
