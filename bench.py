@@ -69,7 +69,8 @@ from networks import (BF16_FLAGS, PRECISIONS, ConvNet, autocast, build_network, 
 from runs import OneLineParser, atomic_write_text, environment, keep_freed_memory, resolve_device
 from stacked import train_networks_stacked
 from training import PROTOCOLS, train_network
-from sdd import exact_mmd2, per_class_loss, sample_frequencies
+from methods import per_class_loss
+from sdd import exact_mmd2, sample_frequencies
 
 TARGETS = {  # (direction, bound) on this project's 2-core CPU
     "iter_ratio_csdm_dm": ("<=", 1.10), "sdd_share": ("<=", 0.10), "sdd_scaling": ("<=", 4.5),

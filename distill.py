@@ -13,7 +13,7 @@ project's words in docs/method.md: the synthetic images start from real images o
 iteration draws a fresh randomly initialised ConvNet, a batch of up to --batch-real real images of every
 class, siamese DSA transformations shared by the real and the synthetic images of a class
 (--dsa-pairing), and --num-freqs frequencies from the kernel's spectrum; it embeds both batches,
-computes the matching loss of every class in one call (sdd.per_class_loss), sums it over classes and
+computes the matching loss of every class in one call (methods.per_class_loss), sums it over classes and
 takes one optimiser step on the synthetic pixels. distill() reads as those steps.
 
 With --extractor pool the extractor is one of a pool of briefly trained ConvNets blended with its
@@ -68,25 +68,12 @@ from runs import (FORMAT_VERSION, PARTIAL_EVALUATION, OneLineParser, Processes, 
                   atomic_write_text, check_out_is_folder, check_positive, compile_or_eager, environment, plot_loss,
                   plot_side_by_side, processor_name, resolve_device, run_script, save_grid, start_processes,
                   step_or_fall_back, write_run_readme)
-from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, METHODS, SPECTRAL_METHODS, class_median_distances, class_weights,
-                 kernel_metric_p, per_class_loss, sample_frequencies)
+from methods import DISTILLED, METHODS, SPECTRAL, default_lr_img, per_class_loss
+from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, class_median_distances, class_weights, kernel_metric_p,
+                 sample_frequencies)
 from training import POOL_SCHEDULES, train_network
 
 STREAM_NETWORK, STREAM_FREQS, STREAM_POOL = 11, 12, 13
-# Optimiser and learning rate on pixels per method, picked on the validation split (README, "How the
-# defaults were chosen"). dm: the DM paper's SGD, lr 1, momentum 0.5. The kernel losses (sdm, csdm, ncfm,
-# mmd) are ~1e-2 per class, so SGD at lr 1 hardly moves the pixels (csdm 27.4 % on validation, random
-# images 27.6 %); Adam is free of the loss's scale. Their SGD rate, 500, was validated for csdm only.
-DEFAULT_OPTIMIZER = {"dm": "sgd", "mmd": "adam", "sdm": "adam", "csdm": "adam", "ncfm": "adam"}
-
-
-def default_lr_img(optimizer: str, method: str) -> float:
-    """SGD: 1 for dm (DM's rate), 500 for the kernel losses; Adam and AdamW: 0.01 (NCFM's lr_img) for all."""
-    if optimizer == "sgd":
-        return 1.0 if method == "dm" else 500.0
-    return 0.01
-
-
 # --preset: option values that together are a published pipeline; options given on the command line win.
 # ncfm-paper: NCFM's CIFAR-10 IPC-10 condensation (gszfwsb/NCFM config/ipc10/cifar10.yaml, condenser/
 # Condenser.py, condenser/compute_loss.py): a pool of 20 ConvNets pre-trained 60 epochs (POOL_SCHEDULES["ncfm"]),
@@ -137,7 +124,7 @@ class DistillParser(OneLineParser):
 def build_parser() -> argparse.ArgumentParser:
     p = DistillParser(prog="distill.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", default="csdm", choices=METHODS, help="matching loss")
+    p.add_argument("--method", default="csdm", choices=DISTILLED, help="matching loss (methods.METHODS)")
     p.add_argument("--preset", default=None, choices=tuple(PRESETS),
                    help="a published pipeline's option values (PRESETS in distill.py); options given on the "
                         "command line win. ncfm-paper: NCFM's CIFAR-10 IPC-10 condensation")
@@ -149,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default=None, choices=("sgd", "adam", "adamw"),
                    help=f"optimiser on pixels: SGD with momentum 0.5 (DM), Adam (free of the loss's scale) or "
                         f"AdamW (PyTorch's defaults, as NCFM) "
-                        f"(default: per method, {DEFAULT_OPTIMIZER})")
+                        f"(default: per method, methods.METHODS)")
     g.add_argument("--lr-img", type=finite_float, default=None,
-                   help="learning rate on pixels (default: per method and optimiser, default_lr_img in distill.py)")
+                   help="learning rate on pixels (default: per method and optimiser, methods.default_lr_img)")
     g.add_argument("--factor", type=int, default=2,
                    help="multi-formation (NCFM, IDC): each synthetic image holds factor x factor tiles, each "
                         "decoded to a full-size training image, so the set has IPC x factor^2 images per class "
@@ -256,7 +243,7 @@ def check_options(args) -> None:
     if args.bandwidth_rule == "median" and args.batch_real < 2:
         raise UsageError("--bandwidth-rule median needs two real images of a class to measure a distance: "
                          "raise --batch-real to 2 or more, or use --bandwidth-rule fixed")
-    if args.class_aware and args.method not in ("sdm", "ncfm", "csdm"):
+    if args.class_aware and args.method not in SPECTRAL:
         raise UsageError(f"--class-aware applies to the spectral losses sdm and ncfm, not {args.method}; drop it")
     if class_aware(args) and not (0 < args.alpha_tail <= args.alpha_head < 1):
         raise UsageError(f"--alpha-head/--alpha-tail need 0 < tail <= head < 1 "
@@ -281,7 +268,7 @@ def check_options(args) -> None:
 
 def class_aware(args) -> bool:
     """csdm, or sdm / ncfm with --class-aware: alpha_c from the class counts instead of 1/2."""
-    return args.method == "csdm" or args.class_aware
+    return METHODS[args.method].class_aware or args.class_aware
 
 
 def check_out_folder(args) -> None:
@@ -296,7 +283,7 @@ def check_out_folder(args) -> None:
 
 def resolved_config(args, data: LongTailedData) -> dict:
     """The options with every default that depends on the method or the data filled in."""
-    optimizer_name = args.optimizer or DEFAULT_OPTIMIZER[args.method]
+    optimizer_name = args.optimizer or METHODS[args.method].optimizer
     device = resolve_device(args.device)
     return dict(vars(args), depth=args.depth or depth_for_size(data.image_size), optimizer=optimizer_name,
                 lr_img=args.lr_img or default_lr_img(optimizer_name, args.method),
@@ -618,7 +605,7 @@ def adjusted_logits(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 def draw_frequencies(args, iteration: int, dim: int, device) -> torch.Tensor | None:
     """The iteration's M standard spectral draws (M, dim) of the kernel; the bandwidth scales them inside
     the loss. None for the losses without frequencies (dm, mmd)."""
-    if args.method not in SPECTRAL_METHODS:
+    if args.method not in SPECTRAL:
         return None
     generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_FREQS, iteration))
     return sample_frequencies(args.num_freqs, dim, args.kernel, 1.0, generator=generator, device=device,

@@ -9,6 +9,8 @@ $ python evaluate.py --baseline full --dataset cifar10 --imbalance-factor 200 --
 $ torchrun --nproc_per_node=5 evaluate.py --syn runs/csdm/synthetic.pt    # one network per process
 $ python evaluate.py --syn runs/csdm/synthetic.pt --export runs/csdm/images  # DIR/<class>/<n>.png, no training
 $ python evaluate.py --syn runs/csdm/synthetic.pt --resume               # continue a stopped evaluation
+$ python evaluate.py --syn mine.pt --dataset cifar10 --imbalance-factor 200  # tensor file {"images", "labels"}
+$ python evaluate.py --syn runs/csdm/images --dataset cifar10 --imbalance-factor 200  # image folder DIR/<class>/*.png
 
 Each network is trained from scratch under a protocol of training.py (--protocol dm: SGD, batch 256,
 1000 epochs, DSA, as DC / DSA / DM; --protocol ncfm: NCFM's AdamW, CutMix and random-resized-crop
@@ -21,6 +23,12 @@ published figures report it. The mean and std are over --num-eval networks, each
 On a GPU the ConvNets of a process train together as one grouped network (stacked.py; each network its
 own draws, the same results up to floating-point rounding); on a CPU one after another, which measured
 faster there (BENCHMARKS.md). --stacked and --one-at-a-time choose either.
+
+A set from elsewhere (synsets.py) is a tensor file (torch.load weights_only: {"images", "labels"} and optionally
+"class_names", "mean", "std", or (images, labels)) or an image folder as --export writes it, evaluated on the data
+set the data options name (--dataset, --imbalance-factor, --data-dir, ...) by the field's ConvNet. uint8 images and
+float ones without a "mean" and "std" are pixels (0..255, [0, 1]), normalised with the data set's mean and std;
+float images with a "mean" and "std" are normalised ones. Classes are matched by name; every class needs an image.
 
 --baseline random trains on real images drawn exactly as distill.py's starting set at the same
 --ipc and --factor (IPC x factor^2 real images per class, each stored image holding factor x factor
@@ -50,7 +58,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
 import shutil
 import sys
@@ -64,10 +71,11 @@ import torch
 from data_lt import (DATA_DEFAULTS, UsageError, add_data_arguments, check_factor, counter_seed, decode,
                      initial_synthetic, load_long_tailed)
 from networks import MODELS, NORMS, PRECISIONS, build_network, depth_for_size, reset_parameters_, resolve_precision
-from runs import (FORMAT_VERSION, PARTIAL_EVALUATION, OneLineParser, Processes, atomic_write_text,
-                  check_out_is_folder, check_positive, environment, export_image_folder, processor_name, pyplot,
-                  run_script, start_processes, write_run_readme)
+from runs import (PARTIAL_EVALUATION, OneLineParser, Processes, atomic_write_text, check_out_is_folder,
+                  check_positive, environment, export_image_folder, processor_name, pyplot, run_script,
+                  start_processes, write_run_readme)
 from stacked import train_networks_stacked
+from synsets import check_matches, fit_own_set, load_synthetic, read_set
 from training import PROTOCOLS, long_tail_groups, per_class_accuracy, train_network
 
 STREAM_EVAL = 21
@@ -97,8 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--syn", default=None,
-                      help="synthetic.pt written by distill.py; its data set, IF, validation split, IPC and factor "
-                           "are the set's own (typing another value is refused)")
+                      help="the set to evaluate: a synthetic.pt written by distill.py (its data set, IF, validation "
+                           "split, IPC and factor are the set's own; typing another value is refused); or a set from "
+                           "elsewhere, evaluated on the data set the data options name (synsets.py): a tensor file "
+                           "(torch.load weights_only) holding {'images': (N, C, H, W), 'labels': (N,)} (optionally "
+                           "'class_names', 'mean', 'std') or (images, labels), or an image folder DIR/<class>/*.png "
+                           "as --export writes it. uint8 images, and float ones without a 'mean' and 'std', are "
+                           "pixels (0..255, [0, 1]) and are normalised with the data set's mean and std; float "
+                           "images with a 'mean' and 'std' are taken as normalised with those. Classes are matched "
+                           "by name (folder names, class_names), every class needs an image")
     what.add_argument("--baseline", default=None, choices=("random", "full"),
                       help="random: real images drawn as distill.py's starting set (--ipc, --factor); "
                            "full: the whole long-tailed set")
@@ -150,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"continue an interrupted evaluation in --out: the networks it finished "
                         f"({PARTIAL_EVALUATION}/) are taken, the others trained")
     g.add_argument("--export", default=None, metavar="DIR",
-                   help="with --syn: write the set as DIR/<class>/<n>.png (an image folder other tools read) "
-                        "and stop; DIR must not exist yet")
+                   help="with --syn (a synthetic.pt): write the set as DIR/<class>/<n>.png (an image folder other "
+                        "tools read, and --syn DIR reads back) and stop; DIR must not exist yet")
     return p
 
 
@@ -341,51 +356,6 @@ def plot_per_class(result: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# What is evaluated: a synthetic file, or a baseline built from the data
-
-def load_synthetic(path: str) -> dict:
-    """Read a synthetic set safely (weights_only) and check its keys and format version; its "sha256" is
-    that of the bytes read, the very ones evaluated."""
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"--syn: {path} does not exist; give the synthetic.pt written by distill.py")
-    try:
-        content = file.read_bytes()
-        synthetic = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UsageError(f"--syn: {path} is not a readable synthetic set ({type(error).__name__}); "
-                         f"give the synthetic.pt written by distill.py")
-    missing = {"images", "labels", "class_names", "config"} - set(synthetic if isinstance(synthetic, dict) else {})
-    if missing:
-        raise UsageError(f"--syn: {path} lacks {sorted(missing)}; give the synthetic.pt written by distill.py")
-    version = synthetic["config"].get("format_version")
-    if version != FORMAT_VERSION:
-        raise UsageError(f"--syn: {path} has format version {version}, this code reads {FORMAT_VERSION}; "
-                         f"distill it again with this version")
-    return synthetic | {"sha256": hashlib.sha256(content).hexdigest()}
-
-
-def check_matches(synthetic: dict, data, path: str) -> None:
-    """The synthetic images must fit the data set the networks are tested on."""
-    images, labels = synthetic["images"], synthetic["labels"]
-    if images.dim() != 4:
-        raise UsageError(f"--syn: {path} holds images of shape {tuple(images.shape)}, not (N, channels, height, "
-                         f"width); give a synthetic.pt that distill.py wrote")
-    have = (images.shape[1], images.shape[2], images.shape[3], len(synthetic["class_names"]))
-    want = (data.channels, data.image_size, data.image_size, data.num_classes)
-    if have != want:
-        raise UsageError(f"--syn: {path} holds {have[0]} x {have[1]} x {have[2]} images of {have[3]} classes, but "
-                         f"{data.name} has {want[0]} x {want[1]} x {want[2]} images of {want[3]} classes; "
-                         f"evaluate it with the data set it was distilled from")
-    if list(synthetic["class_names"]) != list(data.class_names):
-        raise UsageError(f"--syn: {path} names its classes {list(synthetic['class_names'])[:3]}..., but {data.name} "
-                         f"{list(data.class_names)[:3]}...; evaluate it with the data set it was distilled from")
-    if len(labels) != len(images) or labels.min() < 0 or labels.max() >= data.num_classes:
-        raise UsageError(f"--syn: {path} has labels outside 0..{data.num_classes - 1} or a label count that "
-                         f"differs from its image count; distill it again")
-
-
-# ----------------------------------------------------------------------------------------
 # The job
 
 def check_options(args) -> None:
@@ -424,8 +394,11 @@ def check_set_options(args, config: dict) -> None:
 
 
 def synthetic_job(args, log) -> Job:
-    """The Job of --syn: the distilled set, tested on the data set it was distilled from."""
-    synthetic = load_synthetic(args.syn)
+    """The Job of --syn: the distilled set, tested on the data set it was distilled from (a set from elsewhere:
+    own_set_job)."""
+    synthetic = read_set(args.syn)
+    if "config" not in synthetic:
+        return own_set_job(args, synthetic, log)
     config = synthetic["config"]
     check_set_options(args, config)
     for name in SET_OPTIONS:  # results.json records the set's values, not the baselines' defaults
@@ -439,6 +412,20 @@ def synthetic_job(args, log) -> Job:
     what = f"{config['method']}, IPC {config['ipc']} ({args.syn})"
     out = Path(args.out) if args.out else Path(args.syn).parent
     return Job(synthetic["images"].float(), synthetic["labels"].long(), data, network, what, out, record)
+
+
+def own_set_job(args, own: dict, log) -> Job:
+    """The Job of --syn with a tensor file or an image folder (synsets.py): tested on the data set the command
+    line names, trained on by the field's ConvNet as the baselines are; its --ipc and --factor are only recorded
+    (the images are trained on as they are), the factor as unknown unless typed."""
+    data = load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, args.seed, args.val_per_class,
+                            args.n_max, args.image_size, log=log)
+    synthetic = fit_own_set(own, data, args.syn)
+    record = {"factor": args.factor if "factor" in args.set_options_given else None,
+              "syn_sha256": synthetic["sha256"]}
+    what = f"{synthetic['format']} of {len(synthetic['labels'])} images ({args.syn})"
+    out = Path(args.out) if args.out else Path(args.syn).parent
+    return Job(synthetic["images"], synthetic["labels"], data, network_options(args, data, None), what, out, record)
 
 
 def baseline_job(args, log) -> Job:

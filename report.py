@@ -5,6 +5,10 @@ cells IPC by IPC, with the published figures of the long-tailed distillation pap
 and each method's improvement over the random baseline of the same cell (the field's "over random":
 accuracy minus the random real images' accuracy, same protocol, same architecture, same number of
 training images). Any other DIR/<run>/results.json files become one row per run (ablations).
+
+`python report.py --sets results/sets` writes the released sets' catalogue (release.py), with or without DIRs:
+results/sets/README.md, a row per set with its accuracy under each protocol (from the results.json files that
+evaluated it), size and SHA-256, how to load one, and a picture of each (results/sets/<name>.png).
 """
 from __future__ import annotations
 
@@ -13,7 +17,10 @@ import sys
 from pathlib import Path
 
 from data_lt import UsageError, data_source
-from runs import OneLineParser, processor_name, pyplot
+from methods import METHODS
+from provenance import distilled_where, evaluated_where, provenance
+from release import catalogue
+from runs import OneLineParser, pyplot
 
 # CIFAR-10-LT, ConvNet-3, test accuracy % at IPC 10 / 20 / 50, as published in the long-tailed dataset
 # distillation paper (Zhao et al., "Distilling Long-tailed Datasets", CVPR 2025, LAD; its Table 1): best-epoch
@@ -30,7 +37,14 @@ PUBLISHED_CIFAR10_LT = {
     "full LT set (published)": {10: (76.7,) * 3, 50: (69.8,) * 3, 100: (66.2,) * 3, 200: (62.1,) * 3},
 }
 PUBLISHED_IPCS = (10, 20, 50)
-METHOD_ORDER = ("random", "dm", "mmd", "ncfm", "sdm", "csdm", "full")
+METHOD_ORDER = tuple(METHODS)  # methods.py's order
+
+
+def label(method: str) -> str:
+    """A row's name in tables and legends: the registered label where the method's name could mislead (the
+    ncfm loss in DM's pipeline is not NCFM), else the run folder's name."""
+    registered = METHODS.get(method)
+    return (registered.label if registered is not None else None) or method
 
 
 def collect_grid(root: Path) -> list[dict]:
@@ -138,7 +152,7 @@ def grid_table(rows: list[dict]) -> list[str]:
         for imbalance in ifs:
             found = {r["ipc"]: r for r in rows if r["method"] == method and r["imbalance"] == imbalance}
             cells.append(" / ".join(_cell(found.get(ipc), rows) for ipc in ipcs))
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -208,72 +222,6 @@ def runs_report(root: Path) -> list[str]:
         f"- {path.parent.name}: {provenance(path)}" for path in sorted(root.glob("*/results.json"))]
 
 
-def _short(commit: str | None) -> str:
-    """A commit as its first 7 hex digits, keeping the "+dirty" of a working tree that differed from it."""
-    if not commit:
-        return "an unrecorded commit"
-    return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
-
-
-def _processor(record: dict) -> str:
-    return processor_name(record) or "an unrecorded processor"
-
-
-def _at(record: dict) -> str:
-    """Where a sitting (or a whole run) computed: "at <commit> on <processor>"."""
-    return f"at {_short(record.get('commit'))} on {_processor(record)}"
-
-
-def distillation_record(result: dict, folder: Path) -> tuple[dict, dict]:
-    """The distillation behind an evaluated set: (its config.json, its run.json), read from the set's folder
-    (--syn) or the result's own; empty dicts for a baseline or where the files are gone."""
-    syn = (result.get("config") or {}).get("syn")
-    for place in ([Path(syn).parent] if syn else []) + [folder]:
-        if (place / "config.json").is_file():
-            run = place / "run.json"
-            return (json.loads((place / "config.json").read_text()),
-                    json.loads(run.read_text()) if run.is_file() else {})
-    return {}, {}
-
-
-def distilled_where(run: dict) -> str:
-    """Where and at which commit a set was distilled: each sitting of a resumed run (run.json's stretches),
-    else what run.json records, which for a run from before stretches were kept is its last sitting's (said
-    so unless the sitting's own seconds cover the whole distillation)."""
-    if not run:
-        return "(its run.json is gone)"
-    stretches = run.get("stretches") or [run]
-    parts = [_at(part)
-             + (f" (iterations {part['iterations'][0]}-{part['iterations'][1]})" if len(stretches) > 1 else "")
-             for part in stretches]
-    one_sitting = run.get("session_seconds", 0) >= run.get("wall_seconds", float("inf"))
-    return ", ".join(parts) + ("" if run.get("stretches") or one_sitting else " (the last sitting's record)")
-
-
-def evaluated_where(result: dict) -> str:
-    """Where and at which commit a set was evaluated: each sitting of a resumed evaluation (results.json's
-    sittings, with the networks it trained), else the one its environment records."""
-    sittings = result.get("sittings") or [result.get("environment") or {}]
-    return ", ".join(_at(part)
-                     + (f" (networks {', '.join(str(k + 1) for k in part['networks'])})" if len(sittings) > 1 else "")
-                     for part in sittings)
-
-
-def provenance(path: Path) -> str:
-    """One line saying how a results.json came about: the distillation's budget, commit and CPU (from the
-    set's config.json and run.json), then the evaluation's networks x epochs, precision, commit and CPU."""
-    result = json.loads(path.read_text())
-    evaluation = (f"evaluated {result['num_eval']} x {result['epochs']} epochs, precision "
-                  f"{(result.get('config') or {}).get('precision', 'unrecorded')}, {evaluated_where(result)}")
-    config, run = distillation_record(result, path.parent)
-    if not config:
-        return evaluation
-    where = distilled_where(run)
-    iterations = run.get("iterations_done", config.get("iterations", "an unrecorded number of"))
-    return (f"distilled {iterations} iterations at batch-real {config.get('batch_real', 'unrecorded')}, "
-            f"precision {config.get('precision', 'unrecorded')} {where}; {evaluation}")
-
-
 def write_summary(records: list[dict], root: Path, summary: Path) -> None:
     """{'<method>/if<IF>': {acc_mean, acc_std, num_eval, tail, over_random}} for one data set and IPC."""
     if len({(r["dataset"], r["ipc"]) for r in records}) != 1:
@@ -320,7 +268,7 @@ def plot_accuracy_vs_if(records: list[dict], path: Path) -> None:
             notes = sorted({budget_note(r, rows) for r in runs})
             axis.errorbar([r["imbalance"] for r in runs], [r["acc_mean"] for r in runs],
                           yerr=[r["acc_std"] for r in runs], marker="o", capsize=3,
-                          label=method + "".join(notes))
+                          label=label(method) + "".join(notes))
         axis.set_xscale("log")
         axis.set_xlabel("imbalance factor")
         axis.set_ylabel("accuracy (%)")
@@ -333,17 +281,29 @@ def plot_accuracy_vs_if(records: list[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = OneLineParser(prog="report.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("roots", nargs="+", help="folders of runs; several grids are pooled into one report")
+    parser.add_argument("roots", nargs="*", help="folders of runs; several grids are pooled into one report")
     parser.add_argument("--table", default=None, help="where the markdown goes (default: the first folder's table.md)")
     parser.add_argument("--summary", default=None, metavar="JSON",
                         help="also write {'<method>/if<IF>': {acc_mean, acc_std, num_eval, tail, over_random}} "
                              "here (one data set and IPC)")
+    parser.add_argument("--sets", default=None, metavar="DIR",
+                        help="write DIR/README.md, the catalogue of the released sets DIR/*.pt (and of the run "
+                             "folders' sets under DIR/.. not among them), and a picture of each, DIR/<name>.png; "
+                             "accuracies from the results.json files under DIR/.. that evaluated them")
     args = parser.parse_args(argv)
+    if not args.roots and args.sets is None:
+        parser.error("give folders of runs, or --sets DIR")
     try:
+        if args.sets is not None:
+            if not Path(args.sets).is_dir():
+                raise UsageError(f"--sets {args.sets} is not a folder; give the folder of the released sets")
+            print(f"wrote {catalogue(Path(args.sets))}")
         for root in args.roots:
             if not Path(root).is_dir():
                 raise UsageError(f"{root} is not a folder of runs; give folders that hold runs")
         roots = [Path(root) for root in args.roots]
+        if not roots:
+            return
         table = write_report(roots[0], Path(args.summary) if args.summary else None, tuple(roots[1:]),
                              Path(args.table) if args.table else None)
         print(f"wrote {table}")

@@ -38,7 +38,7 @@ options:
   --datasets LIST      cifar10 cifar100 (default: both)
   --ifs LIST           imbalance factors (default: 10 50 100 200 for cifar10, 10 20 for cifar100)
   --ipcs LIST          images per class (default: 10 20 50 for cifar10, 10 20 for cifar100)
-  --methods LIST       among random dm mmd ncfm sdm csdm full (default: all)
+  --methods LIST       among the methods of methods.py: random dm mmd ncfm sdm csdm full (default: all)
   --quick              CPU budget: 200 iterations, batch-real 64, 2 networks x 300 epochs, into OUT/quick/
                        (these five shape the grid; the jobs below run fixed sets of runs and refuse them)
   --cpu-bench          the CPU benchmark of the README (writes results/cpu_bench.json)
@@ -92,8 +92,10 @@ set_mode() {  # set_mode MODE OPTION: one job per call of the script
   MODE="$1"; MODE_FLAG="$2"
 }
 
+# the methods registered in methods.py (its '    "name": Method(' lines), in their order
+KNOWN_METHODS=$(sed -n 's/^    "\([a-z0-9-]*\)": Method(.*/\1/p' methods.py | tr '\n' ' ' | sed 's/ $//')
 MODE=grid; ABLATION=""; QUICK=0; DATASETS="cifar10 cifar100"; IF_LIST=""; IPC_LIST=""
-METHODS="random dm mmd ncfm sdm csdm full"; DATA_DIR=""; OUT="runs"; DEVICE="auto"; SEED=0; PRECISION=""
+METHODS="$KNOWN_METHODS"; DATA_DIR=""; OUT="runs"; DEVICE="auto"; SEED=0; PRECISION=""
 GRID_OPTIONS=()  # options that only shape the grid (--quick, --datasets, ...), refused with the other jobs
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -122,10 +124,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 for m in $METHODS; do
-  case "$m" in
-    random|dm|mmd|ncfm|sdm|csdm|full) ;;
-    *) fail "--methods: unknown method '$m'; use random dm mmd ncfm sdm csdm full" ;;
-  esac
+  [[ " $KNOWN_METHODS " == *" $m "* ]] || fail "--methods: unknown method '$m'; use $KNOWN_METHODS"
 done
 for d in $DATASETS; do
   case "$d" in cifar10|cifar100) ;; *) fail "--datasets: '$d' is not cifar10 or cifar100" ;; esac

@@ -14,8 +14,8 @@ SDD averages this over M frequencies w_1..w_M ~ Lambda: one (n + m) x d by d x M
 matrix product and (n + m) M cos/sin, i.e. O((n + m) d M) time, linear in the
 number of samples (the exact kernel MMD^2 costs O((n + m)^2 d)).
 
-The per-class losses, every class in one call (`per_class_loss`), for class c
-with real features R_c and synthetic features S_c:
+The per-class losses, every class in one call (methods.py registers each under a method name), for
+class c with real features R_c and synthetic features S_c:
     dm    ||mean R_c - mean S_c||^2                                   (linear-kernel MMD^2)
     mmd   exact Gaussian-kernel MMD_k^2(R_c, S_c), O(n^2)
     sdm   mean_w [ 2 a_c amplitude + 2 (1 - a_c) phase ], a_c = 1/2    (= SDD = MMD^2 estimate)
@@ -32,8 +32,6 @@ import torch
 # names that say what they are: on d-dimensional features their l1 distance grows like d, so at 2048-d they are
 # close to a delta at the default bandwidth
 KERNELS = ("gaussian", "laplacian", "imq", "laplacian-l1", "cauchy-product")
-METHODS = ("csdm", "sdm", "ncfm", "mmd", "dm")
-SPECTRAL_METHODS = ("csdm", "sdm", "ncfm")
 # Class-aware end points a_head, a_tail (docs/method.md, "Class-aware weighting"). Chosen on the validation
 # split; see README "How the defaults were chosen".
 ALPHA_HEAD, ALPHA_TAIL = 0.7, 0.3
@@ -240,29 +238,20 @@ def exact_mmd2(real, real_labels, syn, syn_labels, num_classes, bandwidth):
             - 2 * _gaussian_mean_kernel(r, wr, s, ws, bandwidth))
 
 
-def per_class_loss(method: str, real: torch.Tensor, real_labels: torch.Tensor, syn: torch.Tensor,
-                   syn_labels: torch.Tensor, num_classes: int, freqs: torch.Tensor | None = None,
-                   alpha: torch.Tensor | None = None, bandwidth=1.0,
-                   projection_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The matching loss of every class at once, (C,); the total loss is its sum.
+def mean_matching_loss(real, real_labels, syn, syn_labels, num_classes, **_) -> torch.Tensor:
+    """dm: ||mean R_c - mean S_c||^2 per class, (C,): the MMD^2 of the linear kernel."""
+    return ((class_means(real, real_labels, num_classes) - class_means(syn, syn_labels, num_classes)) ** 2).sum(1)
 
-    real (N, d) and syn (S, d) are features with integer class labels; classes may hold
-    different numbers of rows (a tail class with fewer real images than the batch).
-    freqs (M, d) for the spectral methods; alpha (C,) the amplitude weight per class
-    (default 1/2 for all); bandwidth sigma, a number or one per class (C,): the spectral
-    methods use the frequencies w / sigma_c (freqs drawn for sigma = 1 then give the kernel
-    of bandwidth sigma_c), mmd the Gaussian kernel of bandwidth sigma_c. projection_dtype: see
-    class_characteristic_functions (None: feats' dtype)."""
-    if method == "dm":
-        return ((class_means(real, real_labels, num_classes)
-                 - class_means(syn, syn_labels, num_classes)) ** 2).sum(1)
-    if method == "mmd":
-        return exact_mmd2(real, real_labels, syn, syn_labels, num_classes, bandwidth)
-    if method not in SPECTRAL_METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if alpha is None:
-        alpha = torch.full((num_classes,), 0.5, device=syn.device)
-    alpha = alpha.to(syn.device, syn.dtype)[:, None]  # (C, 1)
+
+def mmd_loss(real, real_labels, syn, syn_labels, num_classes, bandwidth=1.0, **_) -> torch.Tensor:
+    """mmd: the exact Gaussian-kernel MMD^2 per class, (C,), of bandwidth sigma_c."""
+    return exact_mmd2(real, real_labels, syn, syn_labels, num_classes, bandwidth)
+
+
+def spectral_terms(real, real_labels, syn, syn_labels, num_classes, freqs, bandwidth=1.0,
+                   projection_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """amplitude_c(w) and phase_c(w), (C, M) each, of the frequencies w / sigma_c (freqs drawn for sigma = 1
+    then give the kernel of bandwidth sigma_c); the real side without a graph."""
     inverse = None
     if not (isinstance(bandwidth, (int, float)) and bandwidth == 1):
         inverse = 1 / torch.as_tensor(bandwidth, dtype=syn.dtype, device=syn.device).expand(num_classes)
@@ -271,10 +260,32 @@ def per_class_loss(method: str, real: torch.Tensor, real_labels: torch.Tensor, s
                                                     projection_dtype=projection_dtype)
     re_s, im_s = class_characteristic_functions(syn, syn_labels, freqs, num_classes, inverse,
                                                 projection_dtype=projection_dtype)
-    amplitude, phase = amplitude_phase(re_s, im_s, re_r, im_r)  # (C, M) each
-    if method == "ncfm":
-        return torch.sqrt((alpha * amplitude + (1 - alpha) * phase).clamp_min(1e-12)).mean(1)
-    return (2 * alpha * amplitude + 2 * (1 - alpha) * phase).mean(1)
+    return amplitude_phase(re_s, im_s, re_r, im_r)
+
+
+def _alpha(alpha, num_classes: int, like: torch.Tensor) -> torch.Tensor:
+    """(C, 1): the amplitude weight per class, 1/2 for all when None."""
+    if alpha is None:
+        alpha = torch.full((num_classes,), 0.5, device=like.device)
+    return alpha.to(like.device, like.dtype)[:, None]
+
+
+def sdd_loss(real, real_labels, syn, syn_labels, num_classes, freqs=None, alpha=None, bandwidth=1.0,
+             projection_dtype=None, **_) -> torch.Tensor:
+    """sdm / csdm: mean_w [ 2 a_c amplitude_c(w) + 2 (1 - a_c) phase_c(w) ] per class, (C,)."""
+    amplitude, phase = spectral_terms(real, real_labels, syn, syn_labels, num_classes, freqs, bandwidth,
+                                      projection_dtype)
+    a = _alpha(alpha, num_classes, syn)
+    return (2 * a * amplitude + 2 * (1 - a) * phase).mean(1)
+
+
+def ncfm_loss(real, real_labels, syn, syn_labels, num_classes, freqs=None, alpha=None, bandwidth=1.0,
+              projection_dtype=None, **_) -> torch.Tensor:
+    """ncfm: mean_w sqrt(a_c amplitude_c(w) + (1 - a_c) phase_c(w)) per class, (C,) (NCFM's CFLossFunc)."""
+    amplitude, phase = spectral_terms(real, real_labels, syn, syn_labels, num_classes, freqs, bandwidth,
+                                      projection_dtype)
+    a = _alpha(alpha, num_classes, syn)
+    return torch.sqrt((a * amplitude + (1 - a) * phase).clamp_min(1e-12)).mean(1)
 
 
 if __name__ == "__main__":

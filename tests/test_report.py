@@ -247,3 +247,137 @@ def test_an_evaluation_resumed_across_sittings_names_each(tmp_path):
         sittings=sittings)))
     assert ("evaluated 3 x 300 epochs, precision bf16, at ddddddd on AMD EPYC (networks 1, 2), at eeeeeee on "
             "Intel Xeon (networks 3)") in report.write_report(tmp_path / "dm").read_text()
+
+
+# ---- the released sets' catalogue (report.py --sets, release.py) ----
+
+def fake_set(path, factor=2, ipc=1, classes=3, seed=0, method="csdm", size=8):
+    """A tiny set as distill.py writes it: ipc x factor^2 decoded images per class, sorted by class."""
+    import torch
+    path.parent.mkdir(parents=True, exist_ok=True)
+    per_class = ipc * factor ** 2
+    images = torch.randn(classes * per_class, 3, size, size, generator=torch.Generator().manual_seed(seed + factor))
+    torch.save({"images": images, "labels": torch.arange(classes).repeat_interleave(per_class),
+                "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "class_names": [f"c{k}" for k in range(classes)],
+                "class_counts": [100 // (k + 1) for k in range(classes)],
+                "config": {"method": method, "ipc": ipc, "factor": factor, "imbalance_factor": 200.0,
+                           "dataset": "cifar10", "seed": seed, "iterations": 50}}, path)
+    return images
+
+
+def fake_evaluation(folder, acc, std, protocol, commit, **keys):
+    folder.mkdir(parents=True, exist_ok=True)
+    result = dict(fake_result(acc), acc_std=std, protocol=protocol, num_eval=5, epochs=1000, accs=[acc] * 5,
+                  environment={"commit": commit, "cpu": "AMD EPYC", "machine": "x86_64, 2 CPUs, 2 threads"}, **keys)
+    (folder / "results.json").write_text(json.dumps(result))
+
+
+def catalogue_layout(tmp_path):
+    """results/sets/ with two released sets, their run folders, evaluations under both protocols (one linked by
+    syn_sha256, one only by its --syn path), a baseline that evaluated no set, and a second seed's run folder."""
+    import hashlib
+    import shutil
+    results = tmp_path / "results"
+    cell = results / "full_cell" / "dm" / "cifar10" / "if200" / "ipc10"
+    fake_set(cell / "csdm" / "synthetic.pt")
+    fake_set(cell / "dm-f1" / "synthetic.pt", factor=1, method="dm")
+    (results / "sets").mkdir(parents=True)
+    shutil.copy(cell / "csdm" / "synthetic.pt", results / "sets" / "cifar10-if200-ipc10-csdm.pt")
+    shutil.copy(cell / "dm-f1" / "synthetic.pt", results / "sets" / "cifar10-if200-ipc10-dm-f1.pt")
+    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()
+    fake_evaluation(cell / "csdm", 52.928, 0.331, "dm", "a" * 40,
+                    config={"syn": "results/full_cell/dm/cifar10/if200/ipc10/csdm/synthetic.pt"})  # no syn_sha256
+    fake_evaluation(results / "full_cell" / "ncfm" / "cifar10" / "if200" / "ipc10" / "csdm", 54.262, 0.29, "ncfm",
+                    "b" * 40, syn_sha256=digest(cell / "csdm" / "synthetic.pt"))
+    fake_evaluation(cell / "dm-f1", 45.03, 0.283, "dm", "c" * 40, syn_sha256=digest(cell / "dm-f1" / "synthetic.pt"))
+    fake_evaluation(cell / "random", 40.9, 0.42, "dm", "d" * 40)  # evaluated no set
+    seed1 = results / "full_cell_seed1" / "dm" / "cifar10" / "if200" / "ipc10" / "csdm"
+    fake_set(seed1 / "synthetic.pt", seed=1)
+    fake_evaluation(seed1, 53.842, 0.476, "dm", "e" * 40, syn_sha256=digest(seed1 / "synthetic.pt"))
+    return results
+
+
+def catalogue_rows(readme: str) -> dict[str, dict]:
+    """The catalogue's table as {set's link text: {column: cell}}."""
+    table = [line for line in readme.splitlines() if line.startswith("| ")]
+    header = table[0].strip("| ").split(" | ")
+    return {row["set"].split("](")[0].strip("["): row
+            for row in (dict(zip(header, line.strip("| ").split(" | "))) for line in table[1:])}
+
+
+def test_the_catalogue_lists_every_set_with_its_hash_count_and_accuracy(tmp_path, monkeypatch):
+    import hashlib
+
+    import torch
+
+    import release
+    results = catalogue_layout(tmp_path)
+    monkeypatch.chdir(tmp_path.parent)  # not the fake repository: a --syn path is read from the folder above results/
+    readme = release.catalogue(results / "sets").read_text()
+    rows = catalogue_rows(readme)
+    seed1 = "../full_cell_seed1/dm/cifar10/if200/ipc10/csdm/synthetic.pt"
+    assert set(rows) == {"cifar10-if200-ipc10-csdm.pt", "cifar10-if200-ipc10-dm-f1.pt", seed1}  # copies not twice
+    for name, row in rows.items():
+        path = results / "sets" / name
+        assert row["SHA-256"] == f"`{hashlib.sha256(path.read_bytes()).hexdigest()}`"
+        assert row["size"].endswith(f"({path.stat().st_size:,} bytes)")
+        count = len(torch.load(path, weights_only=True)["images"])
+        assert row["images in the file"].startswith(f"{count} ")
+    assert rows["cifar10-if200-ipc10-csdm.pt"]["images in the file"].startswith("12 decoded = 3 distilled x 4 tiles")
+    assert rows["cifar10-if200-ipc10-dm-f1.pt"]["images in the file"] == "3 images, 8x8, as distilled"
+    csdm, f1 = rows["cifar10-if200-ipc10-csdm.pt"], rows["cifar10-if200-ipc10-dm-f1.pt"]
+    assert csdm["accuracy, dm protocol"] == "52.9 ± 0.3 (5 networks x 1000 epochs, final epoch, test split)"
+    assert csdm["accuracy, ncfm protocol"].startswith("54.3 ± 0.3 (")
+    assert f1["accuracy, dm protocol"].startswith("45.0 ± 0.3 (")
+    assert f1["accuracy, ncfm protocol"] == "not evaluated"  # missing, not invented
+    assert (rows[seed1]["distillation seed"], rows[seed1]["accuracy, dm protocol"][:10]) == ("1", "53.8 ± 0.5")
+    assert (csdm["IF"], csdm["IPC"], csdm["factor"], csdm["method"]) == ("200", "1", "2", "csdm")
+    assert "40.9" not in readme  # the random baseline scored no released set
+    # where each figure came from: the results.json, how it was linked to the file, its commit and machine
+    assert ("results/full_cell/dm/cifar10/if200/ipc10/csdm/results.json (it records no SHA-256; its --syn "
+            "results/full_cell/dm/cifar10/if200/ipc10/csdm/synthetic.pt is this file now)") in readme
+    assert "at bbbbbbb on AMD EPYC; machine x86_64, 2 CPUs, 2 threads" in readme
+    assert "at eeeeeee on AMD EPYC" in readme
+
+
+def test_the_catalogue_draws_each_set_and_its_snippet_runs(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import release
+    results = catalogue_layout(tmp_path)
+    readme = release.catalogue(results / "sets").read_text()
+    names = ["cifar10-if200-ipc10-csdm.png", "cifar10-if200-ipc10-dm-f1.png", "cifar10-if200-ipc1-csdm-seed1.png"]
+    for name in names:
+        picture = Image.open(results / "sets" / name)
+        per_class = 1 if "f1" in name else 4
+        assert picture.size == (per_class * 9 + 1, 3 * 9 + 1)  # a row a class, 8x8 images, 1 pixel apart
+        assert f"]({name})" in readme
+    assert "its first 4 of 4 images in the file's order (the tiles of its first 1 distilled images" in readme
+    snippet = readme.split("```python\n")[1].split("```")[0]
+    assert len(snippet.strip().splitlines()) == 5 and "weights_only=True" in snippet
+    monkeypatch.chdir(results / "sets")
+    exec(snippet, {})
+    assert Image.open("grid.png").size == (4 * 10 + 2, 3 * 10 + 2)  # save_image's padding 2: 4 a row, 3 rows
+
+
+def test_report_sets_option(tmp_path, capsys):
+    results = catalogue_layout(tmp_path)
+    report.main(["--sets", str(results / "sets")])
+    assert (results / "sets" / "README.md").is_file() and "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        report.main([])
+    assert stopped.value.code == 2
+    with pytest.raises(SystemExit):
+        report.main(["--sets", str(tmp_path / "none")])
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_a_file_that_is_no_set_is_listed_as_unreadable(tmp_path):
+    import hashlib
+
+    import release
+    results = catalogue_layout(tmp_path)
+    (results / "sets" / "notes.pt").write_bytes(b"not a set")
+    row = catalogue_rows(release.catalogue(results / "sets").read_text())["notes.pt"]
+    assert row["data set"].startswith("unreadable as a set: ") and row["accuracy, dm protocol"] == "-"
+    assert row["SHA-256"] == f"`{hashlib.sha256(b'not a set').hexdigest()}`"

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from methods import per_class_loss
 from sdd import (KERNELS, amplitude_phase, characteristic_function, class_median_distances, class_weights,
-                 kernel_matrix, kernel_metric_p, per_class_loss, sample_frequencies, spectral_distance)
+                 kernel_matrix, kernel_metric_p, sample_frequencies, spectral_distance)
 
 
 def brute_mmd2(x, y, kernel, bandwidth=1.0):
