@@ -1,4 +1,4 @@
-# CSDM-LT: long-tailed dataset distillation, on a CUDA PyTorch image.
+# CSDM-LT: long-tailed dataset distillation, in an image with the tested Python and torch.
 #
 #   docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t csdm .
 #   docker run --gpus all -v "$PWD/data:/workspace/csdm/data" -v "$PWD/runs:/workspace/csdm/runs" \
@@ -9,14 +9,15 @@
 # a second container neither downloads, decodes nor compiles again. GIT_COMMIT names the commit in every run
 # record (the image has no .git). Tests of this file, without a Docker engine: tests/test_docker.py.
 #
-# The base image carries torch 2.7.1 and torchvision 0.22.1 (CUDA 12.6), inside requirements.txt's ranges,
-# so pip adds only what is missing.
-FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
+# The image runs the Python, torch and torchvision that CI tests (requirements.txt pins them): a plain Python
+# base, and torch from PyPI, whose Linux wheels bring their own CUDA 13.0 libraries (the host needs an NVIDIA
+# driver of version 580 or newer; `docker run --gpus all` maps the driver in). A pytorch/pytorch base would
+# carry another torch (2.7.1 on the last one used) that pip would replace anyway.
+FROM python:3.11.7-slim-bookworm
 
 # run_all.sh passes --compile to every script: torch.compile needs a C/C++ compiler on first use (Inductor
 # builds C++ kernels on the CPU; on CUDA Triton builds its launcher with gcc), and the -runtime base has
-# none. build-essential (gcc, g++, libc headers; ~250 MB) rather than the -devel base, which adds the whole
-# CUDA toolkit (nvcc, headers, static libraries: several GB) that nothing here uses.
+# none. build-essential (gcc, g++, libc headers; ~250 MB).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential \
  && rm -rf /var/lib/apt/lists/*

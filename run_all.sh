@@ -425,7 +425,7 @@ case "$MODE" in
   paper-cell|paper-bench)
     # NCFM's pipeline with NCFM's loss (NCFM as published) and with csdm's; the pool is trained once per IF
     # (distill.py caches it network by network in $tree/pool, so that a stopped pool continues) and shared
-    tree="$OUT/$MODE" pool=(--preset ncfm-paper --pool-cache "$OUT/paper_cell/pool") ifs="200 10"
+    tree="$OUT/${MODE//-/_}" pool=(--preset ncfm-paper --pool-cache "$OUT/paper_cell/pool") ifs="200 10"
     if [[ $MODE == paper-bench ]]; then
       DISTILL_BUDGET=(--iterations 400 --compile); EVAL_BUDGET=(--num-eval 3 --epochs 200 --compile); ifs=200
       pool+=(--pool-size 2)
@@ -441,7 +441,7 @@ case "$MODE" in
       done
     done
     tables=("$tree/dm"); [[ $MODE == paper-bench ]] || tables+=("$tree/ncfm")
-    "$PYTHON" report.py "${tables[@]}" --table "$OUT/$MODE.md" ;;
+    "$PYTHON" report.py "${tables[@]}" --table "$tree.md" ;;
 
   ablation)
     # the CPU benchmark's setting at IF 200 with half its iterations (300, so that the tables fit a CPU

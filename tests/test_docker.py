@@ -344,7 +344,8 @@ def test_a_missing_compiler_is_caught():
     sloppy = compiler_problems(dockerfile.replace(" --no-install-recommends", "")
                                .replace(" \\\n && rm -rf /var/lib/apt/lists/*", ""))
     assert len(sloppy) == 2 and "--no-install-recommends" in sloppy[0] and "apt lists" in sloppy[1]
-    devel = dockerfile.replace(original, "").replace("-runtime", "-devel")
+    devel = re.sub(r"^FROM .*$", "FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-devel", dockerfile.replace(original, ""),
+                   flags=re.MULTILINE)
     assert compiler_problems(devel) == []
 
 
@@ -440,11 +441,51 @@ def instructions():
     return [f"{op} {args}" for op, args in dockerfile_instructions(read("Dockerfile"))]
 
 
-def test_base_image_is_a_pinned_cuda_pytorch_image():
-    base = instructions()[0]
-    assert base.startswith("FROM pytorch/pytorch:")
-    tag = base.split(":", 1)[1]
-    assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-(runtime|devel)", tag), tag  # never 'latest'
+def pinned(requirements_text: str, package: str) -> str | None:
+    """The version requirements.txt pins `package` to (package==X), or None."""
+    match = re.search(rf"^{re.escape(package)}==([\w.]+)\s*$", requirements_text, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def version_problems(dockerfile_text: str, requirements_text: str, installed: dict[str, str]) -> list[str]:
+    """The image runs what the tests ran: a pinned Python base of the tests' minor version, torch and
+    torchvision pinned in requirements.txt to the versions installed here, and the image installing it."""
+    base = next(args for op, args in dockerfile_instructions(dockerfile_text) if op == "FROM")
+    problems = []
+    match = re.fullmatch(r"python:(\d+\.\d+)\.\d+-slim(-\w+)?", base)
+    if not match:
+        problems.append(f"FROM {base}: not a pinned python:X.Y.Z-slim base")
+    elif match.group(1) != installed["python"]:
+        problems.append(f"FROM {base}: Python {match.group(1)}, the tests run {installed['python']}")
+    for package in ("torch", "torchvision"):
+        version = pinned(requirements_text, package)
+        if version is None:
+            problems.append(f"requirements.txt does not pin {package}==X")
+        elif version != installed[package].split("+")[0]:
+            problems.append(f"requirements.txt pins {package}=={version}, the tests run {installed[package]}")
+    if not re.search(r"pip install [^\n]*-r requirements\.txt", dockerfile_text):
+        problems.append("the image does not pip install -r requirements.txt")
+    return problems
+
+
+def installed_versions() -> dict[str, str]:
+    return {"python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "torch": importlib.metadata.version("torch"), "torchvision": importlib.metadata.version("torchvision")}
+
+
+def test_the_image_runs_the_versions_the_tests_ran():
+    assert version_problems(read("Dockerfile"), read("requirements.txt"), installed_versions()) == []
+
+
+def test_version_drift_is_caught():
+    dockerfile, requirements, here = read("Dockerfile"), read("requirements.txt"), installed_versions()
+    older = re.sub(r"^FROM .*$", "FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime", dockerfile, flags=re.MULTILINE)
+    assert "not a pinned python" in " ".join(version_problems(older, requirements, here))
+    assert "pins torch==2.7.1" in " ".join(version_problems(
+        dockerfile, requirements.replace(f"torch=={pinned(requirements, 'torch')}", "torch==2.7.1"), here))
+    assert "does not pin torchvision" in " ".join(version_problems(
+        dockerfile, re.sub(r"^torchvision==.*$", "torchvision>=0.19", requirements, flags=re.MULTILINE), here))
+    assert "the tests run 3.10" in " ".join(version_problems(dockerfile, requirements, dict(here, python="3.10")))
 
 
 def test_every_copy_source_is_in_the_context_and_requirements_come_first():

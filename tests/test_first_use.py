@@ -1,0 +1,92 @@
+"""What a new user meets first: the README's first screen and file map, and the CPU line on a fresh clone."""
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from conftest import ROOT
+from test_docker import FAKE_PYTHON
+
+README = (ROOT / "README.md").read_text()
+CPU_LINE = next(line for line in README.splitlines() if "./run_all.sh --quick" in line)
+
+
+def code_lines(text: str) -> set[str]:
+    """The lines inside ``` blocks."""
+    return {line for block in re.findall(r"```\w*\n(.*?)```", text, re.DOTALL) for line in block.splitlines()}
+
+
+def test_the_first_screen_names_the_main_job_the_tests_and_the_results():
+    first_screen = "\n".join(README.splitlines()[:60])
+    assert "docker run --gpus all" in first_screen and "./run_all.sh" in first_screen
+    assert "python -m pytest -q tests" in first_screen
+    assert "arxiv.org/abs/2603.01698" in first_screen  # the paper it tests, named and linked
+    assert re.search(r"\| 200 \| \d+\.\d\d ± \d\.\d\d \|", first_screen)  # the measured table
+    # the test command is the one CI runs
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "-m pytest -q tests" in ci and "-r requirements.txt -r tests/requirements.txt" in ci
+
+
+def test_the_readme_is_short_and_its_prose_fits_100_columns():
+    assert len(README.encode()) <= 12 * 1024
+    long = [line for line in README.splitlines() if len(line) > 100 and line not in code_lines(README)]
+    assert long == []
+    # only the three set-up-and-run one-liners are longer, so that each stays one line to paste
+    assert len([line for line in code_lines(README) if len(line) > 100]) <= 3
+
+
+def test_every_path_of_the_file_map_and_every_link_exists():
+    file_map = README[README.index("## Files"):README.index("## Citation")]
+    paths = re.findall(r"^\| `([^`]+)` \|", file_map, re.MULTILINE)
+    assert len(paths) >= 10
+    links = re.findall(r"\]\(((?!https?:)[^)#]+)\)", README)
+    assert [p for p in paths + links if not (ROOT / p).exists()] == []
+
+
+def tree_digest(folder) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_the_cpu_line_on_a_fresh_clone_writes_its_own_runs_and_leaves_the_committed_ones(tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in ("run_all.sh", "methods.py"):
+        shutil.copy2(ROOT / name, clone / name)
+    shutil.copytree(ROOT / "results" / "quick", clone / "results" / "quick")  # as committed
+    before = tree_digest(clone / "results")
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    command = CPU_LINE[CPU_LINE.index("./run_all.sh"):].replace("./run_all.sh", str(clone / "run_all.sh"), 1)
+    done = subprocess.run(["bash", "-c", command + f" --data-dir {tmp_path}"], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=str(fake)))
+    assert done.returncode == 0, done.stderr
+    assert "done, skipped" not in done.stdout and "runs/" in done.stdout
+    for method in ("random", "dm", "csdm"):
+        assert (clone / "runs" / "quick" / "cifar10" / "if200" / "ipc10" / method / "results.json").exists()
+    assert tree_digest(clone / "results") == before
+    assert "distill.py --method csdm" in log.read_text()
+
+
+def test_the_paper_bench_runs_ncfms_pipeline_with_a_shared_pool(tmp_path):
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--paper-bench", "--data-dir", str(tmp_path),
+                           "--out", str(out)], capture_output=True, text=True, env=dict(os.environ, PYTHON=str(fake)))
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    distills = [line for line in calls if line.startswith("distill.py")]
+    assert [line.split("--method ")[1].split()[0] for line in distills] == ["ncfm", "csdm"]
+    for line in distills:
+        assert "--preset ncfm-paper" in line and f"--pool-cache {out}/paper_cell/pool" in line
+        assert "--pool-size 2" in line and "--iterations 400" in line and "--batch-real" not in line
+    evaluations = [line for line in calls if line.startswith("evaluate.py --syn")]
+    assert len(evaluations) == 2 and all("--num-eval 3 --epochs 200" in line for line in evaluations)
+    assert (out / "paper_bench" / "dm" / "cifar10" / "if200" / "ipc10" / "csdm-paper" / "results.json").exists()
