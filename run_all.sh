@@ -71,6 +71,9 @@ options:
   --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing,
                        balanced-calibration (validation split; writes OUT/ablations/NAME.md, a row and a line
                        of provenance per run)
+  --jobs-per-gpu N     the grid's cells run concurrently over the visible GPUs (CUDA_VISIBLE_DEVICES, else all
+                       that nvidia-smi lists), N on each (default 1; the best N is not measured yet); logs in
+                       OUT/logs/. On a CPU, or with --device cpu, one cell after another
   --data-dir DIR       data folder passed to distill.py / evaluate.py (default: download)
   --out DIR            where the runs go (default: runs, git-ignored, yours; the repository's committed
                        reference results are in results/ and are rewritten only with --out results)
@@ -94,6 +97,7 @@ set_mode() {  # set_mode MODE OPTION: one job per call of the script
 
 # the methods registered in methods.py (its '    "name": Method(' lines), in their order
 KNOWN_METHODS=$(sed -n 's/^    "\([a-z0-9-]*\)": Method(.*/\1/p' methods.py | tr '\n' ' ' | sed 's/ $//')
+JOBS_PER_GPU=1
 MODE=grid; ABLATION=""; QUICK=0; DATASETS="cifar10 cifar100"; IF_LIST=""; IPC_LIST=""
 METHODS="$KNOWN_METHODS"; DATA_DIR=""; OUT="runs"; DEVICE="auto"; SEED=0; PRECISION=""
 GRID_OPTIONS=()  # options that only shape the grid (--quick, --datasets, ...), refused with the other jobs
@@ -108,13 +112,13 @@ while [[ $# -gt 0 ]]; do
     --full-cell) set_mode full-cell "$1"; shift ;;
     --paper-cell) set_mode paper-cell "$1"; shift ;;
     --paper-bench) set_mode paper-bench "$1"; shift ;;
-    --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed|--ablation|--precision)
+    --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed|--ablation|--precision|--jobs-per-gpu)
       [[ $# -ge 2 ]] || fail "$1 needs a value; see ./run_all.sh --help"
       case "$1" in
         --datasets) DATASETS="$2" ;; --ifs) IF_LIST="$2" ;; --ipcs) IPC_LIST="$2" ;;
         --methods) METHODS="$2" ;; --data-dir) DATA_DIR="$2" ;; --out) OUT="$2" ;;
         --device) DEVICE="$2" ;; --seed) SEED="$2" ;; --ablation) set_mode ablation --ablation; ABLATION="$2" ;;
-        --precision) PRECISION="$2" ;;
+        --precision) PRECISION="$2" ;; --jobs-per-gpu) JOBS_PER_GPU="$2" ;;
       esac
       case "$1" in --datasets|--ifs|--ipcs|--methods) GRID_OPTIONS+=("$1") ;; esac
       shift 2 ;;
@@ -132,6 +136,7 @@ done
 [[ -z "$DATA_DIR" || -d "$DATA_DIR" ]] ||
   fail "--data-dir: $DATA_DIR does not exist; give the data folder or omit it to download"
 [[ "$SEED" =~ ^[0-9]+$ ]] || fail "--seed: '$SEED' is not a non-negative integer"
+[[ "$JOBS_PER_GPU" =~ ^[1-9][0-9]*$ ]] || fail "--jobs-per-gpu: '$JOBS_PER_GPU' is not a positive integer"
 case "$PRECISION" in ""|auto|fp32|bf16) ;; *) fail "--precision: '$PRECISION' is not auto, fp32 or bf16" ;; esac
 if [[ "$MODE" != grid && ${#GRID_OPTIONS[@]} -gt 0 ]]; then
   if [[ "$MODE" == full-cell ]]; then why="the cell is fixed: CIFAR-10-LT IPC 10 at the full budget"
@@ -287,11 +292,66 @@ else
   EVAL_BUDGET=(--num-eval 5 --epochs 1000 --compile)
 fi
 
+# The grid's queue: on a machine with GPUs its cells run concurrently, --jobs-per-gpu of them on each visible
+# GPU (CUDA_VISIBLE_DEVICES if set, else every GPU nvidia-smi lists), each job pinned to one GPU through
+# CUDA_VISIBLE_DEVICES and logged to OUT/logs/; on a CPU (or with --device cpu) one cell after another, in
+# the foreground, as before. A failed cell stops no other; the failures are listed at the end (exit 1).
+gpu_ids() {
+  [[ "$DEVICE" == cpu ]] && return 0
+  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then echo "${CUDA_VISIBLE_DEVICES//,/ }"; return 0; fi
+  if command -v nvidia-smi > /dev/null; then nvidia-smi --query-gpu=index --format=csv,noheader 2> /dev/null | tr '\n' ' '; fi
+  return 0
+}
+QUEUE_SLOTS=(); QUEUE_PIDS=(); QUEUE_NAMES=(); QUEUE_FAILED=()
+start_queue() {
+  local gpu k
+  for gpu in $(gpu_ids); do for ((k = 0; k < JOBS_PER_GPU; k++)); do QUEUE_SLOTS+=("$gpu"); done; done
+  (( ${#QUEUE_SLOTS[@]} > 1 )) || QUEUE_SLOTS=()  # one GPU, one job: the foreground path
+  (( ${#QUEUE_SLOTS[@]} == 0 )) || echo "== the queue: ${#QUEUE_SLOTS[@]} jobs at once on GPUs $(gpu_ids)"
+}
+# queued NAME COMMAND...: run COMMAND in a free slot (waiting for one), or now in the foreground without slots
+queued() {
+  local name=$1 slot; shift
+  if (( ${#QUEUE_SLOTS[@]} == 0 )); then "$@"; return; fi
+  while slot=$(free_slot); [[ -z "$slot" ]]; do reap_finished; sleep 1; done
+  mkdir -p "$OUT/logs"
+  echo "== started $name on GPU ${QUEUE_SLOTS[$slot]} (log: $OUT/logs/${name//\//_}.log)"
+  ( export CUDA_VISIBLE_DEVICES=${QUEUE_SLOTS[$slot]}; "$@" ) > "$OUT/logs/${name//\//_}.log" 2>&1 &
+  QUEUE_PIDS[$slot]=$!; QUEUE_NAMES[$slot]=$name
+}
+free_slot() {
+  local slot
+  for slot in "${!QUEUE_SLOTS[@]}"; do [[ -n "${QUEUE_PIDS[$slot]:-}" ]] || { echo "$slot"; return; }; done
+}
+reap_finished() {  # free the slots whose jobs ended, noting failures
+  local slot pid
+  for slot in "${!QUEUE_PIDS[@]}"; do
+    pid=${QUEUE_PIDS[$slot]}
+    [[ -n "$pid" ]] && ! kill -0 "$pid" 2> /dev/null || continue
+    if wait "$pid"; then echo "== finished ${QUEUE_NAMES[$slot]}"
+    else QUEUE_FAILED+=("${QUEUE_NAMES[$slot]}"); echo "== FAILED ${QUEUE_NAMES[$slot]}"; fi
+    QUEUE_PIDS[$slot]=""
+  done
+}
+running_jobs() {
+  local pid
+  for pid in "${QUEUE_PIDS[@]}"; do [[ -z "$pid" ]] || return 0; done
+  return 1
+}
+drain_queue() {  # wait for every queued job; exit 1 naming the failed ones
+  while running_jobs; do reap_finished; sleep 1; done
+  if (( ${#QUEUE_FAILED[@]} > 0 )); then
+    echo "run_all.sh: ${#QUEUE_FAILED[@]} runs failed (logs in $OUT/logs/): ${QUEUE_FAILED[*]}" >&2
+    exit 1
+  fi
+}
+
 case "$MODE" in
   grid)
     # the full budget of seed 0 in $OUT; --quick and other seeds in folders of their own, so that no table
     # mixes budgets or seeds
     grid="$OUT"; [[ $QUICK -eq 1 ]] && grid="$grid/quick"; [[ "$SEED" == 0 ]] || grid="$grid/seed$SEED"
+    start_queue
     for dataset in $DATASETS; do
       ifs="$IF_LIST"; ipcs="$IPC_LIST"
       [[ -n "$ifs" ]] || { [[ $dataset == cifar10 ]] && ifs="10 50 100 200" || ifs="10 20"; }
@@ -300,12 +360,16 @@ case "$MODE" in
         for ipc in $ipcs; do
           for method in $METHODS; do
             [[ $method == full ]] && continue
-            run_one "$grid/$dataset/if$imbalance/ipc$ipc/$method" "$method" "$dataset" "$imbalance" "$ipc"
+            queued "$dataset/if$imbalance/ipc$ipc/$method" \
+              run_one "$grid/$dataset/if$imbalance/ipc$ipc/$method" "$method" "$dataset" "$imbalance" "$ipc"
           done
         done
-        if [[ " $METHODS " == *" full "* ]]; then run_full "$grid" "$dataset" "$imbalance" $ipcs; fi
+        if [[ " $METHODS " == *" full "* ]]; then
+          queued "$dataset/if$imbalance/full" run_full "$grid" "$dataset" "$imbalance" $ipcs
+        fi
       done
     done
+    drain_queue
     "$PYTHON" evaluate.py --report "$grid" ;;
 
   cpu-bench)

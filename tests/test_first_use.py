@@ -1,5 +1,6 @@
 """What a new user meets first: the README's first screen and file map, and the CPU line on a fresh clone."""
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -90,3 +91,76 @@ def test_the_paper_bench_runs_ncfms_pipeline_with_a_shared_pool(tmp_path):
     evaluations = [line for line in calls if line.startswith("evaluate.py --syn")]
     assert len(evaluations) == 2 and all("--num-eval 3 --epochs 200" in line for line in evaluations)
     assert (out / "paper_bench" / "dm" / "cifar10" / "if200" / "ipc10" / "csdm-paper" / "results.json").exists()
+
+
+QUEUE_PYTHON = '''#!{python}
+"""Stands in for the interpreter: each distill.py / evaluate.py call records its GPU and its start and end,
+sleeps a little, and fails for the method named in FAIL_METHOD."""
+import json, os, pathlib, sys, time
+script, argv = pathlib.Path(sys.argv[1]).name, sys.argv[2:]
+def value(option):
+    return argv[len(argv) - 1 - argv[::-1].index(option) + 1]
+if script in ("distill.py", "evaluate.py") and "--report" not in argv:
+    start = time.time()
+    time.sleep(0.4)
+    if "--method" in argv and value("--method") == os.environ.get("FAIL_METHOD"):
+        sys.exit(1)
+    out = pathlib.Path(value("--out")) if "--out" in argv else pathlib.Path(value("--syn")).parent
+    out.mkdir(parents=True, exist_ok=True)
+    if script == "distill.py":
+        (out / "synthetic.pt").write_text("")
+    else:
+        (out / "results.json").write_text("{{}}")
+    with open({log!r}, "a") as log:
+        log.write(json.dumps([script, str(out), os.environ.get("CUDA_VISIBLE_DEVICES"), start, time.time()]) + "\\n")
+'''
+
+
+def run_grid(tmp_path, env, *options):
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(QUEUE_PYTHON.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    done = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--quick", "--datasets", "cifar10", "--ifs", "10 200",
+                           "--ipcs", "10", "--methods", "random dm csdm", "--data-dir", str(tmp_path), "--out",
+                           str(tmp_path / "out"), *options], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=str(fake), **env))
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return done, calls
+
+
+def most_at_once(calls) -> int:
+    events = sorted([(start, 1) for *_, start, _ in calls] + [(end, -1) for *_, _, end in calls])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_the_grid_spreads_its_cells_over_the_gpus_one_job_per_gpu(tmp_path):
+    done, calls = run_grid(tmp_path, {"CUDA_VISIBLE_DEVICES": "3,5,7"})
+    assert done.returncode == 0, done.stderr
+    assert {gpu for _, _, gpu, _, _ in calls} == {"3", "5", "7"}  # every job on one GPU of the list
+    assert most_at_once(calls) == 3  # N devices, N concurrent jobs
+    for gpu in ("3", "5", "7"):  # never two jobs at once on one GPU
+        assert most_at_once([c for c in calls if c[2] == gpu]) == 1
+    assert len({out for _, out, *_ in calls if out.endswith(("dm", "csdm", "random"))}) == 6
+
+
+def test_jobs_per_gpu_and_a_failure_that_stops_nothing_else(tmp_path):
+    done, calls = run_grid(tmp_path, {"CUDA_VISIBLE_DEVICES": "0", "FAIL_METHOD": "dm"}, "--jobs-per-gpu", "2")
+    assert done.returncode == 1
+    assert "2 runs failed" in done.stderr and "if10/ipc10/dm" in done.stderr and "if200/ipc10/dm" in done.stderr
+    finished = {pathlib_name(out) for script, out, *_ in calls if script == "evaluate.py"}
+    assert finished == {"random", "csdm"}  # both IFs' random and csdm ran to the end
+    assert len([c for c in calls if c[0] == "evaluate.py"]) == 4 and most_at_once(calls) == 2
+
+
+def test_on_a_cpu_the_grid_runs_one_cell_at_a_time(tmp_path):
+    done, calls = run_grid(tmp_path, {"CUDA_VISIBLE_DEVICES": "0,1"}, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert most_at_once(calls) == 1 and {gpu for _, _, gpu, _, _ in calls} == {"0,1"}  # left as it was
+
+
+def pathlib_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
