@@ -64,9 +64,9 @@ from data_lt import (DSA_PAIRINGS, LongTailedData, RealBatchSampler, UsageError,
                      finite_float, initial_synthetic, load_from_args)
 from networks import (NORMS, POOLINGS, PRECISIONS, autocast, build_network, depth_for_size, in_micro_batches,
                       micro_batch_size, reset_parameters_, resolve_precision)
-from runs import (FORMAT_VERSION, PARTIAL_EVALUATION, OneLineParser, Processes, Progress, atomic_save,
-                  atomic_write_text, check_out_is_folder, check_positive, compile_or_eager, environment, plot_loss,
-                  plot_side_by_side, processor_name, resolve_device, run_script, save_grid, start_processes,
+from runs import (atomic_save, atomic_write_text, check_out_is_folder, check_positive, compile_or_eager, environment,
+                  FORMAT_VERSION, keep_freed_memory, OneLineParser, PARTIAL_EVALUATION, plot_loss, plot_side_by_side,
+                  Processes, processor_name, Progress, resolve_device, run_script, save_grid, start_processes,
                   step_or_fall_back, write_run_readme)
 from methods import DISTILLED, METHODS, SPECTRAL, default_lr_img, per_class_loss
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, class_median_distances, class_weights, kernel_metric_p,
@@ -1035,4 +1035,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # this process is the script's own: glibc keeps freed memory for the next pass (runs.py)
     main()

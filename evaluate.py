@@ -71,9 +71,9 @@ import torch
 from data_lt import (DATA_DEFAULTS, UsageError, add_data_arguments, check_factor, counter_seed, decode,
                      initial_synthetic, load_long_tailed)
 from networks import MODELS, NORMS, PRECISIONS, build_network, depth_for_size, reset_parameters_, resolve_precision
-from runs import (PARTIAL_EVALUATION, OneLineParser, Processes, atomic_write_text, check_out_is_folder,
-                  check_positive, environment, export_image_folder, processor_name, pyplot, run_script,
-                  start_processes, write_run_readme)
+from runs import (atomic_write_text, check_out_is_folder, check_positive, environment, export_image_folder,
+                  keep_freed_memory, OneLineParser, PARTIAL_EVALUATION, Processes, processor_name, pyplot,
+                  run_script, start_processes, write_run_readme)
 from stacked import train_networks_stacked
 from synsets import check_matches, fit_own_set, load_synthetic, read_set
 from training import PROTOCOLS, long_tail_groups, per_class_accuracy, train_network
@@ -717,4 +717,5 @@ def write_result(result: dict, out: Path, what: str, data, args, device, process
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # this process is the script's own: glibc keeps freed memory for the next pass (runs.py)
     main()

@@ -53,7 +53,6 @@ def run_script(parser: argparse.ArgumentParser, body, argv=None) -> None:
     code 2. body may replace holder[0] by the job's Processes, which are left cleanly afterwards (after a
     barrier when the body returned, at once after an error)."""
     args = parser.parse_args(argv)
-    keep_freed_memory()
     holder, clean = [Processes()], False
     try:
         body(args, holder)
@@ -65,7 +64,7 @@ def run_script(parser: argparse.ArgumentParser, body, argv=None) -> None:
         holder[0].finish(clean)
 
 
-# glibc mallopt parameters (malloc.h) and the values run_script sets
+# glibc mallopt parameters (malloc.h) and the values keep_freed_memory sets (the scripts' __main__ calls it)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MALLOC_SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: (1 << 31) - 1, M_TOP_PAD: 256 << 20}
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
@@ -81,8 +80,9 @@ def keep_freed_memory() -> bool:
     2 GB and 256 MB of padding per heap growth keep those pages mapped: the same numbers, 1.5x faster in
     float32 and 1.08x in bf16 (BENCHMARKS.md). Freed memory is not returned to the system until the process
     ends; it is reused by the next iteration. The price is peak memory: 0.3-0.4 GB more for an IPC-50
-    distillation on the EPYC (2.98 / 3.11 GB against 2.56 / 2.82 GB in two measurements, BENCHMARKS.md). Set
-    for the whole process by run_script (so also for the rest of a caller that runs main() in-process). A
+    distillation on the EPYC (2.98 / 3.11 GB against 2.56 / 2.82 GB in two measurements, BENCHMARKS.md). Called
+    by distill.py's and evaluate.py's `if __name__ == "__main__"`, never by their main(), so that a caller
+    that runs main() in-process keeps its own malloc settings. A
     no-op off glibc, and where the user chose malloc settings (any of MALLOC_ENV, or GLIBC_TUNABLES naming
     glibc.malloc). Returns whether all were applied."""
     if any(name in os.environ for name in MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
@@ -292,9 +292,9 @@ def _is_compile_failure(error: Exception) -> bool:
     module = type(error).__module__ or ""
     text = f"{type(error).__name__} {error}"
     return (module.startswith(("torch._dynamo", "torch._inductor", "triton"))
-            or isinstance(error, (subprocess.CalledProcessError, FileNotFoundError, OSError))
             or "BackendCompilerFailed" in text or "InductorError" in text or "CppCompileError" in text
-            or isinstance(error, AssertionError) and _raised_in_generated_code(error))
+            or isinstance(error, (subprocess.CalledProcessError, OSError, AssertionError))
+            and _raised_in_generated_code(error))  # a missing compiler, a failed build: not a disk error
 
 
 def _raised_in_generated_code(error: Exception) -> bool:
@@ -302,8 +302,8 @@ def _raised_in_generated_code(error: Exception) -> bool:
     Inductor wrote (its cache, torchinductor_<user>/ by default): the generated code's own checks
     (assert_size_stride) raise plain AssertionErrors."""
     inductor = f"{os.sep}_inductor{os.sep}"
-    return any(inductor in frame.filename or "torchinductor" in frame.filename
-               for frame in traceback.extract_tb(error.__traceback__))
+    compiler = (inductor, f"{os.sep}_dynamo{os.sep}", f"{os.sep}triton{os.sep}", "torchinductor")
+    return any(part in frame.filename for part in compiler for frame in traceback.extract_tb(error.__traceback__))
 
 
 # ----------------------------------------------------------------------------------------

@@ -239,3 +239,10 @@ def test_other_errors_in_a_step_are_not_taken_for_compiler_failures():
     assert compiled.enabled
     with pytest.raises(ValueError):
         runs.step_or_fall_back(lambda: int("x"), [runs.compile_or_eager(lambda x: x, enabled=False)])
+
+    def disk_error():
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):  # a disk error is not retried in eager mode
+        runs.step_or_fall_back(disk_error, [compiled])
+    assert compiled.enabled
