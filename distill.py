@@ -32,8 +32,10 @@ the run. Read synthetic.pt with torch.load(path, weights_only=True).
 
 A checkpoint (checkpoint.pt: images, optimiser state, iteration, loss history, config, stretches) is written
 atomically every --ckpt-every iterations and when the run is stopped by SIGINT or SIGTERM; --resume
-continues from it and ends with the same synthetic set as an uninterrupted run (every random draw is a
-function of the seed and the iteration: there is no generator state to save).
+continues from it and, on the same kind of device, ends with the same synthetic set as an uninterrupted run
+(every random draw is a function of the seed and the iteration: there is no generator state to save). The
+draws come from torch.Generator on the device, which gives other numbers on CUDA than on a CPU: a run
+resumed on another kind says so and continues with other draws (run.json records each sitting's device).
 
 When a class has fewer real images than --ipc (IPC 50 at IF 200), its first n_c synthetic images are
 its n_c real images and each further one repeats one of them under a seeded geometric DSA
@@ -893,6 +895,12 @@ def prepare_out_folder(args, data: LongTailedData, processes: Processes, log) ->
             raise Finished(f"--resume: {out} holds a finished run of {args.iterations} iterations; nothing to do")
         log(f"resuming from iteration {checkpoint['iteration']}" if checkpoint else
             f"--resume: no checkpoint in {out}; starting from the beginning")
+        other = checkpoint and other_device_kinds(checkpoint, resolve_device(args.device))
+        if other:
+            log(f"note: {out} was distilled on {', '.join(other)} until now and continues on "
+                f"{resolve_device(args.device).type}: the networks, frequencies and batches are drawn by "
+                f"torch.Generator on the device, which draws other numbers on another kind, so the set will "
+                f"differ from an uninterrupted run's (run.json's stretches record each sitting's device)")
     check_no_evaluation_replaced(args, out)
     if args.overwrite and processes.main:
         for name in OUTPUT_FILES:
@@ -901,6 +909,12 @@ def prepare_out_folder(args, data: LongTailedData, processes: Processes, log) ->
     processes.barrier()
     out.mkdir(parents=True, exist_ok=True)
     return checkpoint
+
+
+def other_device_kinds(checkpoint: dict, device: torch.device) -> list[str]:
+    """The device kinds (cpu, cuda) of the checkpoint's sittings that are not this run's."""
+    kinds = {str(stretch.get("device") or "").split(":")[0] for stretch in checkpoint.get("stretches", [])}
+    return sorted(kind for kind in kinds - {device.type} if kind)
 
 
 def evaluations_inside(out: Path) -> list[str]:

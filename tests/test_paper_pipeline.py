@@ -106,3 +106,11 @@ def test_pool_only_needs_a_pool(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "--pool-only" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_on_another_device_kind_is_noticed():
+    from distill import other_device_kinds
+    checkpoint = {"stretches": [{"device": "cuda:0"}, {"device": "cpu"}, {"device": None}]}
+    assert other_device_kinds(checkpoint, torch.device("cpu")) == ["cuda"]
+    assert other_device_kinds(checkpoint, torch.device("cuda", 1)) == ["cpu"]
+    assert other_device_kinds({"stretches": [{"device": "cpu"}]}, torch.device("cpu")) == []
