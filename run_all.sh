@@ -15,6 +15,8 @@
 #   ./run_all.sh --paper-cell --data-dir data/cifar10     # NCFM's pipeline (the paper's): ncfm and csdm, full budget
 #   ./run_all.sh --paper-bench --data-dir data/cifar10    # the same pipeline at a CPU budget (pool of 2, 400 its)
 #   ./run_all.sh --ablation kernel --data-dir data/cifar10  # one ablation table, on the validation split
+#   ./run_all.sh --gpu-check --data-dir data/cifar10      # a lent GPU's sitting: gpu_check.py (tiny grid, timings,
+#                                                         #   then the IF 50 / 100 cells until its budget ends)
 #
 # Each run lives in its own folder under --out (default runs/, git-ignored: runs/<dataset>/if<IF>/ipc<IPC>/<method>/
 # for the grid; runs/quick/... with --quick, runs/seed<N>/... with another seed); a finished run (results.json
@@ -71,6 +73,9 @@ options:
   --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing,
                        balanced-calibration (validation split; writes OUT/ablations/NAME.md, a row and a line
                        of provenance per run)
+  --gpu-check          python gpu_check.py (see its --help): the grid at a tiny budget end to end, timings and peak
+                       GPU memory, then CIFAR-10-LT IF 50 and 100, IPC 10, csdm dm random at the full budget into
+                       OUT until 8 minutes are spent; writes OUT/gpu_check.json after every step
   --jobs-per-gpu N     the grid's cells run concurrently over the visible GPUs (CUDA_VISIBLE_DEVICES, else all
                        that nvidia-smi lists), N on each (default 1; the best N is not measured yet); logs in
                        OUT/logs/. On a CPU, or with --device cpu, one cell after another
@@ -97,7 +102,7 @@ set_mode() {  # set_mode MODE OPTION: one job per call of the script
 
 # the methods registered in methods.py (its '    "name": Method(' lines), in their order
 KNOWN_METHODS=$(sed -n 's/^    "\([a-z0-9-]*\)": Method(.*/\1/p' methods.py | tr '\n' ' ' | sed 's/ $//')
-JOBS_PER_GPU=1
+JOBS_PER_GPU=1; JOBS_GIVEN=""
 MODE=grid; ABLATION=""; QUICK=0; DATASETS="cifar10 cifar100"; IF_LIST=""; IPC_LIST=""
 METHODS="$KNOWN_METHODS"; DATA_DIR=""; OUT="runs"; DEVICE="auto"; SEED=0; PRECISION=""
 GRID_OPTIONS=()  # options that only shape the grid (--quick, --datasets, ...), refused with the other jobs
@@ -112,13 +117,14 @@ while [[ $# -gt 0 ]]; do
     --full-cell) set_mode full-cell "$1"; shift ;;
     --paper-cell) set_mode paper-cell "$1"; shift ;;
     --paper-bench) set_mode paper-bench "$1"; shift ;;
+    --gpu-check) set_mode gpu-check "$1"; shift ;;
     --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed|--ablation|--precision|--jobs-per-gpu)
       [[ $# -ge 2 ]] || fail "$1 needs a value; see ./run_all.sh --help"
       case "$1" in
         --datasets) DATASETS="$2" ;; --ifs) IF_LIST="$2" ;; --ipcs) IPC_LIST="$2" ;;
         --methods) METHODS="$2" ;; --data-dir) DATA_DIR="$2" ;; --out) OUT="$2" ;;
         --device) DEVICE="$2" ;; --seed) SEED="$2" ;; --ablation) set_mode ablation --ablation; ABLATION="$2" ;;
-        --precision) PRECISION="$2" ;; --jobs-per-gpu) JOBS_PER_GPU="$2" ;;
+        --precision) PRECISION="$2" ;; --jobs-per-gpu) JOBS_PER_GPU="$2"; JOBS_GIVEN=1 ;;
       esac
       case "$1" in --datasets|--ifs|--ipcs|--methods) GRID_OPTIONS+=("$1") ;; esac
       shift 2 ;;
@@ -152,7 +158,7 @@ if [[ -z "$PRECISION" ]]; then
 fi
 case "$MODE:$ABLATION" in
   ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration|ablation:pairing|ablation:balanced-calibration) ;;
-  grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:|calibration-bench:|full-cell:|paper-cell:|paper-bench:) ;;
+  grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:|calibration-bench:|full-cell:|paper-cell:|paper-bench:|gpu-check:) ;;
   *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing or balanced-calibration" ;;
 esac
 if [[ "$MODE" != grid && "$MODE" != full-cell && -z "$DATA_DIR" ]]; then
@@ -506,6 +512,12 @@ case "$MODE" in
     done
     tables=("$tree/dm"); [[ $MODE == paper-bench ]] || tables+=("$tree/ncfm")
     "$PYTHON" report.py "${tables[@]}" --table "$tree.md" ;;
+
+  gpu-check)
+    # gpu_check.py's own default of --jobs-per-gpu unless one is given here
+    jobs=(); [[ -z "$JOBS_GIVEN" ]] || jobs=(--jobs-per-gpu "$JOBS_PER_GPU")
+    "$PYTHON" gpu_check.py "${DATA_ARGS[@]}" --device "$DEVICE" --out "$OUT/gpu_check.json" --grid-out "$OUT" \
+      "${jobs[@]}" ;;
 
   ablation)
     # the CPU benchmark's setting at IF 200 with half its iterations (300, so that the tables fit a CPU
