@@ -478,7 +478,8 @@ def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device,
     log(f"training the extractor pool: {args.pool_size} networks x {args.pool_epochs} epochs ({args.pool_schedule} "
         f"schedule) on {len(data.train_labels)} images -> {path}")
     folder = pool_networks_folder(args, data, depth, precision)
-    mine = [(k, pool_network(args, data, depth, device, k, folder, log))
+    images, labels = data.normalise(data.train_images).to(device), data.train_labels.to(device)  # once, for all
+    mine = [(k, pool_network(args, data, images, labels, depth, precision, k, folder, log))
             for k in range(processes.rank, args.pool_size, processes.world)]
     mine = processes.gather_objects(mine)
     networks = [network for _, network in sorted(mine, key=lambda entry: entry[0])]
@@ -487,24 +488,29 @@ def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device,
     return networks
 
 
-def pool_network(args, data: LongTailedData, depth: int, device, k: int, folder: Path, log) -> dict:
-    """Pool network k ({"init", "trained"} state dicts), from folder/network-k.pt or trained and written there.
-    Its draws (initialisation, batches, augmentation) come from (seed, k) alone."""
+def cpu_state(net) -> dict[str, torch.Tensor]:
+    """A copy of the network's state dict on the CPU."""
+    return {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
+
+
+def pool_network(args, data: LongTailedData, images: torch.Tensor, labels: torch.Tensor, depth: int,
+                 precision: str, k: int, folder: Path, log) -> dict:
+    """Pool network k ({"init", "trained"} state dicts), from folder/network-k.pt or trained on the normalised
+    long-tailed `images` and written there. Its draws (initialisation, batches, augmentation) come from
+    (seed, k) alone."""
     path = folder / f"network-{k}.pt"
     if path.exists():
         log(f"  pool network {k + 1}/{args.pool_size}: {path}")
         return torch.load(path, map_location="cpu", weights_only=True)
-    start = time.perf_counter()
-    precision = resolve_precision(args.precision, device, args.compile)
-    images, labels = data.normalise(data.train_images).to(device), data.train_labels.to(device)
+    start, device = time.perf_counter(), images.device
     generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_POOL, k))
     net = reset_parameters_(convnet(args, data, depth, device), generator)
-    init = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
+    init = cpu_state(net)
     train_network(net, images, labels, generator, POOL_SCHEDULES[args.pool_schedule], args.pool_epochs,
                   precision=precision, compile=args.compile, logit_shift=pool_logit_shift(args, data, device))
     if args.pool_rebalance == "crt":
         retrain_classifier_balanced(net, images, labels, data.num_classes, generator)
-    network = {"init": init, "trained": {name: value.detach().cpu().clone() for name, value in net.state_dict().items()},
+    network = {"init": init, "trained": cpu_state(net),
                "seconds": torch.tensor(time.perf_counter() - start, dtype=torch.float64)}
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save(network, path)
