@@ -63,22 +63,27 @@ import shutil
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_lt import (DATA_DEFAULTS, UsageError, add_data_arguments, check_factor, counter_seed, decode,
-                     initial_synthetic, load_long_tailed)
+from data_lt import (DATA_DEFAULTS, UsageError, add_data_arguments, cache_dir, check_factor, counter_seed,
+                     decode, initial_synthetic, load_long_tailed)
 from networks import MODELS, NORMS, PRECISIONS, build_network, depth_for_size, reset_parameters_, resolve_precision
 from runs import (atomic_write_text, check_out_is_folder, check_positive, environment, export_image_folder,
                   keep_freed_memory, OneLineParser, PARTIAL_EVALUATION, Processes, processor_name, pyplot,
                   run_script, start_processes, write_run_readme)
 from stacked import train_networks_stacked
 from synsets import check_matches, fit_own_set, load_synthetic, read_set
-from training import PROTOCOLS, long_tail_groups, per_class_accuracy, train_network
+from teacher import TEACHER_LOSSES, TEACHER_SCHEDULE, load_or_train_teacher, soft_targets, teacher_path
+from training import POOL_SCHEDULES, PROTOCOLS, long_tail_groups, per_class_accuracy, train_network
 
 STREAM_EVAL = 21
+# --labels soft's defaults, chosen on the validation split (results/ablations/soft_labels.md)
+SOFT_DEFAULTS = {"temperature": 4.0, "teacher_loss": "balanced"}
+SOFT_OPTIONS = ("temperature", "teacher_loss", "teacher_epochs")
 
 
 # the options a --syn evaluation takes from the set's config, with their defaults for the baselines
@@ -149,6 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
                                "faster an epoch than stacked (the 2-core EPYC, bf16, compiled)")
     g.add_argument("--split", default="test", choices=("test", "val"),
                    help="where to measure: the test split, or the validation split (for choosing hyperparameters)")
+    g = p.add_argument_group("labels (teacher.py)")
+    g.add_argument("--labels", default="hard", choices=("hard", "soft"),
+                   help="hard: the set's labels (cross-entropy); soft: a teacher trained on the long-tailed training "
+                        "split labels every augmented batch and the network minimises T^2 KL(teacher || network) at "
+                        "temperature T (the evaluation of SRe2L, RDED and the soft-label long-tailed methods)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help=f"--labels soft: the temperature T of the teacher's and the network's softmax (default: "
+                        f"{SOFT_DEFAULTS['temperature']:g})")
+    g.add_argument("--teacher-loss", default=None, choices=TEACHER_LOSSES,
+                   help=f"--labels soft: balanced: the teacher minimises the logit-adjusted loss CE(f + log pi, y) "
+                        f"and labels with its raw logits f (balanced); ce: plain cross-entropy (head-biased) "
+                        f"(default: {SOFT_DEFAULTS['teacher_loss']})")
+    g.add_argument("--teacher-epochs", type=int, default=None,
+                   help=f"--labels soft: the teacher's epochs (default: the {TEACHER_SCHEDULE} schedule's "
+                        f"{POOL_SCHEDULES[TEACHER_SCHEDULE].epochs}; the schedule scales with it)")
+    g.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="--labels soft: where teachers are kept, one file each, trained once per data set, subset "
+                        "and teacher option (default: $CSDM_CACHE_DIR/teachers, else ~/.cache/csdm/teachers)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of the networks and batches (and of the data subset "
                                                        "for baselines)")
@@ -184,14 +207,15 @@ def test_split(data, split: str):
 
 
 def evaluate(images, labels, data, args, network: dict, device, processes: Processes | None = None,
-             done: tuple = (), keep=None) -> dict | None:
+             done: tuple = (), keep=None, soft=None) -> dict | None:
     """Train args.num_eval networks (build_network(**network)) on (images, labels) under args.protocol and
     test each after its last epoch (and at the protocol's evaluation epochs, for best_*). Networks already in
     `done` (Trained, from an interrupted evaluation) are not trained again; keep(trained) is called as each
     network finishes. Under torchrun, the networks left are shared round-robin among the processes; the main
     process returns the summary. A process's ConvNets (without batch norm) train together as one stacked
     network (stacked.train_networks_stacked: each its own generator and draws, results per network as one at
-    a time up to rounding) where stacks() says so."""
+    a time up to rounding) where stacks() says so; with soft labels (soft: training.SoftTargets, the teacher's)
+    one at a time."""
     processes = processes or Processes()
     protocol = PROTOCOLS[args.protocol]
     epochs = args.epochs or protocol.epochs
@@ -209,8 +233,8 @@ def evaluate(images, labels, data, args, network: dict, device, processes: Proce
     finished = {trained.index for trained in done}
     indices = [k for k in range(args.num_eval) if k not in finished][processes.rank::processes.world]
     together = (len(indices) > 1 and network["model"] == "convnet" and network.get("norm") != "batch"
-                and stacks(args.stacking, device))
-    train = train_together if together else train_one_at_a_time
+                and soft is None and stacks(args.stacking, device))
+    train = train_together if together else partial(train_one_at_a_time, soft=soft)
     mine = train(indices, net, accuracy, images, labels, args, network, protocol, epochs, device, processes,
                  keep or (lambda trained: None))
     mine = processes.gather_objects(mine)
@@ -264,8 +288,9 @@ def stacks(stacking: str | None, device: torch.device) -> bool:
 
 
 def train_one_at_a_time(indices, net, accuracy, images, labels, args, network, protocol, epochs, device,
-                        processes, keep) -> list[Trained]:
-    """Networks `indices` trained in turn through the one `net`, each kept as it finishes."""
+                        processes, keep, soft=None) -> list[Trained]:
+    """Networks `indices` trained in turn through the one `net`, each kept as it finishes; with soft (the
+    teacher's SoftTargets) on its soft labels."""
     mine = []
     for k in indices:
         start, tests = time.perf_counter(), Tests(epochs)
@@ -273,7 +298,7 @@ def train_one_at_a_time(indices, net, accuracy, images, labels, args, network, p
         reset_parameters_(net, generator)
         progress = progress_bar(processes, epochs, f"network {k + 1}/{args.num_eval}")
         train_network(net, images, labels, generator, protocol, epochs, progress, args.precision, args.compile,
-                      on_evaluation=lambda epoch: tests.record(epoch, accuracy()))
+                      on_evaluation=lambda epoch: tests.record(epoch, accuracy()), soft_targets=soft)
         if progress is not None:
             progress.close()
         overall, per_class = tests.final or accuracy()
@@ -365,6 +390,22 @@ def check_options(args) -> None:
         raise UsageError("--summary goes with --report DIR; add it, or drop --summary")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them")
+    check_label_options(args)
+
+
+def check_label_options(args) -> None:
+    """The teacher's options go with --labels soft (and are then resolved to their defaults); T > 0."""
+    given = [name for name in SOFT_OPTIONS + ("teacher_cache",) if getattr(args, name) is not None]
+    if args.labels == "hard":
+        if given:
+            option = "--" + given[0].replace("_", "-")
+            raise UsageError(f"{option} goes with --labels soft; add --labels soft, or drop {option}")
+        return
+    for name, value in SOFT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.teacher_epochs = args.teacher_epochs or POOL_SCHEDULES[TEACHER_SCHEDULE].epochs
+    check_positive({"--temperature": args.temperature, "--teacher-epochs": args.teacher_epochs})
 
 
 @dataclasses.dataclass
@@ -380,6 +421,7 @@ class Job:
     what: str
     out: Path
     record: dict
+    data_seed: int
 
 
 def check_set_options(args, config: dict) -> None:
@@ -411,7 +453,8 @@ def synthetic_job(args, log) -> Job:
     record = {"factor": config.get("factor", 1), "syn_sha256": synthetic["sha256"]}
     what = f"{config['method']}, IPC {config['ipc']} ({args.syn})"
     out = Path(args.out) if args.out else Path(args.syn).parent
-    return Job(synthetic["images"].float(), synthetic["labels"].long(), data, network, what, out, record)
+    return Job(synthetic["images"].float(), synthetic["labels"].long(), data, network, what, out, record,
+               config["seed"])
 
 
 def own_set_job(args, own: dict, log) -> Job:
@@ -425,7 +468,8 @@ def own_set_job(args, own: dict, log) -> Job:
               "syn_sha256": synthetic["sha256"]}
     what = f"{synthetic['format']} of {len(synthetic['labels'])} images ({args.syn})"
     out = Path(args.out) if args.out else Path(args.syn).parent
-    return Job(synthetic["images"], synthetic["labels"], data, network_options(args, data, None), what, out, record)
+    return Job(synthetic["images"], synthetic["labels"], data, network_options(args, data, None), what, out, record,
+               args.seed)
 
 
 def baseline_job(args, log) -> Job:
@@ -445,7 +489,7 @@ def baseline_job(args, log) -> Job:
         f"baseline-{args.baseline}-{args.dataset}-if{args.imbalance_factor:g}"
         + (f"-ipc{args.ipc}-f{args.factor}" if args.baseline == "random" else ""))
     record = {"factor": args.factor if args.baseline == "random" else None}
-    return Job(images, labels, data, network_options(args, data, None), what, out, record)
+    return Job(images, labels, data, network_options(args, data, None), what, out, record, args.seed)
 
 
 def check_out(out: Path, args) -> None:
@@ -468,7 +512,7 @@ def check_out(out: Path, args) -> None:
 # options that change where, how fast or how many networks are run, not what network k's result is (the
 # stacked and one-at-a-time trainings agree up to rounding; the code's commit is recorded, not compared)
 RUN_OPTIONS = {"out", "overwrite", "resume", "device", "data_dir", "num_eval", "stacking", "syn", "report", "summary",
-               "export", "set_options_given"}
+               "export", "set_options_given", "teacher_cache"}
 # what a fingerprint entry that is not an option stands for, in refusals
 FINGERPRINT_WORDS = {"network": "the network's shape (--model, --norm, the set's width and depth)",
                      "data_sha256": "the training images, labels or tested split (another set, or the set "
@@ -489,6 +533,12 @@ def fingerprint(args, run: Job, device) -> dict:
     options.update(epochs=args.epochs or PROTOCOLS[args.protocol].epochs, network=run.network,
                    eval_seed=args.seed if args.eval_seed is None else args.eval_seed,  # the networks' seed
                    device_type=device.type, data_sha256=digest.hexdigest())
+    if args.labels == "hard":  # as hard-label evaluations were fingerprinted before soft labels existed
+        for name in ("labels",) + SOFT_OPTIONS:
+            options.pop(name)
+    else:  # the teacher, by its cache file's digest (its data, loss, epochs, seed and precision)
+        options["teacher"] = teacher_path(Path("."), run.data, args.teacher_loss, args.teacher_epochs, run.data_seed,
+                                          args.precision).stem
     return json.loads(json.dumps(options))
 
 
@@ -654,11 +704,20 @@ def job(args, holder) -> None:
     if kept is None:
         log(f"--resume: {run.out} holds this evaluation, finished (results.json); nothing to do")
         return
-    log(f"evaluate.py: {run.what}, {args.model}, {args.protocol} protocol, {args.num_eval} networks x "
-        f"{options['epochs']} epochs on {device} ({args.precision})"
+    log(f"evaluate.py: {run.what}, {args.model}, {args.protocol} protocol, {args.labels} labels, {args.num_eval} "
+        f"networks x {options['epochs']} epochs on {device} ({args.precision})"
         + (f", {processes.world} processes" if processes.world > 1 else "")
         + (f"; networks {', '.join(str(t.index + 1) for t, _ in kept)} taken from --resume" if kept else ""))
-    train_and_write(args, run, device, processes, options, kept)
+    teacher = processes.main_first(lambda: job_teacher(args, run, device, log)) if args.labels == "soft" else None
+    train_and_write(args, run, device, processes, options, kept, teacher)
+
+
+def job_teacher(args, run: Job, device, log) -> tuple:
+    """--labels soft: (the teacher's SoftTargets, its record for results.json), trained once and cached."""
+    cache = Path(args.teacher_cache) if args.teacher_cache else cache_dir() / "teachers"
+    net, record = load_or_train_teacher(cache, run.data, args.teacher_loss, args.teacher_epochs, run.data_seed,
+                                        device, args.precision, args.compile, log)
+    return soft_targets(net, args.temperature, args.precision, args.compile), record
 
 
 def continued_networks(args, out: Path, options: dict, processes: Processes) -> list[tuple[Trained, dict]] | None:
@@ -674,18 +733,23 @@ def continued_networks(args, out: Path, options: dict, processes: Processes) -> 
     return None if finished else kept
 
 
-def train_and_write(args, run: Job, device, processes: Processes, options: dict, kept: list) -> None:
-    """Train the networks not kept, each kept as it finishes, then write results.json (with every sitting)
-    and remove the kept networks' folder."""
+def train_and_write(args, run: Job, device, processes: Processes, options: dict, kept: list,
+                    teacher: tuple | None = None) -> None:
+    """Train the networks not kept (on the teacher's soft labels where teacher = (SoftTargets, record)), each
+    kept as it finishes, then write results.json (with every sitting) and remove the kept networks' folder."""
     folder = run.out / PARTIAL_EVALUATION
     sitting, start = this_sitting(device, processes), time.perf_counter()
     result = evaluate(run.images, run.labels, run.data, args, run.network, device, processes=processes,
                       done=tuple(trained for trained, _ in kept),
-                      keep=lambda trained: keep_network(folder, trained, options, sitting))
+                      keep=lambda trained: keep_network(folder, trained, options, sitting),
+                      soft=teacher[0] if teacher else None)
     if processes.main:
         seconds = time.perf_counter() - start
         trained_now = sorted(set(range(args.num_eval)) - {trained.index for trained, _ in kept})
-        result.update(sittings=sittings(kept, trained_now, sitting, seconds), fingerprint=options)
+        result.update(sittings=sittings(kept, trained_now, sitting, seconds), fingerprint=options,
+                      labels=args.labels)
+        if teacher:
+            result.update(temperature=args.temperature, teacher=teacher[1])
         write_result(result | run.record, run.out, run.what, run.data, args, device, processes,
                      seconds + sum(trained.seconds for trained, _ in kept))
         shutil.rmtree(folder, ignore_errors=True)
@@ -710,9 +774,11 @@ def write_result(result: dict, out: Path, what: str, data, args, device, process
     write_run_readme(out)
     best = (f"  (best of {len(result['evaluation_epochs'])} tests: {result['best_acc_mean']:.2f})"
             if len(result["evaluation_epochs"]) > 1 else "")
+    labels = (f", soft labels T={args.temperature:g}, teacher {result['teacher']['test_acc']:.2f}"
+              if args.labels == "soft" else "")
     print(f"{what}: {args.split} acc {result['acc_mean']:.2f} +- {result['acc_std']:.2f}{best}  "
           f"head {result['head']:.2f} medium {result['medium']:.2f} tail {result['tail']:.2f}  "
-          f"({args.num_eval} x {result['epochs']} epochs, {args.protocol} protocol, {args.model}) "
+          f"({args.num_eval} x {result['epochs']} epochs, {args.protocol} protocol, {args.model}{labels}) "
           f"-> {out / 'results.json'}", flush=True)
 
 

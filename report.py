@@ -56,10 +56,19 @@ def collect_grid(root: Path) -> list[dict]:
         result = json.loads(path.read_text())
         records.append(dict(dataset=dataset, imbalance=float(imbalance[2:]), ipc=int(ipc[3:]), method=method,
                             protocol=result.get("protocol", "dm"), model=result.get("model", "convnet"),
+                            labels=labels_of(result), teacher=result.get("teacher"),
                             factor=recorded_factor(result), path=str(path), data=recorded_data(result, path),
                             **{k: result[k] for k in ("acc_mean", "acc_std", "num_eval", "epochs", "head", "tail",
                                                       "split")}))
     return records
+
+
+def labels_of(result: dict) -> str:
+    """What a run trained on: "hard" (the set's labels; every record before soft labels), or "soft (T=<T>,
+    <loss> teacher)" for evaluate.py --labels soft."""
+    if result.get("labels", "hard") == "hard":
+        return "hard"
+    return f"soft (T={result['temperature']:g}, {result['teacher']['loss']} teacher)"
 
 
 def recorded_factor(result: dict) -> int | None:
@@ -99,12 +108,12 @@ def is_baseline(method: str) -> bool:
 
 def over_random(record: dict, records: list[dict]) -> float | None:
     """The field's improvement over random: accuracy minus that of the random baseline of the same cell
-    (data set, IF, IPC), protocol, model, split and epochs, at the same factor (the same number of training
+    (data set, IF, IPC), protocol, model, split, epochs and labels (soft: the same teacher and temperature), at the same factor (the same number of training
     images). Any random* run is a ruler (random-f1: factor 1); a baseline that does not record its factor
     counts only as the plain `random` one. None for a baseline itself and where that ruler is missing."""
     if is_baseline(record["method"]):
         return None
-    same = ("dataset", "imbalance", "ipc", "protocol", "model", "split", "epochs")
+    same = ("dataset", "imbalance", "ipc", "protocol", "model", "split", "epochs", "labels")
     rulers = [other for other in records if other["method"].startswith("random")
               and all(other[key] == record[key] for key in same)]
     exact = [other for other in rulers if record["factor"] is not None and other["factor"] == record["factor"]]
@@ -153,7 +162,17 @@ def grid_table(rows: list[dict]) -> list[str]:
             found = {r["ipc"]: r for r in rows if r["method"] == method and r["imbalance"] == imbalance}
             cells.append(" / ".join(_cell(found.get(ipc), rows) for ipc in ipcs))
         lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + teacher_row(rows, ifs)
+
+
+def teacher_row(rows: list[dict], ifs: list[float]) -> list[str]:
+    """Soft labels' ceiling: the teacher's test accuracy (tail third in brackets) per IF, where runs used one."""
+    teachers = {r["imbalance"]: r["teacher"] for r in rows if r.get("teacher")}
+    if not teachers:
+        return []
+    cells = [f"{teachers[i]['test_acc']:.1f} (tail {teachers[i]['tail']:.1f})" if i in teachers else "-" for i in ifs]
+    return ["| teacher (the soft labels' source, trained on the whole long-tailed split; test) | "
+            + " | ".join(cells) + " |"]
 
 
 def published_table(ifs: list[float], ipcs: list[int]) -> list[str]:
@@ -176,13 +195,16 @@ def grid_report(records: list[dict], table: Path) -> list[str]:
     """Markdown for a grid of runs: per data set and protocol, the table, the published figures, the tails;
     the plot goes beside the table, named after it."""
     lines = []
-    for dataset, protocol, model in sorted({(r["dataset"], r["protocol"], r["model"]) for r in records}):
-        rows = [r for r in records if (r["dataset"], r["protocol"], r["model"]) == (dataset, protocol, model)]
+    tables = sorted({(r["dataset"], r["protocol"], r["model"], r["labels"]) for r in records})
+    for dataset, protocol, model, labels in tables:
+        rows = [r for r in records if (r["dataset"], r["protocol"], r["model"], r["labels"]) ==
+                (dataset, protocol, model, labels)]
         ipcs = sorted({r["ipc"] for r in rows})
         brackets = ("in brackets: minus the random baseline of the same cell; "
                     if any(over_random(r, rows) is not None for r in rows) else "")
         networks, epochs = usual_budget(rows)
-        lines += [f"## {dataset}-LT, {protocol} protocol, {model}: {rows[0]['split']} accuracy (%), final epoch, "
+        soft = "" if labels == "hard" else f", {labels} labels"
+        lines += [f"## {dataset}-LT, {protocol} protocol, {model}{soft}: {rows[0]['split']} accuracy (%), final epoch, "
                   f"mean ± std over {networks} networks x {epochs} epochs, or those in square brackets; "
                   f"{brackets}cells: IPC {' / '.join(map(str, ipcs))}", ""]
         lines += grid_table(rows) + [""]
@@ -215,7 +237,10 @@ def runs_report(root: Path) -> list[str]:
         r = json.loads(path.read_text())
         split = r["split"]
         data.add(recorded_data(r, path))
-        lines.append(f"| {path.parent.name} | {r.get('evaluated', '')} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
+        labels = labels_of(r)
+        evaluated = r.get("evaluated", "") + ("" if labels == "hard" else
+                                              f"; {labels}, teacher test acc {r['teacher']['test_acc']:.1f}")
+        lines.append(f"| {path.parent.name} | {evaluated} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
                      f"| {r['head']:.1f} | {r['medium']:.1f} | {r['tail']:.1f} | {r['num_eval']} x {r['epochs']} |")
     return lines + ["", f"Accuracy on the {split} split, final epoch. Data: {'; '.join(sorted(data))}.", "",
                     "How each run came about:", ""] + [
@@ -250,7 +275,8 @@ def check_one_run_per_cell(records: list[dict]) -> None:
     place for it."""
     seen = {}
     for record in records:
-        key = tuple(record[k] for k in ("dataset", "imbalance", "ipc", "method", "protocol", "model", "split"))
+        key = tuple(record[k] for k in ("dataset", "imbalance", "ipc", "method", "protocol", "model", "split",
+                                        "labels"))
         if key in seen:
             raise UsageError(f"{seen[key]} and {record['path']} are the same cell of one table; report the folders "
                              f"apart, or rename one method folder")
@@ -259,10 +285,10 @@ def check_one_run_per_cell(records: list[dict]) -> None:
 
 def plot_accuracy_vs_if(records: list[dict], path: Path) -> None:
     plt = pyplot()
-    panels = sorted({(r["dataset"], r["ipc"], r["protocol"], r["model"]) for r in records})
+    panels = sorted({(r["dataset"], r["ipc"], r["protocol"], r["model"], r["labels"]) for r in records})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for axis, panel in zip(axes[0], panels):
-        rows = [r for r in records if (r["dataset"], r["ipc"], r["protocol"], r["model"]) == panel]
+        rows = [r for r in records if (r["dataset"], r["ipc"], r["protocol"], r["model"], r["labels"]) == panel]
         for method in _ordered_methods(rows):
             runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["imbalance"])
             notes = sorted({budget_note(r, rows) for r in runs})
@@ -272,7 +298,8 @@ def plot_accuracy_vs_if(records: list[dict], path: Path) -> None:
         axis.set_xscale("log")
         axis.set_xlabel("imbalance factor")
         axis.set_ylabel("accuracy (%)")
-        axis.set_title(f"{panel[0]}-LT, IPC {panel[1]}, {panel[2]} protocol, {panel[3]}", fontsize=9)
+        soft = "" if panel[4] == "hard" else f",\n{panel[4]} labels"
+        axis.set_title(f"{panel[0]}-LT, IPC {panel[1]}, {panel[2]} protocol, {panel[3]}{soft}", fontsize=9)
         axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -14,6 +14,8 @@
 #                                                         #   (many hours on a CPU: stop and rerun to continue)
 #   ./run_all.sh --paper-cell --data-dir data/cifar10     # NCFM's pipeline (the paper's): ncfm and csdm, full budget
 #   ./run_all.sh --paper-bench --data-dir data/cifar10    # the same pipeline at a CPU budget (pool of 2, 400 its)
+#   ./run_all.sh --soft-bench --data-dir data/cifar10     # the full cell's IF 200 sets under soft labels (CPU budget)
+#   ./run_all.sh --soft-cell --data-dir data/cifar10      # the full cell's sets under soft labels, full budget
 #   ./run_all.sh --ablation kernel --data-dir data/cifar10  # one ablation table, on the validation split
 #   ./run_all.sh --gpu-check --data-dir data/cifar10      # a lent GPU's sitting: gpu_check.py (tiny grid, timings,
 #                                                         #   then the IF 50 / 100 cells until its budget ends)
@@ -70,9 +72,16 @@ options:
   --paper-bench        the same pipeline at a CPU budget: the pool's first 2 networks (the full 60-epoch schedule,
                        shared with --paper-cell's pool), 400 iterations, IF 200, 3 networks x 200 epochs under
                        DM's protocol, test split: the CPU benchmark's evaluation (OUT/paper_bench.md)
+  --soft-bench        soft labels (evaluate.py --labels soft: a teacher trained on the whole long-tailed split,
+                       teacher.py, kept in OUT/teachers/) at a CPU budget: the full cell's IF 200 sets csdm and dm
+                       (OUT/full_cell/..., committed in results/) and the random set of their images, each under
+                       hard and soft labels, 3 networks x 300 epochs, DM protocol, test split (OUT/soft_bench.md)
+  --soft-cell          the same sets at the full budget under soft labels: csdm, dm, random at IF 200 and IF 10,
+                       dm-f1 and random-f1 at IF 200, 5 networks x 1000 epochs, beside the full cell's hard labels
+                       (OUT/soft_cell.md)
   --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing,
-                       balanced-calibration (validation split; writes OUT/ablations/NAME.md, a row and a line
-                       of provenance per run)
+                       balanced-calibration, soft-labels (validation split; writes OUT/ablations/NAME.md, a row
+                       and a line of provenance per run)
   --gpu-check          python gpu_check.py (see its --help): the grid at a tiny budget end to end, timings and peak
                        GPU memory, then CIFAR-10-LT IF 50 and 100, IPC 10, csdm dm random at the full budget into
                        OUT until 8 minutes are spent; writes OUT/gpu_check.json after every step
@@ -118,6 +127,8 @@ while [[ $# -gt 0 ]]; do
     --paper-cell) set_mode paper-cell "$1"; shift ;;
     --paper-bench) set_mode paper-bench "$1"; shift ;;
     --gpu-check) set_mode gpu-check "$1"; shift ;;
+    --soft-bench) set_mode soft-bench "$1"; shift ;;
+    --soft-cell) set_mode soft-cell "$1"; shift ;;
     --datasets|--ifs|--ipcs|--methods|--data-dir|--out|--device|--seed|--ablation|--precision|--jobs-per-gpu)
       [[ $# -ge 2 ]] || fail "$1 needs a value; see ./run_all.sh --help"
       case "$1" in
@@ -157,9 +168,9 @@ if [[ -z "$PRECISION" ]]; then
   case "$MODE" in full-cell|paper-cell|paper-bench) PRECISION=bf16 ;; calibration-bench) PRECISION=fp32 ;; *) PRECISION=auto ;; esac
 fi
 case "$MODE:$ABLATION" in
-  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration|ablation:pairing|ablation:balanced-calibration) ;;
-  grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:|calibration-bench:|full-cell:|paper-cell:|paper-bench:|gpu-check:) ;;
-  *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing or balanced-calibration" ;;
+  ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration|ablation:pairing|ablation:balanced-calibration|ablation:soft-labels) ;;
+  grid:|cpu-bench:|fair-random:|protocol-bench:|arch-bench:|calibration-bench:|full-cell:|paper-cell:|paper-bench:|gpu-check:|soft-bench:|soft-cell:) ;;
+  *) fail "--ablation: unknown ablation '$ABLATION'; use kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing, balanced-calibration or soft-labels" ;;
 esac
 if [[ "$MODE" != grid && "$MODE" != full-cell && -z "$DATA_DIR" ]]; then
   fail "--data-dir: the CPU benchmark and the ablations read a local CIFAR-10 copy; pass --data-dir DIR"
@@ -513,6 +524,29 @@ case "$MODE" in
     tables=("$tree/dm"); [[ $MODE == paper-bench ]] || tables+=("$tree/ncfm")
     "$PYTHON" report.py "${tables[@]}" --table "$tree.md" ;;
 
+  soft-bench|soft-cell)
+    # the full cell's distilled sets and the random sets of their images under the teacher's soft labels (and, at
+    # the bench's budget, under hard labels beside them); the teachers are trained once per IF and kept
+    tree="$OUT/${MODE//-/_}" sets="$OUT/full_cell/dm/cifar10" soft=(--labels soft --teacher-cache "$OUT/teachers")
+    if [[ $MODE == soft-bench ]]; then
+      EVAL_BUDGET=(--num-eval 3 --epochs 300 --compile); ifs=200; kinds="soft hard"
+    else
+      EVAL_BUDGET=(--num-eval 5 --epochs 1000 --compile); ifs="200 10"; kinds=soft
+    fi
+    for imbalance in $ifs; do
+      methods="csdm dm random"; [[ $MODE == soft-cell && $imbalance == 200 ]] && methods+=" dm-f1 random-f1"
+      for kind in $kinds; do
+        for method in $methods; do
+          extra=(); [[ $kind == soft ]] && extra=("${soft[@]}")
+          as=$method; [[ $method == random-f1 ]] && { as=random; extra+=(--factor 1); }
+          eval_into "$sets/if$imbalance/ipc10/$method" "$tree/$kind/cifar10/if$imbalance/ipc10/$method" "$as" cifar10 \
+            "$imbalance" 10 "${EVAL_BUDGET[@]}" "${extra[@]}"
+        done
+      done
+    done
+    if [[ $MODE == soft-bench ]]; then tables=("$tree/hard" "$tree/soft"); else tables=("$OUT/full_cell/dm" "$tree/soft"); fi
+    "$PYTHON" report.py "${tables[@]}" --table "$tree.md" ;;
+
   gpu-check)
     # gpu_check.py's own default of --jobs-per-gpu unless one is given here
     jobs=(); [[ -z "$JOBS_GIVEN" ]] || jobs=(--jobs-per-gpu "$JOBS_PER_GPU")
@@ -531,6 +565,21 @@ case "$MODE" in
       run_one "$dir/$name" "$method" cifar10 "$imbalance" 10 "$@"
     }
     case "$ABLATION" in
+      soft-labels)
+        # evaluate.py --labels soft on the validation split, to choose its defaults: the temperature with the
+        # balanced (logit-adjusted) teacher, and the plain cross-entropy teacher, for the ablation's csdm set (the
+        # kernel ablation's default row, distilled there first if missing) and the random set of its images;
+        # hard labels are the first pair of rows. The two teachers (one per loss) are kept in OUT/teachers/
+        set="$OUT/ablations/kernel/csdm-gaussian-fixed"
+        run_one "$set" csdm cifar10 200 10 --kernel gaussian
+        for labels in "hard" "balanced 1" "balanced 4" "ce 4"; do
+          set -- $labels
+          if [[ $1 == hard ]]; then name=hard soft=(); else
+            name="soft-$1-T$2" soft=(--labels soft --teacher-loss "$1" --temperature "$2" --teacher-cache "$OUT/teachers")
+          fi
+          eval_into "$set" "$dir/csdm-$name" csdm cifar10 200 10 "${EVAL_BUDGET[@]}" "${soft[@]}"
+          eval_into "" "$dir/random-$name" random cifar10 200 10 "${EVAL_BUDGET[@]}" --val-per-class 100 "${soft[@]}"
+        done ;;
       kernel)
         for kernel in gaussian laplacian imq laplacian-l1 cauchy-product; do
           variant "csdm-$kernel-fixed" csdm 200 --kernel "$kernel"

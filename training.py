@@ -25,6 +25,7 @@ Passing `epochs` scales the schedule (milestones and evaluation interval are fra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -128,10 +129,37 @@ def augment_batch(x: torch.Tensor, protocol: Protocol, generator: torch.Generato
     return x
 
 
+@dataclass(frozen=True)
+class SoftTargets:
+    """A teacher's soft labels for train_network: probabilities(x) = softmax(logits(x) / temperature), with
+    logits(x) the teacher's float32 logits of the augmented batch x (computed without gradient)."""
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    temperature: float
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.softmax(self.logits(x) / self.temperature, dim=1)
+
+
+def class_log_prior(class_counts, device=None) -> torch.Tensor:
+    """log pi_c = log(n_c / sum n) of a training set's class counts, (C,): the logit-adjusted loss's shift."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float32, device=device)
+    return torch.log(counts / counts.sum())
+
+
+def soft_label_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 sum_i KL(p_i || softmax(s_i / T)) = T^2 sum_i sum_c [p_ic log p_ic - p_ic log softmax(s_i / T)_c],
+    summed over the batch: the knowledge-distillation loss of Hinton et al. (the T^2 keeps the gradient's
+    scale across temperatures) as SRe2L and RDED evaluate with it. The first term is constant in s, so for a
+    one-hot p at T = 1 the value and the gradient are the cross-entropy's."""
+    log_q = F.log_softmax(student_logits / temperature, dim=1)
+    return temperature ** 2 * (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_q).sum()
+
+
 def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
                   protocol: Protocol = PROTOCOLS["dm"], epochs: int | None = None, progress=None,
                   precision: str = "fp32", compile: bool = False, on_evaluation=None,
-                  logit_shift: torch.Tensor | None = None) -> nn.Module:
+                  logit_shift: torch.Tensor | None = None, soft_targets: SoftTargets | None = None) -> nn.Module:
     """Train net on (images, labels) under `protocol` for `epochs` (default: the protocol's).
 
     The whole set stays on the device; batches are index slices of a seeded permutation; every draw
@@ -140,22 +168,22 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ge
     the protocol's evaluation epochs (the network in train mode; the callee switches as it needs).
     logit_shift (C,), if given, is added to the logits inside the loss only: with shift = tau log pi (pi the
     training set's class prior) this is the logit-adjusted loss of Menon et al. (ICLR 2021), whose minimiser's
-    raw logits f(x) score the classes as if the set were balanced (tau = 1: the balanced softmax)."""
+    raw logits f(x) score the classes as if the set were balanced (tau = 1: the balanced softmax).
+    soft_targets, if given, replaces the labels: the teacher labels each batch after its augmentation and
+    CutMix (the very images the network sees; the draws are those of hard-label training) and the loss is
+    soft_label_loss's mean over the batch."""
     epochs = epochs or protocol.epochs
     optimizer, scheduler = make_optimizer(net.parameters(), protocol, epochs)
     has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
-    summed_loss = compile_or_eager(lambda x, y: _summed_cross_entropy(net, x, y, precision, logit_shift), compile)
-    mixed_loss = compile_or_eager(
-        lambda x, y, partner, own: _mixed_cross_entropy(net, x, y, partner, own, precision, logit_shift), compile)
     micro = None if has_batch_norm else micro_batch_size(images.device, images.shape[-1])
+    batch_loss = batch_loss_function(net, precision, compile, micro, logit_shift, soft_targets)
     tests = set(evaluation_epochs(protocol, epochs)) if on_evaluation else set()
     net.train()
     for epoch in range(1, epochs + 1):
         permutation = torch.randperm(len(labels), generator=generator, device=images.device)
         for batch in permutation.split(protocol.batch_size):
             drawn = drawn_batch(images[batch], labels[batch], protocol, generator)
-            loss = take_step(optimizer, lambda: _batch_loss(summed_loss, mixed_loss, *drawn, micro),
-                             [summed_loss, mixed_loss])
+            loss = take_step(optimizer, batch_loss.bind(drawn), batch_loss.compiled)
         finish_epoch(scheduler, progress, loss.item())
         if epoch in tests:
             on_evaluation(epoch)
@@ -211,15 +239,47 @@ def drawn_batch(x, y, protocol: Protocol, generator) -> tuple:
     return x.contiguous(memory_format=torch.channels_last), y, partner, own
 
 
-def _batch_loss(summed_loss, mixed_loss, x, y, partner, own: float, micro: int | None) -> torch.Tensor:
-    """The batch's mean loss, its forward in cache-sized micro-batches (the same gradient: no batch norm
-    statistics cross them; micro is None with batch norm)."""
-    size = micro or len(x)
-    if partner is None:
-        return sum(summed_loss(xp, yp) for xp, yp in zip(x.split(size), y.split(size))) / len(x)
-    own = torch.tensor(own, device=x.device)
-    return sum(mixed_loss(xp, yp, pp, own) for xp, yp, pp in zip(x.split(size), y.split(size), partner.split(size))
-               ) / len(x)
+@dataclass
+class BatchLoss:
+    """A drawn batch's mean loss, its forward in cache-sized micro-batches (the same gradient: no batch norm
+    statistics cross them; micro is None with batch norm): hard labels through the summed and CutMix-mixed
+    cross-entropies, or, with soft_targets, the soft-label loss against the teacher's probabilities of the
+    batch (taken once, before the step). bind(drawn) is the step's loss function; compiled, its compiled
+    parts (for the eager fall-back)."""
+    summed: Callable
+    mixed: Callable
+    soft: Callable
+    micro: int | None
+    soft_targets: SoftTargets | None
+
+    @property
+    def compiled(self) -> list:
+        return [self.soft] if self.soft_targets is not None else [self.summed, self.mixed]
+
+    def bind(self, drawn: tuple) -> Callable[[], torch.Tensor]:
+        x, y, partner, own = drawn
+        size = self.micro or len(x)
+        if self.soft_targets is not None:
+            probs = in_micro_batches(self.soft_targets.probabilities, x, self.micro)
+            return lambda: sum(self.soft(xp, pp) for xp, pp in zip(x.split(size), probs.split(size))) / len(x)
+        if partner is None:
+            return lambda: sum(self.summed(xp, yp) for xp, yp in zip(x.split(size), y.split(size))) / len(x)
+        own = torch.tensor(own, device=x.device)
+        return lambda: sum(self.mixed(xp, yp, pp, own) for xp, yp, pp in
+                           zip(x.split(size), y.split(size), partner.split(size))) / len(x)
+
+
+def batch_loss_function(net, precision: str, compile: bool, micro: int | None, logit_shift=None,
+                        soft_targets: SoftTargets | None = None) -> BatchLoss:
+    """train_network's BatchLoss for net (see BatchLoss), its loss functions compiled if asked."""
+    temperature = soft_targets.temperature if soft_targets is not None else 1.0
+    return BatchLoss(
+        summed=compile_or_eager(lambda x, y: _summed_cross_entropy(net, x, y, precision, logit_shift), compile),
+        mixed=compile_or_eager(
+            lambda x, y, partner, own: _mixed_cross_entropy(net, x, y, partner, own, precision, logit_shift), compile),
+        soft=compile_or_eager(
+            lambda x, probs: soft_label_loss(_logits(net, x, precision, None), probs, temperature), compile),
+        micro=micro, soft_targets=soft_targets)
 
 
 @torch.no_grad()
