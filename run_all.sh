@@ -567,18 +567,17 @@ case "$MODE" in
     case "$ABLATION" in
       soft-labels)
         # evaluate.py --labels soft on the validation split, to choose its defaults: the temperature with the
-        # balanced (logit-adjusted) teacher, and the plain cross-entropy teacher, for the ablation's csdm set (the
-        # kernel ablation's default row, distilled there first if missing) and the random set of its images;
-        # hard labels are the first pair of rows. The two teachers (one per loss) are kept in OUT/teachers/
-        set="$OUT/ablations/kernel/csdm-gaussian-fixed"
-        run_one "$set" csdm cifar10 200 10 --kernel gaussian
-        for labels in "hard" "balanced 1" "balanced 4" "ce 4"; do
+        # balanced (logit-adjusted) teacher, and the plain cross-entropy teacher, for the ablation's csdm set
+        # (csdm-hard: the kernel ablation's default row distilled again, its set kept in git, evaluated with hard
+        # labels) and the random set of its images under the same labels. Teachers are kept in OUT/teachers/
+        variant csdm-hard csdm 200
+        eval_into "" "$dir/random-hard" random cifar10 200 10 "${EVAL_BUDGET[@]}" --val-per-class 100
+        for labels in "balanced 1" "balanced 4" "ce 4"; do
           set -- $labels
-          if [[ $1 == hard ]]; then name=hard soft=(); else
-            name="soft-$1-T$2" soft=(--labels soft --teacher-loss "$1" --temperature "$2" --teacher-cache "$OUT/teachers")
-          fi
-          eval_into "$set" "$dir/csdm-$name" csdm cifar10 200 10 "${EVAL_BUDGET[@]}" "${soft[@]}"
-          eval_into "" "$dir/random-$name" random cifar10 200 10 "${EVAL_BUDGET[@]}" --val-per-class 100 "${soft[@]}"
+          soft=(--labels soft --teacher-loss "$1" --temperature "$2" --teacher-cache "$OUT/teachers")
+          eval_into "$dir/csdm-hard" "$dir/csdm-soft-$1-T$2" csdm cifar10 200 10 "${EVAL_BUDGET[@]}" "${soft[@]}"
+          eval_into "" "$dir/random-soft-$1-T$2" random cifar10 200 10 "${EVAL_BUDGET[@]}" --val-per-class 100 \
+            "${soft[@]}"
         done ;;
       kernel)
         for kernel in gaussian laplacian imq laplacian-l1 cauchy-product; do
