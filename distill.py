@@ -24,18 +24,12 @@ lambda * sum_c mean_{i in c} CE(f_trained(x_i), c).
 Methods: csdm (class-aware SDD), sdm (SDD, alpha = 1/2), ncfm (NCFM's square-root CF loss), mmd (exact
 Gaussian MMD^2), dm (mean matching).
 
-The output folder holds synthetic.pt (images, labels, mean, std, class_names, class_counts, config),
-synthetic.png (one row per class), init.png (the real initialisation), init_vs_final.png, loss.csv and
-loss.png, config.json, run.json (command line, commit, versions, device, wall time, and the stretches:
-which iterations each sitting of a resumed run distilled, where and at which commit) and a README.md of
-the run. Read synthetic.pt with torch.load(path, weights_only=True).
-
-A checkpoint (checkpoint.pt: images, optimiser state, iteration, loss history, config, stretches) is written
-atomically every --ckpt-every iterations and when the run is stopped by SIGINT or SIGTERM; --resume
-continues from it and, on the same kind of device, ends with the same synthetic set as an uninterrupted run
-(every random draw is a function of the seed and the iteration: there is no generator state to save). The
-draws come from torch.Generator on the device, which gives other numbers on CUDA than on a CPU: a run
-resumed on another kind says so and continues with other draws (run.json records each sitting's device).
+A checkpoint is written every --ckpt-every iterations and when the run is stopped by SIGINT or SIGTERM;
+--resume continues from it and, on the same kind of device, ends with the same synthetic set as an
+uninterrupted run (every random draw is a function of the seed and the iteration: there is no generator state
+to save). The draws come from torch.Generator on the device, which gives other numbers on CUDA than on a CPU:
+a run resumed on another kind says so and continues with other draws (run.json records each sitting's device).
+The output folder's files, the checkpoint's contents and the guards on --out: distill_runs.py.
 
 When a class has fewer real images than --ipc (IPC 50 at IF 200), its first n_c synthetic images are
 its n_c real images and each further one repeats one of them under a seeded geometric DSA
@@ -45,37 +39,32 @@ uses all of them.
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
-import json
-import os
-import shlex
-import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data_lt import (DSA_PAIRINGS, LongTailedData, RealBatchSampler, UsageError, add_data_arguments, cache_dir,
-                     check_factor, counter_seed, counter_uniform, decode, dsa_augment, dsa_uniforms_siamese,
-                     finite_float, initial_synthetic, load_from_args)
-from networks import (NORMS, POOLINGS, PRECISIONS, autocast, build_network, depth_for_size, in_micro_batches,
-                      micro_batch_size, reset_parameters_, resolve_precision)
-from runs import (atomic_save, atomic_write_text, check_out_is_folder, check_positive, compile_or_eager, environment,
-                  FORMAT_VERSION, keep_freed_memory, OneLineParser, PARTIAL_EVALUATION, plot_loss, plot_side_by_side,
-                  Processes, processor_name, Progress, resolve_device, run_script, save_grid, start_processes,
-                  step_or_fall_back, write_run_readme)
+from data_lt import (DSA_PAIRINGS, LongTailedData, RealBatchSampler, UsageError, add_data_arguments, check_factor,
+                     counter_seed, counter_uniform, decode, dsa_augment, dsa_uniforms_siamese, finite_float,
+                     initial_synthetic, load_from_args)
+from distill_runs import (check_finite, check_out_folder, Diverged, Finished, KERNEL_NAMES, last_checkpoint,
+                          LoopState, prepare_out_folder, report_stop, restore_optimizer, run_record, save_checkpoint,
+                          stretches_done, stretches_so_far, StopRequest, write_outputs)
+from networks import (NORMS, POOLINGS, PRECISIONS, autocast, depth_for_size, in_micro_batches, micro_batch_size,
+                      reset_parameters_, resolve_precision)
+from pool import convnet, extractor_pool, pool_folder, STREAM_POOL
+from runs import (check_positive, compile_or_eager, FORMAT_VERSION, keep_freed_memory, OneLineParser, Processes,
+                  Progress, resolve_device, run_script, start_processes, step_or_fall_back)
 from methods import DISTILLED, METHODS, SPECTRAL, default_lr_img, per_class_loss
 from sdd import (ALPHA_HEAD, ALPHA_TAIL, KERNELS, class_median_distances, class_weights, kernel_metric_p,
                  sample_frequencies)
-from training import POOL_SCHEDULES, train_network
+from training import POOL_SCHEDULES, class_log_prior
 
-STREAM_NETWORK, STREAM_FREQS, STREAM_POOL = 11, 12, 13
+STREAM_NETWORK, STREAM_FREQS = 11, 12  # the counter streams of the random networks and the frequencies (pool: 13)
 # --preset: option values that together are a published pipeline; options given on the command line win.
 # ncfm-paper: NCFM's CIFAR-10 IPC-10 condensation (gszfwsb/NCFM config/ipc10/cifar10.yaml, condenser/
 # Condenser.py, condenser/compute_loss.py): a pool of 20 ConvNets pre-trained 60 epochs (POOL_SCHEDULES["ncfm"]),
@@ -87,23 +76,6 @@ PRESETS = {
                    "batch_real": 1024, "num_freqs": 4096, "factor": 2, "optimizer": "adamw", "lr_img": 0.01,
                    "dsa_pairing": "class", "class_steps": True},
 }
-# options that may change between a checkpoint and its --resume: where and how a run is executed,
-# not what it computes (--iterations may grow: nothing depends on the total)
-RUN_OPTIONS = {"iterations", "device", "out", "log_every", "ckpt_every", "resume", "overwrite", "data_dir",
-               "class_chunk", "compile", "pool_cache", "pool_only", "kernel_names"}
-# Until 2026-12-07 the kernels named laplacian and cauchy were product kernels; configs written since carry
-# kernel_names 2, and an older record's kernel is read under its present name.
-KERNEL_NAMES = 2
-RENAMED_KERNELS = {"laplacian": "laplacian-l1", "cauchy": "cauchy-product"}
-# options added after checkpoints were first written, with the value that older checkpoints ran with
-ADDED_OPTIONS = {"calibration": 0.0, "dsa_pairing": "position", "calibration_tau": 0.0, "pool_rebalance": "none",
-                 "class_aware": False, "extractor": "random", "factor": 1, "pool_size": 4, "pool_epochs": 3,
-                 "pool_schedule": "brief", "class_steps": False, "preset": None, "pool_cache": None,
-                 "imq_beta": 0.5}
-RUN_FILES = ("synthetic.pt", "checkpoint.pt", "config.json", "results.json")
-# everything a run folder holds, removed by --overwrite once every input is checked
-OUTPUT_FILES = RUN_FILES + ("run.json", "README.md", "loss.csv", "loss.png", "synthetic.png", "init.png",
-                            "init_vs_final.png", "per_class.png")
 
 
 # ----------------------------------------------------------------------------------------
@@ -136,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iterations", type=int, default=20000, help="optimiser steps on the synthetic images")
     g.add_argument("--batch-real", type=int, default=256, help="real images per class per iteration")
     g.add_argument("--optimizer", default=None, choices=("sgd", "adam", "adamw"),
-                   help=f"optimiser on pixels: SGD with momentum 0.5 (DM), Adam (free of the loss's scale) or "
-                        f"AdamW (PyTorch's defaults, as NCFM) "
-                        f"(default: per method, methods.METHODS)")
+                   help="optimiser on pixels: SGD with momentum 0.5 (DM), Adam (free of the loss's scale) or "
+                        "AdamW (PyTorch's defaults, as NCFM) "
+                        "(default: per method, methods.METHODS)")
     g.add_argument("--lr-img", type=finite_float, default=None,
                    help="learning rate on pixels (default: per method and optimiser, methods.default_lr_img)")
     g.add_argument("--factor", type=int, default=2,
@@ -273,16 +245,6 @@ def class_aware(args) -> bool:
     return METHODS[args.method].class_aware or args.class_aware
 
 
-def check_out_folder(args) -> None:
-    """Refuse to write into another run's folder unless told to resume it or replace it."""
-    out = Path(args.out)
-    check_out_is_folder(out)
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not (args.resume or args.overwrite):
-        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
-                         f"--overwrite to replace it, or another --out")
-
-
 def resolved_config(args, data: LongTailedData) -> dict:
     """The options with every default that depends on the method or the data filled in."""
     optimizer_name = args.optimizer or METHODS[args.method].optimizer
@@ -293,238 +255,17 @@ def resolved_config(args, data: LongTailedData) -> dict:
                 kernel_names=KERNEL_NAMES)
 
 
-# ----------------------------------------------------------------------------------------
-# Checkpoints
-
-def comparable_config(config: dict) -> dict:
-    return {key: value for key, value in config.items() if key not in RUN_OPTIONS}
-
-
-def load_checkpoint(out: Path, config: dict) -> dict | None:
-    """The checkpoint in `out` if it belongs to this run; None if there is none."""
-    path = out / "checkpoint.pt"
-    if not path.exists():
-        return None
+def check_network(args, data: LongTailedData) -> None:
+    """The ConvNet must fit the images (a depth that pools them below one pixel does not)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        version = checkpoint["format_version"]
-    except Exception as error:
-        raise UsageError(f"--resume: {path} cannot be read ({type(error).__name__}: {str(error)[:80]}); "
-                         f"delete it, or start again with --overwrite")
-    if version != FORMAT_VERSION:
-        raise UsageError(f"--resume: {path} has checkpoint format {version}, this code writes {FORMAT_VERSION}; "
-                         f"finish it with the version that wrote it, or start again with --overwrite")
-    differences = option_differences(checkpoint["config"], config, "checkpoint")
-    if differences:
-        raise UsageError(f"--resume: {path} was made with other options: {'; '.join(differences)}; "
-                         f"rerun with the checkpoint's options, or start again with --overwrite")
-    return checkpoint
-
-
-def option_differences(recorded: dict, config: dict, what: str) -> list[str]:
-    """The options (not the run options such as --iterations) in which a recorded config differs from this
-    run's, as '--option theirs (what) vs ours (now)'."""
-    theirs, ours = ADDED_OPTIONS | comparable_config(with_present_kernel_name(recorded)), comparable_config(config)
-    return [f"--{key.replace('_', '-')} {theirs.get(key)} ({what}) vs {ours.get(key)} (now)"
-            for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
-
-
-def with_present_kernel_name(config: dict) -> dict:
-    """A recorded config with its kernel under the present name (records before kernel_names 2 called the
-    product kernels laplacian and cauchy)."""
-    if config.get("kernel_names", 1) >= KERNEL_NAMES or "kernel" not in config:
-        return config
-    return dict(config, kernel=RENAMED_KERNELS.get(config["kernel"], config["kernel"]))
-
-
-def finished_set(out: Path, config: dict, checkpoint: dict | None) -> bool:
-    """True if out/synthetic.pt is this run's set, finished: made with these options and --iterations, and
-    no checkpoint beyond it (a run stopped after extending a finished one keeps the older set). A set made
-    with other options is refused (resuming would replace it); an unreadable one is written again."""
-    path = out / "synthetic.pt"
-    try:
-        recorded = torch.load(path, map_location="cpu", weights_only=True)["config"]
-    except Exception:  # missing or unreadable
-        return False
-    differences = option_differences(recorded, config, "synthetic.pt")
-    if differences:
-        raise UsageError(f"--resume: {path} was made with other options: {'; '.join(differences)}; "
-                         f"give another --out, or start again with --overwrite")
-    if checkpoint is None and recorded.get("iterations", 0) > config["iterations"]:
-        raise UsageError(f"--iterations {config['iterations']}: {path} holds a set of {recorded['iterations']} "
-                         f"iterations, which resuming from the start would replace; give another --out")
-    done = checkpoint["iteration"] if checkpoint is not None else recorded.get("iterations")
-    return recorded.get("iterations") == done == config["iterations"]
-
-
-def optimizer_rows(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimiser's per-pixel state of its one parameter (momentum, Adam moments), plus scalars."""
-    state = optimizer.state_dict()["state"].get(0, {})
-    return {key: value for key, value in state.items() if torch.is_tensor(value)}
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
-    """Load a checkpoint's optimiser state, keeping this process's rows of the per-pixel tensors."""
-    if not state:
-        return
-    local = {key: (value[rows] if value.dim() > 0 else value) for key, value in state.items()}
-    full = optimizer.state_dict()
-    full["state"] = {0: local}
-    optimizer.load_state_dict(full)
-
-
-# ----------------------------------------------------------------------------------------
-# Stopping, diverging, the extractor pool
-
-class StopRequest:
-    """Set by SIGINT / SIGTERM; the loop checks it after every iteration."""
-
-    def __init__(self):
-        self.signal_number = 0
-
-    def install(self) -> None:
-        def handler(signum, frame):
-            if self.signal_number:  # a second signal: stop now
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-            self.signal_number = signum
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, handler)
-
-
-class Diverged(RuntimeError):
-    pass
-
-
-def pool_file(args, data: LongTailedData, depth: int, precision: str) -> Path:
-    """Where the trained extractor pool for this data and network is cached. A data set is known by its class
-    names and the SHA-1 of its long-tailed training images and labels, whatever its name: two image-folder
-    trees of the same counts and size are two data sets, and so are CIFAR-10 from torchvision and its JPEG
-    copy (other pixels, so another subset and other pictures under the same seed)."""
-    return pool_folder(args) / f"pool-{pool_digest(args, data, depth, precision, with_size=True)}.pt"
-
-
-def pool_networks_folder(args, data: LongTailedData, depth: int, precision: str) -> Path:
-    """Where the pool's networks are cached one file each, as they finish. Network k depends on (seed, k) and
-    not on --pool-size: a pool of 2 shares its networks with a pool of 20."""
-    return pool_folder(args) / f"networks-{pool_digest(args, data, depth, precision, with_size=False)}"
-
-
-def pool_folder(args) -> Path:
-    return Path(args.pool_cache) if args.pool_cache else cache_dir() / "pools"
-
-
-def pool_digest(args, data: LongTailedData, depth: int, precision: str, with_size: bool) -> str:
-    key = (data.name, tuple(data.class_counts), data.channels, data.image_size, args.val_per_class, args.seed,
-           args.width, depth, args.norm, args.pooling) + ((args.pool_size,) if with_size else ()) + (
-           args.pool_epochs, precision) + ((args.pool_rebalance,) if args.pool_rebalance != "none" else ()) + (
-           (args.pool_schedule,) if args.pool_schedule != "brief" else ())  # the first pools' paths unchanged
-    content = hashlib.sha1(memoryview(data.train_images.contiguous().numpy()))  # no copy of the images
-    content.update(memoryview(data.train_labels.contiguous().numpy()))
-    key += (tuple(data.class_names), content.hexdigest())
-    return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
-
-
-def retrain_classifier_balanced(net, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                                generator: torch.Generator, epochs: int = 10, per_class: int = 16,
-                                lr: float = 0.01) -> torch.Tensor:
-    """Classifier re-training (cRT; Kang et al., "Decoupling Representation and Classifier", ICLR 2020): the
-    features stay fixed and the last layer is re-initialised and trained on class-balanced batches (per_class
-    images of every class, drawn with replacement), SGD with momentum 0.9, as many batches per epoch as the
-    set holds images / (per_class x C). Returns the number of images of each class the classifier saw, (C,)."""
-    device = images.device
-    net.eval()
-    with torch.no_grad():  # the features once, without DSA: only the classifier learns
-        features = torch.cat([net.embed(part.contiguous(memory_format=torch.channels_last))
-                              for part in images.split(256)]).float()
-    reset_parameters_(net.classifier, generator)
-    optimizer = torch.optim.SGD(net.classifier.parameters(), lr=lr, momentum=0.9)
-    by_class = [torch.nonzero(labels == c).squeeze(1) for c in range(num_classes)]
-    seen = torch.zeros(num_classes, dtype=torch.long)
-    for _ in range(epochs * max(1, len(labels) // (per_class * num_classes))):
-        picks = torch.cat([members[torch.randint(len(members), (per_class,), generator=generator, device=device)]
-                           for members in by_class])
-        loss = F.cross_entropy(net.classifier(features[picks]), labels[picks])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        seen += torch.bincount(labels[picks].cpu(), minlength=num_classes)
-    return seen
-
-
-def log_prior(data: LongTailedData, device) -> torch.Tensor:
-    """log pi_c = log(n_c / sum n) of the long-tailed training set, (C,)."""
-    counts = torch.tensor(data.class_counts, dtype=torch.float32, device=device)
-    return torch.log(counts / counts.sum())
-
-
-def pool_logit_shift(args, data: LongTailedData, device) -> torch.Tensor | None:
-    """The pool's training-loss logit shift: log prior for --pool-rebalance la (the logit-adjusted loss), else none."""
-    return log_prior(data, device) if args.pool_rebalance == "la" else None
-
-
-def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device, processes: Processes,
-                   log=print) -> list[dict]:
-    """NCFM's pool: --pool-size ConvNets, each trained --pool-epochs epochs on the long-tailed set under
-    --pool-schedule, kept with its initialisation. Each network is cached as it finishes (a stopped pool
-    continues with the next one), the whole pool once all are; split across processes under torchrun."""
-    precision = resolve_precision(args.precision, device, args.compile)
-    path = pool_file(args, data, depth, precision)
-    if path.exists():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)["networks"]
-        except Exception:
-            log(f"extractor pool {path} unreadable; training it again")
-    log(f"training the extractor pool: {args.pool_size} networks x {args.pool_epochs} epochs ({args.pool_schedule} "
-        f"schedule) on {len(data.train_labels)} images -> {path}")
-    folder = pool_networks_folder(args, data, depth, precision)
-    images, labels = data.normalise(data.train_images).to(device), data.train_labels.to(device)  # once, for all
-    mine = [(k, pool_network(args, data, images, labels, depth, precision, k, folder, log))
-            for k in range(processes.rank, args.pool_size, processes.world)]
-    mine = processes.gather_objects(mine)
-    networks = [network for _, network in sorted(mine, key=lambda entry: entry[0])]
-    if processes.main:
-        atomic_save({"networks": networks}, path)
-    return networks
-
-
-def cpu_state(net) -> dict[str, torch.Tensor]:
-    """A copy of the network's state dict on the CPU."""
-    return {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
-
-
-def pool_network(args, data: LongTailedData, images: torch.Tensor, labels: torch.Tensor, depth: int,
-                 precision: str, k: int, folder: Path, log) -> dict:
-    """Pool network k ({"init", "trained"} state dicts), from folder/network-k.pt or trained on the normalised
-    long-tailed `images` and written there. Its draws (initialisation, batches, augmentation) come from
-    (seed, k) alone."""
-    path = folder / f"network-{k}.pt"
-    if path.exists():
-        log(f"  pool network {k + 1}/{args.pool_size}: {path}")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    start, device = time.perf_counter(), images.device
-    generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_POOL, k))
-    net = reset_parameters_(convnet(args, data, depth, device), generator)
-    init = cpu_state(net)
-    train_network(net, images, labels, generator, POOL_SCHEDULES[args.pool_schedule], args.pool_epochs,
-                  precision=precision, compile=args.compile, logit_shift=pool_logit_shift(args, data, device))
-    if args.pool_rebalance == "crt":
-        retrain_classifier_balanced(net, images, labels, data.num_classes, generator)
-    network = {"init": init, "trained": cpu_state(net),
-               "seconds": torch.tensor(time.perf_counter() - start, dtype=torch.float64)}
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_save(network, path)
-    log(f"  pool network {k + 1}/{args.pool_size} trained in {network['seconds'].item():.0f} s")
-    return network
+        convnet(args, data, args.depth or depth_for_size(data.image_size), torch.device("cpu"))
+    except ValueError as error:
+        raise UsageError(f"--depth: {error}")
+    check_factor(args.factor, data.image_size)
 
 
 # ----------------------------------------------------------------------------------------
 # The loop's parts: this process's share of the set, the extractor, the matching loss
-
-def convnet(args, data: LongTailedData, depth: int, device: torch.device):
-    return build_network("convnet", data.channels, data.num_classes, data.image_size, args.width, depth, args.norm,
-                         args.pooling, device)
-
 
 @dataclass
 class Shard:
@@ -569,7 +310,7 @@ class Extractor:
         self.calibrator = None
         if args.calibration > 0:
             self.calibrator = convnet(args, data, config["depth"], device).requires_grad_(False)
-            self.logit_shift = -args.calibration_tau * log_prior(data, device)  # (C,)
+            self.logit_shift = -args.calibration_tau * class_log_prior(data.class_counts, device)  # (C,)
             self.classify = compile_or_eager(self._classify, args.compile)
             self.compiled.append(self.classify)
 
@@ -712,41 +453,6 @@ class Matcher:
 # ----------------------------------------------------------------------------------------
 # The loop
 
-@dataclass
-class LoopState:
-    """Where the loop stands: the stored synthetic images of this process, their optimiser, the history, and
-    the stretches the run was distilled in (one per sitting: iterations [from, to], seconds, commit, CPU)."""
-    syn: torch.Tensor
-    optimizer: torch.optim.Optimizer
-    start_iteration: int
-    history: list
-    elapsed_before: float
-    stretches: list = field(default_factory=list)
-
-
-def stretches_so_far(checkpoint: dict | None, start_iteration: int, device, processes: Processes) -> list[dict]:
-    """The checkpoint's stretches (for a checkpoint written before they were kept: one stretch of unrecorded
-    origin up to its iteration), then this sitting's start (stretches_done closes it)."""
-    earlier = list(checkpoint.get("stretches", [])) if checkpoint is not None else []
-    if start_iteration and not earlier:
-        earlier = [{"iterations": [0, start_iteration], "commit": None, "processor": None}]
-    here = dict(environment(), device=str(device))
-    return earlier + [{"iterations": [start_iteration, start_iteration], "commit": here["commit"],
-                       "processor": processor_name(here), "device": here["device"],
-                       "processes": processes.world, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}]
-
-
-def stretches_done(state: LoopState) -> list[dict]:
-    """state.stretches with this sitting's closed at the history's last iteration (its seconds: the elapsed
-    time since the sitting began); a sitting that has not distilled an iteration is left out."""
-    *earlier, here = state.stretches
-    last, _, elapsed = state.history[-1] if state.history else (state.start_iteration - 1, None, 0.0)
-    if last + 1 <= state.start_iteration:
-        return earlier
-    return earlier + [dict(here, iterations=[state.start_iteration, last + 1],
-                           seconds=round(elapsed - state.elapsed_before, 3))]
-
-
 def starting_state(args, config: dict, init_images, shard: Shard, checkpoint: dict | None, device) -> LoopState:
     """The real initialisation, or the checkpoint's images and optimiser state; this process's rows."""
     images = checkpoint["images"] if checkpoint is not None else init_images
@@ -759,33 +465,6 @@ def starting_state(args, config: dict, init_images, shard: Shard, checkpoint: di
     restore_optimizer(optimizer, checkpoint["optimizer"], shard.rows)
     return LoopState(syn, optimizer, checkpoint["iteration"], [tuple(h) for h in checkpoint["history"]],
                      checkpoint["elapsed"])
-
-
-def save_checkpoint(state: LoopState, shard: Shard, total_rows: int, iteration: int, elapsed: float, config: dict,
-                    processes: Processes, out: Path) -> None:
-    """checkpoint.pt after `iteration` iterations: the whole set and optimiser state (gathered), the history."""
-    images = processes.gather_rows(shard.rows, state.syn.detach().cpu(), total_rows)
-    optimizer = {key: (processes.gather_rows(shard.rows, value.cpu(), total_rows) if value.dim() > 0 else value.cpu())
-                 for key, value in optimizer_rows(state.optimizer).items()}
-    if processes.main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_save({"format_version": FORMAT_VERSION, "iteration": iteration, "images": images,
-                     "optimizer": optimizer, "history": state.history, "elapsed": elapsed, "config": config,
-                     "stretches": stretches_done(state)},
-                    out / "checkpoint.pt")
-
-
-def check_finite(loss: torch.Tensor, syn: torch.Tensor, stop, processes: Processes, iteration: int) -> tuple:
-    """(loss summed over processes, signal number or 0), raising Diverged if any process saw a non-finite
-    loss or image. One collective per iteration carries all three."""
-    finite = torch.isfinite(loss) & torch.isfinite(syn.detach()).all()
-    total = processes.sum(torch.stack([loss.float(), (~finite).float(),
-                                       torch.tensor(float(stop.signal_number if stop else 0), device=loss.device)]))
-    value, bad, signalled = total.tolist()
-    if bad:
-        raise Diverged(f"the loss or the images became non-finite at iteration {iteration} (loss {value}); "
-                       f"lower --lr-img")
-    return value, int(signalled)
 
 
 def distill(args, data: LongTailedData, device: torch.device, log=print, processes: Processes | None = None,
@@ -806,7 +485,7 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     if class_aware(args):
         log("alpha (amplitude weight) per class: " + " ".join(f"{a:.2f}" for a in alpha.tolist()))
     matcher = Matcher(args, data, shard, alpha, config, device)
-    checkpoint_at = lambda done, elapsed: save_checkpoint(state, shard, len(all_labels), done, elapsed, config,
+    checkpoint_at = lambda done, elapsed: save_checkpoint(state, shard.rows, len(all_labels), done, elapsed, config,
                                                           processes, Path(args.out))
     progress = Progress(args.iterations, state.start_iteration, args.log_every, log, enabled=processes.main,
                         elapsed_before=state.elapsed_before)
@@ -848,148 +527,7 @@ def update(state: LoopState, matcher: Matcher, iteration: int, extractor: Extrac
 
 
 # ----------------------------------------------------------------------------------------
-# Outputs: the synthetic set, pictures, and a folder that explains itself
-
-def write_outputs(result: dict, out: Path, run_info: dict | None = None) -> None:
-    """The run folder's files, synthetic.pt last: --resume takes a run whose set is written for finished, so
-    a run stopped while writing the others resumes (from its last checkpoint, with nothing left to distil)
-    and writes them all again."""
-    out.mkdir(parents=True, exist_ok=True)
-    ipc = result["config"]["ipc"]
-    save_grid(result["packed_images"], result["mean"], result["std"], ipc, out / "synthetic.png")
-    save_grid(result["init_images"], result["mean"], result["std"], ipc, out / "init.png")
-    atomic_write_text(json.dumps(result["config"], indent=2) + "\n", out / "config.json")
-    atomic_write_text(loss_csv(result["history"]), out / "loss.csv")
-    if run_info is not None:
-        atomic_write_text(json.dumps(run_info, indent=2) + "\n", out / "run.json")
-    try:
-        plot_side_by_side(out / "init.png", out / "synthetic.png", out / "init_vs_final.png")
-        if result["history"]:
-            plot_loss(result["history"], out / "loss.png", f"{result['config']['method']}")
-    except ImportError:  # matplotlib missing: the pictures are a convenience
-        pass
-    write_run_readme(out)
-    atomic_save({key: result[key] for key in ("images", "labels", "mean", "std", "class_names", "class_counts",
-                                              "config")}, out / "synthetic.pt")
-
-
-def loss_csv(history: list) -> str:
-    """loss.csv: iteration, loss, seconds of distillation so far."""
-    rows = io.StringIO()
-    writer = csv.writer(rows)
-    writer.writerow(["iteration", "loss", "seconds"])
-    writer.writerows((i, f"{loss:.6g}", f"{seconds:.3f}") for i, loss, seconds in history)
-    return rows.getvalue()
-
-
-# ----------------------------------------------------------------------------------------
-# The job: every input checked before anything is written or deleted
-
-def prepare_out_folder(args, data: LongTailedData, processes: Processes, log) -> dict | None:
-    """Check --out against --resume / --overwrite and read the checkpoint to continue; only then, with
-    everything checked, clear the old run's files for --overwrite. Returns the checkpoint (or None);
-    raises Finished when --resume finds nothing left to do."""
-    out = Path(args.out)
-    checkpoint = None
-    if args.resume:
-        config = resolved_config(args, data)
-        checkpoint = load_checkpoint(out, config)
-        if checkpoint is not None and checkpoint["iteration"] > args.iterations:
-            raise UsageError(f"--iterations {args.iterations}: the checkpoint in {out} is already at iteration "
-                             f"{checkpoint['iteration']}; resume with --iterations {checkpoint['iteration']} or more")
-        if finished_set(out, config, checkpoint):
-            raise Finished(f"--resume: {out} holds a finished run of {args.iterations} iterations; nothing to do")
-        log(f"resuming from iteration {checkpoint['iteration']}" if checkpoint else
-            f"--resume: no checkpoint in {out}; starting from the beginning")
-        other = checkpoint and other_device_kinds(checkpoint, resolve_device(args.device))
-        if other:
-            log(f"note: {out} was distilled on {', '.join(other)} until now and continues on "
-                f"{resolve_device(args.device).type}: the networks, frequencies and batches are drawn by "
-                f"torch.Generator on the device, which draws other numbers on another kind, so the set will "
-                f"differ from an uninterrupted run's (run.json's stretches record each sitting's device)")
-    check_no_evaluation_replaced(args, out)
-    if args.overwrite and processes.main:
-        for name in OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / PARTIAL_EVALUATION, ignore_errors=True)  # networks trained on the set replaced
-    processes.barrier()
-    out.mkdir(parents=True, exist_ok=True)
-    return checkpoint
-
-
-def other_device_kinds(checkpoint: dict, device: torch.device) -> list[str]:
-    """The device kinds (cpu, cuda) of the checkpoint's sittings that are not this run's."""
-    kinds = {str(stretch.get("device") or "").split(":")[0] for stretch in checkpoint.get("stretches", [])}
-    return sorted(kind for kind in kinds - {device.type} if kind)
-
-
-def evaluations_inside(out: Path) -> list[str]:
-    """Folders inside `out` whose results.json scores the set in `out` (as `evaluate.py --syn out/synthetic.pt
-    --out out/ncfm` writes): its syn_sha256 is the set's, or its --syn names the set's file; and folders
-    holding an interrupted evaluation (evaluation.partial/), which may be of it. A folder holding a run of its
-    own (synthetic.pt or checkpoint.pt) is that run's. Evaluations kept elsewhere are not seen."""
-    def own_run(folder: Path) -> bool:
-        return (folder / "synthetic.pt").exists() or (folder / "checkpoint.pt").exists()
-    interrupted = [str(path.parent) for path in sorted(out.glob(f"*/{PARTIAL_EVALUATION}"))
-                   if not own_run(path.parent)]
-    candidates = [path for path in sorted(out.glob("*/results.json"))
-                  if not own_run(path.parent) and str(path.parent) not in interrupted]
-    target = out / "synthetic.pt"
-    # the set is hashed only when some folder inside may score it (a plain --resume reads nothing more)
-    digest = hashlib.sha256(target.read_bytes()).hexdigest() if candidates and target.exists() else None
-    found = []
-    for path in candidates:
-        try:
-            result = json.loads(path.read_text())
-            syn = (result.get("config") or {}).get("syn")
-            scores_it = (digest is not None and result.get("syn_sha256") == digest) or (
-                syn is not None and Path(syn).resolve() == target.resolve())
-        except (OSError, ValueError, AttributeError):  # unreadable: assume it may be
-            scores_it = True
-        if scores_it:
-            found.append(str(path.parent))
-    return sorted(found + interrupted)
-
-
-def check_no_evaluation_replaced(args, out: Path) -> None:
-    """Refuse a run that would replace a set already evaluated, leaving the evaluation to describe a set that
-    is gone: --resume continuing (or restarting) a set evaluated in --out or in a folder inside it, and
-    --overwrite of a set evaluated in a folder inside --out (its own results.json it removes with the run).
-    Called only once a run is sure to write a set (a finished --resume has stopped before)."""
-    nested = evaluations_inside(out) if args.resume or args.overwrite else []
-    if args.resume:
-        own = (out / "results.json").exists() or (out / PARTIAL_EVALUATION).exists()
-        evaluations = ([str(out)] if own else []) + nested
-        if evaluations:
-            raise UsageError(f"--resume --iterations {args.iterations}: the set in {out} was evaluated "
-                             f"({', '.join(evaluations)}) and this run would replace it; copy checkpoint.pt into "
-                             f"a new --out and resume there")
-    if args.overwrite and nested:
-        raise UsageError(f"--overwrite: {', '.join(nested)} holds an evaluation of the set in {out}, which this run "
-                         f"would replace; move it out of {out} first, or give another --out")
-
-
-def check_network(args, data: LongTailedData) -> None:
-    """The ConvNet must fit the images (a depth that pools them below one pixel does not)."""
-    try:
-        convnet(args, data, args.depth or depth_for_size(data.image_size), torch.device("cpu"))
-    except ValueError as error:
-        raise UsageError(f"--depth: {error}")
-    check_factor(args.factor, data.image_size)
-
-
-class Finished(Exception):
-    """--resume on a run that is already complete."""
-
-
-def report_stop(prog: str, result: dict, out: Path, world: int) -> None:
-    """The one line after a signal: where the run stands and the command that continues it."""
-    command = " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in ("--resume", "--overwrite"))
-    launcher = "torchrun ... distill.py" if world > 1 else "python distill.py"
-    print(f"{prog}: stopped by signal {result['stopped']} after {result['iterations_done']} of "
-          f"{result['config']['iterations']} iterations; checkpoint written to {out / 'checkpoint.pt'}; "
-          f"continue with: {launcher} {command} --resume", file=sys.stderr, flush=True)
-
+# The job: options, data, then the pool alone or the loop and its outputs
 
 def job(args, holder) -> None:
     check_options(args)
@@ -1007,12 +545,13 @@ def job(args, holder) -> None:
         + (f", {processes.world} processes" if processes.world > 1 else ""))
     data = processes.main_first(lambda: load_from_args(args, log=log))  # one download, one cache file
     check_network(args, data)
+    config = resolved_config(args, data)
     if args.pool_only:
-        extractor_pool(args, data, resolved_config(args, data)["depth"], device, processes, log)
+        extractor_pool(args, data, config["depth"], device, processes, log)
         log(f"the pool of {args.pool_size} networks is in {pool_folder(args)}")
         return
     try:
-        checkpoint = prepare_out_folder(args, data, processes, log)
+        checkpoint = prepare_out_folder(args, config, processes, log)
     except Finished as done:
         log(str(done))
         return
@@ -1029,25 +568,8 @@ def job(args, holder) -> None:
             report_stop("distill.py", result, out, processes.world)
         sys.exit(128 + result["stopped"])
     if processes.main:
-        run_info = dict(environment(), device=str(device), processes=processes.world, data_source=data.source,
-                        wall_seconds=round(result["history"][-1][2] if result["history"] else 0.0, 1),
-                        iterations_done=result["iterations_done"],
-                        finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),
-                        session_seconds=round(time.time() - start, 1), stretches=result["stretches"])
-        write_outputs(result, out, run_info)
+        write_outputs(result, out, run_record(device, processes, data.source, result, start))
         log(f"wrote {out / 'synthetic.pt'} ({len(result['labels'])} images)")
-
-
-def last_checkpoint(out: Path) -> str:
-    """Which good checkpoint a diverged run leaves, and after how many iterations."""
-    path = out / "checkpoint.pt"
-    if not path.exists():
-        return "no checkpoint was written yet"
-    try:
-        done = torch.load(path, map_location="cpu", weights_only=True)["iteration"]
-        return f"the last good checkpoint is {path}, after {done} iterations"
-    except Exception:
-        return f"the last checkpoint is {path}"
 
 
 def main(argv=None) -> None:

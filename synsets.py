@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from data_lt import IMAGE_SUFFIXES, UsageError
-from runs import FORMAT_VERSION
+from runs import FORMAT_VERSION, export_image_folder
 
 PROJECT_SET, TENSOR_FILE, IMAGE_FOLDER = "synthetic.pt", "tensor file", "image folder"
 GIVE_PROJECT = "give the synthetic.pt written by distill.py"
@@ -388,3 +388,17 @@ def normalised(images: torch.Tensor, mean: list | None, std: list | None, data) 
 
 def channel_column(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def export_set(syn: str | None, export: str) -> None:
+    """evaluate.py --syn SET --export DIR: the distilled set as an image folder DIR/<class>/<n>.png (which --syn
+    DIR reads back), nothing trained; DIR must not exist yet."""
+    if syn is None:
+        raise UsageError("--export writes a synthetic set: give it with --syn")
+    folder = Path(export)
+    if folder.exists():
+        raise UsageError(f"--export: {folder} already exists; give a new folder")
+    synthetic = load_synthetic(syn)
+    count = export_image_folder(synthetic["images"], synthetic["labels"], synthetic["mean"], synthetic["std"],
+                                synthetic["class_names"], folder)
+    print(f"wrote {count} images to {folder}/<class>/<n>.png")

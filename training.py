@@ -62,7 +62,8 @@ PROTOCOLS = {
                      cutmix_prob=0.5, evaluations=20),
 }
 
-# How distill.py's extractor pool is trained (--pool-schedule), apart from the evaluation protocols above.
+# How distill.py's extractor pool (pool.py, --pool-schedule) and the soft-label teacher (teacher.py: ncfm) are
+# trained, apart from the evaluation protocols above.
 # - brief: the project's first pool, DM's evaluation row cut to 3 epochs (1 at lr 0.01, 2 at 0.001): weak
 #   classifiers, kept so that runs made with it resume and reproduce.
 # - ncfm: NCFM's pre-training (gszfwsb/NCFM pretrain/pretrain_script.py with config/ipc10/cifar10.yaml): SGD lr

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import distill
+import pool
 from conftest import make_tiny_data
-from distill import adjusted_logits, retrain_classifier_balanced
+from distill import adjusted_logits
+from pool import retrain_classifier_balanced
 from networks import build_network
 from training import PROTOCOLS, train_network
 
@@ -80,7 +82,7 @@ def test_classifier_retraining_sees_every_class_equally_and_keeps_the_features()
 def test_rebalanced_pool_is_cached_apart_and_options_are_checked(tmp_path, capsys):
     data = make_tiny_data()
     plain, rebalanced = pool_args(tmp_path), pool_args(tmp_path, "--pool-rebalance", "crt")
-    assert distill.pool_file(plain, data, 2, "fp32") != distill.pool_file(rebalanced, data, 2, "fp32")
+    assert pool.pool_file(plain, data, 2, "fp32") != pool.pool_file(rebalanced, data, 2, "fp32")
     for argv, option in ((["--calibration-tau", "1"], "--calibration-tau"),
                          (["--pool-rebalance", "crt"], "--pool-rebalance"),
                          (["--pool-rebalance", "la"], "--pool-rebalance la")):
@@ -121,7 +123,7 @@ def test_la_pool_trains_with_the_log_prior_and_is_cached_apart(tmp_path):
     data = make_tiny_data()
     plain, crt, la = (pool_args(tmp_path, *extra) for extra in ((), ("--pool-rebalance", "crt"),
                                                                   ("--pool-rebalance", "la")))
-    assert len({distill.pool_file(args, data, 2, "fp32") for args in (plain, crt, la)}) == 3
+    assert len({pool.pool_file(args, data, 2, "fp32") for args in (plain, crt, la)}) == 3
     prior = torch.tensor(data.class_counts, dtype=torch.float32) / sum(data.class_counts)
-    assert torch.allclose(distill.pool_logit_shift(la, data, "cpu"), prior.log())
-    assert distill.pool_logit_shift(plain, data, "cpu") is None and distill.pool_logit_shift(crt, data, "cpu") is None
+    assert torch.allclose(pool.pool_logit_shift(la, data, "cpu"), prior.log())
+    assert pool.pool_logit_shift(plain, data, "cpu") is None and pool.pool_logit_shift(crt, data, "cpu") is None

@@ -7,7 +7,9 @@ import torch
 from conftest import make_tiny_data
 from data_lt import RealBatchSampler, decode, initial_synthetic
 from distill import (Extractor, Matcher, Shard, build_parser, chunk_classes, class_aware, distill, draw_frequencies,
-                     pool_file, resolved_config, write_outputs)
+                     resolved_config)
+from distill_runs import write_outputs
+from pool import pool_file
 from runs import Processes
 from sdd import class_weights
 
@@ -104,10 +106,10 @@ def test_outputs_describe_the_run(tmp_path, tiny_data):
 def test_the_set_is_written_last(tmp_path, tiny_data, monkeypatch):
     """--resume takes a folder whose synthetic.pt is written for a finished run, so every other file must be
     in place before it; loss.csv keeps its CSV line ends."""
-    import distill as distill_module
+    import distill_runs
     present = []
-    real_save = distill_module.atomic_save
-    monkeypatch.setattr(distill_module, "atomic_save", lambda obj, path: (
+    real_save = distill_runs.atomic_save
+    monkeypatch.setattr(distill_runs, "atomic_save", lambda obj, path: (
         path.name == "synthetic.pt" and present.append(sorted(p.name for p in tmp_path.iterdir())),
         real_save(obj, path)))
     result = distill(tiny_args(tmp_path, "--method", "dm"), tiny_data, torch.device("cpu"), log=lambda m: None)

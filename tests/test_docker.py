@@ -678,3 +678,37 @@ def test_full_cell_runs_the_headline_first_at_the_full_budget_and_releases_sets(
     subprocess.run(command, capture_output=True, text=True, check=True, env=dict(os.environ, PYTHON=str(fake)))
     again = log.read_text().splitlines()[len(calls):]
     assert [line.split()[0] for line in again] == ["report.py", "report.py"] and not leftover.exists()
+
+
+def test_soft_jobs_evaluate_the_full_cells_sets_and_their_random_rulers_under_one_teacher_folder(tmp_path):
+    """--soft-bench: csdm, dm and random at IF 200, each under hard and soft labels at 3 x 300 epochs, the
+    sets read from the full cell's folders; --soft-cell: soft labels only at 5 x 1000 epochs, IF 200 then 10,
+    dm-f1 and random at factor 1 at IF 200; every soft call keeps its teacher in OUT/teachers; a rerun redoes
+    nothing."""
+    fake, log = tmp_path / "python", tmp_path / "calls.log"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    results = tmp_path / "results"
+    for imbalance, method in [(200, "csdm"), (200, "dm"), (200, "dm-f1"), (10, "csdm"), (10, "dm")]:
+        folder = results / "full_cell" / "dm" / "cifar10" / f"if{imbalance}" / "ipc10" / method
+        folder.mkdir(parents=True)
+        (folder / "synthetic.pt").write_text("a set")
+
+    def job(flag):
+        command = ["bash", str(ROOT / "run_all.sh"), flag, "--data-dir", str(tmp_path), "--out", str(results)]
+        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHON=str(fake)))
+        assert done.returncode == 0, done.stderr
+        return [line for line in log.read_text().splitlines() if line.startswith("evaluate.py")]
+
+    bench = job("--soft-bench")
+    assert len(bench) == 6 and all("--num-eval 3 --epochs 300" in line for line in bench)
+    soft = [line for line in bench if "--labels soft" in line]
+    assert len(soft) == 3 and all(f"--teacher-cache {results}/teachers" in line for line in soft)
+    assert sum("--baseline random" in line for line in bench) == 2
+    assert all("/full_cell/dm/cifar10/if200/ipc10/" in line for line in bench if "--syn" in line)
+    cell = job("--soft-cell")[6:]
+    assert len(cell) == 8 and all("--labels soft" in line and "--num-eval 5 --epochs 1000" in line for line in cell)
+    randoms = [line for line in cell if "--baseline random" in line]
+    assert [line.split("--factor ")[-1].split()[0] for line in randoms] == ["2", "1", "2"]
+    assert ["--imbalance-factor 200" in line for line in randoms] == [True, True, False]
+    assert len(job("--soft-bench")) == 14  # a rerun: nothing but the report again

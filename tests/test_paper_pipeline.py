@@ -4,7 +4,8 @@ import torch
 
 import distill
 import training
-from distill import PRESETS, build_parser, distill as run_distill, with_present_kernel_name
+from distill import PRESETS, build_parser, distill as run_distill
+from distill_runs import with_present_kernel_name
 from training import POOL_SCHEDULES
 
 
@@ -53,7 +54,7 @@ def test_the_pool_trains_with_its_schedule_and_caches_each_network(tiny_data, tm
         seen.append((protocol.name, epochs))
         return real_train(net, images, labels, generator, protocol, epochs, **kwargs)
 
-    monkeypatch.setattr(distill, "train_network", spy)
+    monkeypatch.setattr("pool.train_network", spy)  # pool.py trains the pool
     pool = ("--extractor", "pool", "--pool-schedule", "ncfm", "--pool-epochs", "1", "--pool-cache", str(tmp_path / "p"))
     run_distill(tiny_args(tmp_path, *pool, "--pool-size", "2"), tiny_data, torch.device("cpu"), log=lambda m: None)
     assert seen == [("ncfm-pool", 1), ("ncfm-pool", 1)]
@@ -109,7 +110,7 @@ def test_pool_only_needs_a_pool(tmp_path, capsys):
 
 
 def test_a_resume_on_another_device_kind_is_noticed():
-    from distill import other_device_kinds
+    from distill_runs import other_device_kinds
     checkpoint = {"stretches": [{"device": "cuda:0"}, {"device": "cpu"}, {"device": None}]}
     assert other_device_kinds(checkpoint, torch.device("cpu")) == ["cuda"]
     assert other_device_kinds(checkpoint, torch.device("cuda", 1)) == ["cpu"]

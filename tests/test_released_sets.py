@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from evaluate import load_synthetic
+from synsets import load_synthetic
 from runs import export_image_folder
 
 SETS = sorted((ROOT / "results" / "sets").glob("*.pt"))

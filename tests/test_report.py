@@ -381,3 +381,23 @@ def test_a_file_that_is_no_set_is_listed_as_unreadable(tmp_path):
     row = catalogue_rows(release.catalogue(results / "sets").read_text())["notes.pt"]
     assert row["data set"].startswith("unreadable as a set: ") and row["accuracy, dm protocol"] == "-"
     assert row["SHA-256"] == f"`{hashlib.sha256(b'not a set').hexdigest()}`"
+
+
+def test_soft_and_hard_labels_make_two_tables_each_with_its_own_ruler_and_the_teacher(tmp_path):
+    """A set and its random ruler under soft labels are a table of their own beside the hard-label one (pooled
+    roots may hold the same cell once per labels), improvement over random within the same labels, and the soft
+    table carries the teacher's accuracy as its ceiling row."""
+    teacher = {"loss": "balanced", "test_acc": 55.25, "tail": 31.0}
+    soft = {"labels": "soft", "temperature": 4.0, "teacher": teacher}
+    runs = {("hard", "csdm"): fake_result(52.9), ("hard", "random"): fake_result(40.9),
+            ("soft", "csdm"): dict(fake_result(54.0), **soft), ("soft", "random"): dict(fake_result(50.0), **soft)}
+    for (labels, method), result in runs.items():
+        folder = tmp_path / labels / "cifar10" / "if200" / "ipc10" / method
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(result))
+    table = report.write_report(tmp_path / "hard", more_roots=(tmp_path / "soft",), table=tmp_path / "t.md").read_text()
+    hard_part, soft_part = table.split("soft (T=4, balanced teacher) labels")
+    assert "| csdm | 52.9 ± 0.5 (+12.0) |" in hard_part and "teacher" not in hard_part.split("How each")[0]
+    assert "| csdm | 54.0 ± 0.5 (+4.0) |" in soft_part
+    assert "| teacher (the soft labels' source, trained on the whole long-tailed split; test) | 55.2 (tail 31.0) |" \
+        in soft_part
