@@ -572,7 +572,7 @@ case "$MODE" in
         # labels) and the random set of its images under the same labels. Teachers are kept in OUT/teachers/
         variant csdm-hard csdm 200
         eval_into "" "$dir/random-hard" random cifar10 200 10 "${EVAL_BUDGET[@]}" --val-per-class 100
-        for labels in "balanced 1" "balanced 4" "ce 4"; do
+        for labels in "balanced 1" "balanced 4" "balanced 8" "ce 4"; do
           set -- $labels
           soft=(--labels soft --teacher-loss "$1" --temperature "$2" --teacher-cache "$OUT/teachers")
           eval_into "$dir/csdm-hard" "$dir/csdm-soft-$1-T$2" csdm cifar10 200 10 "${EVAL_BUDGET[@]}" "${soft[@]}"
