@@ -510,14 +510,23 @@ def add_data_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -
     g.add_argument("--n-max", type=int, default=default("n_max"),
                    help="images of the head class (default: all of its training images)")
     g.add_argument("--val-per-class", type=int, default=default("val_per_class"),
-                   help=f"balanced validation images per class, taken from the images the long-tailed "
-                        f"subset leaves out (default: {shown('val_per_class')})")
+                   help=f"balanced validation images per class: the first v of each class's seeded order, the "
+                        f"long-tailed subset then taking the next n_c, so a validation run trains on another subset "
+                        f"than a test run of the same data seed (the same counts; the head class capped at its "
+                        f"images minus v) (default: {shown('val_per_class')})")
+    g.add_argument("--data-seed", type=int, default=None if defaults else argparse.SUPPRESS,
+                   help="seed of the long-tailed subset and the validation split alone (default: --seed)")
     g.add_argument("--image-size", type=int, default=default("image_size"),
                    help="resize every image to N x N once when loading (default: keep)")
 
 
+def data_seed(args) -> int:
+    """The seed of the long-tailed subset and the validation split: --data-seed, else --seed."""
+    return args.seed if getattr(args, "data_seed", None) is None else args.data_seed
+
+
 def load_from_args(args, log=print) -> LongTailedData:
-    return load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, args.seed,
+    return load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, data_seed(args),
                             args.val_per_class, args.n_max, args.image_size, log=log)
 
 

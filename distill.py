@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from data_lt import (DSA_PAIRINGS, LongTailedData, RealBatchSampler, UsageError, add_data_arguments, check_factor,
                      counter_seed, counter_uniform, decode, dsa_augment, dsa_uniforms_siamese, finite_float,
-                     initial_synthetic, load_from_args)
+                     data_seed, initial_synthetic, load_from_args)
 from distill_runs import (check_finite, check_out_folder, Diverged, Finished, KERNEL_NAMES, last_checkpoint,
                           LoopState, prepare_out_folder, report_stop, restore_optimizer, run_record, save_checkpoint,
                           stretches_done, stretches_so_far, StopRequest, write_outputs)
@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm", default="instance", choices=NORMS, help="ConvNet normalisation")
     g.add_argument("--pooling", default="avg", choices=POOLINGS, help="ConvNet pooling")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="the one seed of the run: subset, init, networks, batches, DSA")
+    g.add_argument("--seed", type=int, default=0,
+                   help="the one seed of the run: init, networks, frequencies, batches, DSA, and the long-tailed "
+                        "subset unless --data-seed gives it apart")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local GPU)")
     g.add_argument("--out", default="runs/distill", help="output folder")
     g.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
@@ -249,7 +251,8 @@ def resolved_config(args, data: LongTailedData) -> dict:
     """The options with every default that depends on the method or the data filled in."""
     optimizer_name = args.optimizer or METHODS[args.method].optimizer
     device = resolve_device(args.device)
-    return dict(vars(args), depth=args.depth or depth_for_size(data.image_size), optimizer=optimizer_name,
+    return dict(vars(args), data_seed=data_seed(args), depth=args.depth or depth_for_size(data.image_size),
+                optimizer=optimizer_name,
                 lr_img=args.lr_img or default_lr_img(optimizer_name, args.method),
                 precision=resolve_precision(args.precision, device, args.compile), format_version=FORMAT_VERSION,
                 kernel_names=KERNEL_NAMES)

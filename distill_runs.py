@@ -92,8 +92,10 @@ def load_checkpoint(out: Path, config: dict) -> dict | None:
 
 def option_differences(recorded: dict, config: dict, what: str) -> list[str]:
     """The options (not the run options such as --iterations) in which a recorded config differs from this
-    run's, as '--option theirs (what) vs ours (now)'."""
-    theirs, ours = ADDED_OPTIONS | comparable_config(with_present_kernel_name(recorded)), comparable_config(config)
+    run's, as '--option theirs (what) vs ours (now)'. A record from before --data-seed drew its subset from
+    its --seed."""
+    recorded = dict(with_present_kernel_name(recorded), data_seed=recorded.get("data_seed", recorded.get("seed")))
+    theirs, ours = ADDED_OPTIONS | comparable_config(recorded), comparable_config(config)
     return [f"--{key.replace('_', '-')} {theirs.get(key)} ({what}) vs {ours.get(key)} (now)"
             for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
 

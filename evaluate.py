@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from data_lt import (DATA_DEFAULTS, UsageError, add_data_arguments, cache_dir, check_factor, counter_seed,
-                     decode, initial_synthetic, load_long_tailed)
+                     data_seed, decode, initial_synthetic, load_long_tailed)
 from networks import MODELS, NORMS, PRECISIONS, build_network, depth_for_size, reset_parameters_, resolve_precision
 from evaluation_records import (Trained, check_out, continued_networks, fingerprint, keep_network, plot_per_class,
                                 sittings, this_sitting)
@@ -82,7 +82,7 @@ SOFT_OPTIONS = ("temperature", "teacher_loss", "teacher_epochs")
 
 # the options a --syn evaluation takes from the set's config, with their defaults for the baselines
 SET_OPTIONS = {name: DATA_DEFAULTS[name] for name in ("dataset", "imbalance_factor", "val_per_class", "n_max",
-                                                      "image_size")} | {"ipc": 10, "factor": 2}
+                                                      "image_size")} | {"ipc": 10, "factor": 2, "data_seed": None}
 
 
 class EvaluateParser(OneLineParser):
@@ -167,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--labels soft: where teachers are kept, one file each, trained once per data set, subset "
                         "and teacher option (default: $CSDM_CACHE_DIR/teachers, else ~/.cache/csdm/teachers)")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seed of the networks and batches (and of the data subset "
-                                                       "for baselines)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the networks and batches (and of the baselines' "
+                                                       "starting images, and their data subset unless --data-seed)")
     g.add_argument("--eval-seed", type=int, default=None,
                    help="seed of the networks and batches alone (default: --seed); a baseline of --seed N judged by "
                         "the networks that judge the sets, for paired differences")
@@ -405,27 +405,29 @@ def synthetic_job(args, log) -> Job:
     synthetic = read_set(args.syn)
     if "config" not in synthetic:
         return own_set_job(args, synthetic, log)
-    config = synthetic["config"]
+    config = dict(synthetic["config"])
+    config.setdefault("data_seed", config["seed"])  # sets from before --data-seed drew their subset from --seed
     check_set_options(args, config)
     for name in SET_OPTIONS:  # results.json records the set's values, not the baselines' defaults
         setattr(args, name, config.get(name, 1 if name == "factor" else getattr(args, name)))
     # the data the set was distilled from; only its location may be given anew
     data = load_long_tailed(config["dataset"], args.data_dir or config["data_dir"], config["imbalance_factor"],
-                            config["seed"], config["val_per_class"], config["n_max"], config["image_size"], log=log)
+                            config["data_seed"], config["val_per_class"], config["n_max"], config["image_size"],
+                            log=log)
     check_matches(synthetic, data, args.syn)
     network = network_options(args, data, config)
     record = {"factor": config.get("factor", 1), "syn_sha256": synthetic["sha256"]}
     what = f"{config['method']}, IPC {config['ipc']} ({args.syn})"
     out = Path(args.out) if args.out else Path(args.syn).parent
     return Job(synthetic["images"].float(), synthetic["labels"].long(), data, network, what, out, record,
-               config["seed"])
+               config["data_seed"])
 
 
 def own_set_job(args, own: dict, log) -> Job:
     """The Job of --syn with a tensor file or an image folder (synsets.py): tested on the data set the command
     line names, trained on by the field's ConvNet as the baselines are; its --ipc and --factor are only recorded
     (the images are trained on as they are), the factor as unknown unless typed."""
-    data = load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, args.seed, args.val_per_class,
+    data = load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, data_seed(args), args.val_per_class,
                             args.n_max, args.image_size, log=log)
     synthetic = fit_own_set(own, data, args.syn)
     record = {"factor": args.factor if "factor" in args.set_options_given else None,
@@ -433,12 +435,12 @@ def own_set_job(args, own: dict, log) -> Job:
     what = f"{synthetic['format']} of {len(synthetic['labels'])} images ({args.syn})"
     out = Path(args.out) if args.out else Path(args.syn).parent
     return Job(synthetic["images"], synthetic["labels"], data, network_options(args, data, None), what, out, record,
-               args.seed)
+               data_seed(args))
 
 
 def baseline_job(args, log) -> Job:
     """The Job of --baseline random|full."""
-    data = load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, args.seed, args.val_per_class,
+    data = load_long_tailed(args.dataset, args.data_dir, args.imbalance_factor, data_seed(args), args.val_per_class,
                             args.n_max, args.image_size, log=log)
     if args.baseline == "random":
         check_factor(args.factor, data.image_size)
@@ -453,7 +455,7 @@ def baseline_job(args, log) -> Job:
         f"baseline-{args.baseline}-{args.dataset}-if{args.imbalance_factor:g}"
         + (f"-ipc{args.ipc}-f{args.factor}" if args.baseline == "random" else ""))
     record = {"factor": args.factor if args.baseline == "random" else None}
-    return Job(images, labels, data, network_options(args, data, None), what, out, record, args.seed)
+    return Job(images, labels, data, network_options(args, data, None), what, out, record, data_seed(args))
 
 
 def network_options(args, data, config: dict | None) -> dict:

@@ -76,7 +76,8 @@ def check_out(out: Path, args) -> None:
 
 def fingerprint(args, network: dict, tensors, epochs: int, device, dropped=(), added=None) -> dict:
     """What network k's result depends on besides k: every option but RUN_OPTIONS and `dropped` with --epochs
-    (`epochs`) and the networks' seed resolved (--seed otherwise draws the data, which the hash covers), the
+    (`epochs`) and the networks' seed resolved (--seed and --data-seed otherwise draw the data, which the hash
+    covers), the
     network's shape, the kind of device (CUDA's generators draw other numbers than the CPU's for a seed), the
     SHA-256 of `tensors` (the training images and labels and the split tested on: the very pixels, wherever
     they were read from) and the entries of `added`. As JSON reads it back."""
@@ -84,7 +85,7 @@ def fingerprint(args, network: dict, tensors, epochs: int, device, dropped=(), a
     for tensor in tensors:
         digest.update(tensor.contiguous().numpy().tobytes())
     options = {name: value for name, value in vars(args).items()
-               if name not in RUN_OPTIONS | {"seed"} | set(dropped)}
+               if name not in RUN_OPTIONS | {"seed", "data_seed"} | set(dropped)}
     options.update(epochs=epochs, network=network,
                    eval_seed=args.seed if args.eval_seed is None else args.eval_seed,  # the networks' seed
                    device_type=device.type, data_sha256=digest.hexdigest(), **(added or {}))

@@ -108,8 +108,8 @@ def is_baseline(method: str) -> bool:
 
 def over_random(record: dict, records: list[dict]) -> float | None:
     """The field's improvement over random: accuracy minus that of the random baseline of the same cell
-    (data set, IF, IPC), protocol, model, split, epochs and labels (soft: the same teacher and temperature), at the same factor (the same number of training
-    images). Any random* run is a ruler (random-f1: factor 1); a baseline that does not record its factor
+    (data set, IF, IPC), protocol, model, split, epochs and labels (soft: the same teacher and temperature), at
+    the same factor (the same number of training images). Any random* run is a ruler (random-f1: factor 1); a baseline that does not record its factor
     counts only as the plain `random` one. None for a baseline itself and where that ruler is missing."""
     if is_baseline(record["method"]):
         return None

@@ -281,7 +281,9 @@ def sdd_loss(real, real_labels, syn, syn_labels, num_classes, freqs=None, alpha=
 
 def ncfm_loss(real, real_labels, syn, syn_labels, num_classes, freqs=None, alpha=None, bandwidth=1.0,
               projection_dtype=None, **_) -> torch.Tensor:
-    """ncfm: mean_w sqrt(a_c amplitude_c(w) + (1 - a_c) phase_c(w)) per class, (C,) (NCFM's CFLossFunc)."""
+    """ncfm: mean_w sqrt(a_c amplitude_c(w) + (1 - a_c) phase_c(w)) per class, (C,): NCFM's CFLossFunc on features
+    the caller normalised, whose match_loss is 300 x this; NCFM clamps only the phase term at 1e-12, this the sum
+    under the root, which differs only for two equal sets (tests/test_reference.py, against a transcription)."""
     amplitude, phase = spectral_terms(real, real_labels, syn, syn_labels, num_classes, freqs, bandwidth,
                                       projection_dtype)
     a = _alpha(alpha, num_classes, syn)

@@ -382,3 +382,24 @@ def test_dsa_identity_draws():
     assert factor == pytest.approx(1.0167, abs=1e-4)
     half = dsa_augment(blob(CENTRE + 9.0, CENTRE), slots_row("scale", {U_SCALE_X: 0.5, U_SCALE_Y: 0.5}))
     assert centroid(half)[0] == pytest.approx(CENTRE + 9.0 / factor, abs=0.05)  # 0.15 px short of 9
+
+
+def test_the_data_seed_draws_the_subset_apart_from_the_run_seed(tmp_path):
+    """--data-seed N draws the subset and validation split that --seed N draws; without it --seed does; a record
+    from before --data-seed compares equal to one that names its --seed as data seed, and a differing one is
+    reported under the option's name."""
+    import argparse
+    from data_lt import data_seed, load_from_args
+    from distill_runs import ADDED_OPTIONS, option_differences
+    write_folder(tmp_path, sizes=[12], per_class=(8, 8, 8))
+    common = dict(dataset="folder", data_dir=str(tmp_path), imbalance_factor=4, val_per_class=1, n_max=None,
+                  image_size=None)
+    apart = load_from_args(argparse.Namespace(seed=0, data_seed=3, **common), log=lambda m: None)
+    same = load_long_tailed("folder", str(tmp_path), 4, seed=3, val_per_class=1, log=lambda m: None)
+    other = load_long_tailed("folder", str(tmp_path), 4, seed=0, val_per_class=1, log=lambda m: None)
+    assert torch.equal(apart.train_images, same.train_images) and torch.equal(apart.val_images, same.val_images)
+    assert not torch.equal(apart.train_images, other.train_images)
+    assert data_seed(argparse.Namespace(seed=5, data_seed=None)) == 5
+    assert option_differences({"seed": 2}, ADDED_OPTIONS | {"seed": 2, "data_seed": 2}, "checkpoint") == []
+    assert option_differences({"seed": 2}, ADDED_OPTIONS | {"seed": 2, "data_seed": 4}, "checkpoint") == [
+        "--data-seed 2 (checkpoint) vs 4 (now)"]

@@ -201,7 +201,8 @@ def ragged_classes(seed=0):
 
 
 def ncfm_reference(real, syn, freqs, a):
-    """NCFM's released CF loss: mean_w sqrt(a * amplitude + (1 - a) * phase)."""
+    """The single-set form of sdd's NCFM loss, mean_w sqrt(a * amplitude + (1 - a) * phase): what the vectorised
+    per-class loss must equal class by class (NCFM's own code, transcribed, is the reference in test_reference.py)."""
     amplitude, phase = amplitude_phase(*characteristic_function(syn, freqs), *characteristic_function(real, freqs))
     return torch.sqrt((a * amplitude + (1 - a) * phase).clamp_min(1e-12)).mean()
 
