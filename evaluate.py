@@ -538,7 +538,7 @@ def train_and_write(args, run: Job, device, processes: Processes, options: dict,
         seconds = time.perf_counter() - start
         trained_now = sorted(set(range(args.num_eval)) - {trained.index for trained, _ in kept})
         result.update(sittings=sittings(kept, trained_now, sitting, seconds), fingerprint=options,
-                      labels=args.labels)
+                      labels=args.labels, data_seed=run.data_seed)
         if teacher:
             result.update(temperature=args.temperature, teacher=teacher[1])
         write_result(result | run.record, run.out, run.what, run.data, args, device, processes,

@@ -135,6 +135,7 @@ def test_a_soft_label_evaluation_resumes_network_by_network_to_the_uninterrupted
     evaluate.main(soft_argv(tmp_path / "straight", teachers))
     straight = json.loads((tmp_path / "straight" / "results.json").read_text())
     assert straight["labels"] == "soft" and straight["temperature"] == evaluate.SOFT_DEFAULTS["temperature"]
+    assert straight["data_seed"] == 0 and straight["teacher"]["seed"] == 0
     assert straight["teacher"]["loss"] == "balanced" and "test_acc" in straight["teacher"]
     assert straight["fingerprint"]["teacher"].startswith("teacher-")
 
