@@ -534,7 +534,8 @@ case "$MODE" in
       EVAL_BUDGET=(--num-eval 5 --epochs 1000 --compile); ifs="200 10"; kinds=soft
     fi
     for imbalance in $ifs; do
-      methods="csdm random dm"; [[ $MODE == soft-cell && $imbalance == 200 ]] && methods+=" dm-f1 random-f1"  # a set and its ruler first
+      # a set and its ruler first, so that a stopped cell is read in pairs
+      methods="csdm random dm"; [[ $MODE == soft-cell && $imbalance == 200 ]] && methods+=" dm-f1 random-f1"
       for kind in $kinds; do
         for method in $methods; do
           extra=(); [[ $kind == soft ]] && extra=("${soft[@]}")
