@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from data_lt import LongTailedData, decode, initial_synthetic, load_long_tailed, long_tailed_counts
 from distill import build_parser as distill_parser
-from distill import distill
+from distill import distill, resolve
 from networks import (BF16_FLAGS, PRECISIONS, ConvNet, autocast, build_network, cpu_flags, in_micro_batches,
                       micro_batch_size, reset_parameters_, resolve_precision)
 from runs import OneLineParser, atomic_write_text, environment, keep_freed_memory, resolve_device
@@ -134,7 +134,7 @@ def iteration_seconds(data, device, method: str, num_freqs: int, compile: bool, 
             "--iterations", str(warmup + repeats), "--device", str(device), "--ckpt-every", "1000000",
             "--precision", precision, "--out", "/tmp/csdm-bench-unused"] + (["--compile"] if compile else [])
     args = distill_parser().parse_args(argv)
-    history = distill(args, data, device, log=lambda m: None)["history"]
+    history = distill(resolve(args, data), data, device, log=lambda m: None)["history"]
     seconds = np.diff([0.0] + [h[2] for h in history])
     return float(np.median(seconds[warmup:]))
 
@@ -346,7 +346,7 @@ def _rss_child(data_dir, device_name, malloc_tuned, queue):
                                         device_name, "--ckpt-every", "1000000", "--out", "/tmp/csdm-bench-rss"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    distill(args, data, device, log=lambda m: None)
+    distill(resolve(args, data), data, device, log=lambda m: None)
     gpu = torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else None
     queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, gpu))  # ru_maxrss is in KiB
 
@@ -363,7 +363,7 @@ def _scaling_child(num_classes, batch_real, device_name, compile, iterations, ma
     args = distill_parser().parse_args(argv + (["--compile"] if compile else []))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    history = distill(args, data, device, log=lambda m: None)["history"]
+    history = distill(resolve(args, data), data, device, log=lambda m: None)["history"]
     seconds = float(np.median(np.diff([0.0] + [h[2] for h in history])[2:]))
     gpu = torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else None
     queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, gpu))

@@ -247,24 +247,24 @@ def class_aware(args) -> bool:
     return METHODS[args.method].class_aware or args.class_aware
 
 
-def resolved_config(args, data: LongTailedData) -> dict:
-    """The options with every default that depends on the method or the data filled in."""
+def resolve(args, data: LongTailedData) -> argparse.Namespace:
+    """The run's one record of its options: every default that depends on the method, the data or the device filled
+    in. The pool, the out folder and the loop read it alone; its vars() are the config the outputs record."""
     optimizer_name = args.optimizer or METHODS[args.method].optimizer
-    device = resolve_device(args.device)
-    return dict(vars(args), data_seed=data_seed(args), depth=args.depth or depth_for_size(data.image_size),
-                optimizer=optimizer_name,
-                lr_img=args.lr_img or default_lr_img(optimizer_name, args.method),
-                precision=resolve_precision(args.precision, device, args.compile), format_version=FORMAT_VERSION,
-                kernel_names=KERNEL_NAMES)
+    return argparse.Namespace(**dict(
+        vars(args), data_seed=data_seed(args), depth=args.depth or depth_for_size(data.image_size),
+        optimizer=optimizer_name, lr_img=args.lr_img or default_lr_img(optimizer_name, args.method),
+        precision=resolve_precision(args.precision, resolve_device(args.device), args.compile),
+        format_version=FORMAT_VERSION, kernel_names=KERNEL_NAMES))
 
 
-def check_network(args, data: LongTailedData) -> None:
+def check_network(run, data: LongTailedData) -> None:
     """The ConvNet must fit the images (a depth that pools them below one pixel does not)."""
     try:
-        convnet(args, data, args.depth or depth_for_size(data.image_size), torch.device("cpu"))
+        convnet(run, data, torch.device("cpu"))
     except ValueError as error:
         raise UsageError(f"--depth: {error}")
-    check_factor(args.factor, data.image_size)
+    check_factor(run.factor, data.image_size)
 
 
 # ----------------------------------------------------------------------------------------
@@ -300,21 +300,21 @@ class Extractor:
     theta = l theta_init + (1 - l) theta_trained, l ~ U(0, 1) (NCFM). With --calibration the pool
     network, trained, is also the iteration's classifier."""
 
-    def __init__(self, args, data: LongTailedData, config: dict, device, processes: Processes, log):
-        self.args, self.device, self.precision = args, device, config["precision"]
-        self.net = convnet(args, data, config["depth"], device).requires_grad_(False)
-        self.embed = compile_or_eager(self._embed, args.compile)
+    def __init__(self, run, data: LongTailedData, device, processes: Processes, log):
+        self.run, self.device = run, device
+        self.net = convnet(run, data, device).requires_grad_(False)
+        self.embed = compile_or_eager(self._embed, run.compile)
         self.compiled = [self.embed]  # the compiled functions a step runs through
         self.pool = None
-        if args.extractor == "pool":
+        if run.extractor == "pool":
             self.pool = [{part: {name: value.to(device) for name, value in network[part].items()}
                           for part in ("init", "trained")}
-                         for network in extractor_pool(args, data, config["depth"], device, processes, log)]
+                         for network in extractor_pool(run, data, device, processes, log)]
         self.calibrator = None
-        if args.calibration > 0:
-            self.calibrator = convnet(args, data, config["depth"], device).requires_grad_(False)
-            self.logit_shift = -args.calibration_tau * class_log_prior(data.class_counts, device)  # (C,)
-            self.classify = compile_or_eager(self._classify, args.compile)
+        if run.calibration > 0:
+            self.calibrator = convnet(run, data, device).requires_grad_(False)
+            self.logit_shift = -run.calibration_tau * class_log_prior(data.class_counts, device)  # (C,)
+            self.classify = compile_or_eager(self._classify, run.compile)
             self.compiled.append(self.classify)
 
     @property
@@ -322,18 +322,18 @@ class Extractor:
         return self.net.feature_dim
 
     def _embed(self, x):
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.run.precision):
             return self.net.embed(x).float()
 
     def _classify(self, x):
         """The calibrator's float32 logits (autocast as embed), logit-adjusted: f(x) - tau log prior."""
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.run.precision):
             return adjusted_logits(self.calibrator(x).float(), self.logit_shift)
 
     @torch.no_grad()
     def draw(self, iteration: int) -> None:
         """Set the networks for `iteration`, from (seed, iteration) alone."""
-        seed = self.args.seed
+        seed = self.run.seed
         if self.pool is None:
             generator = torch.Generator(device=self.device).manual_seed(counter_seed(seed, STREAM_NETWORK, iteration))
             reset_parameters_(self.net, generator)
@@ -354,14 +354,14 @@ def adjusted_logits(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return logits + shift
 
 
-def draw_frequencies(args, iteration: int, dim: int, device) -> torch.Tensor | None:
+def draw_frequencies(run, iteration: int, dim: int, device) -> torch.Tensor | None:
     """The iteration's M standard spectral draws (M, dim) of the kernel; the bandwidth scales them inside
     the loss. None for the losses without frequencies (dm, mmd)."""
-    if args.method not in SPECTRAL:
+    if run.method not in SPECTRAL:
         return None
-    generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_FREQS, iteration))
-    return sample_frequencies(args.num_freqs, dim, args.kernel, 1.0, generator=generator, device=device,
-                              beta=args.imq_beta)
+    generator = torch.Generator(device=device).manual_seed(counter_seed(run.seed, STREAM_FREQS, iteration))
+    return sample_frequencies(run.num_freqs, dim, run.kernel, 1.0, generator=generator, device=device,
+                              beta=run.imq_beta)
 
 
 def chunk_classes(batch_real: int, decoded_per_class: int, images: int = 4096, with_grad: int = 1024) -> int:
@@ -384,29 +384,29 @@ class Matcher:
     are independent, so the chunked backward passes add up to the gradient of the whole sum while only
     one chunk's activations are alive at a time."""
 
-    def __init__(self, args, data: LongTailedData, shard: Shard, alpha: torch.Tensor, config: dict, device):
-        self.args, self.data, self.shard, self.device = args, data, shard, device
-        self.tiles = args.factor ** 2
+    def __init__(self, run, data: LongTailedData, shard: Shard, alpha: torch.Tensor, device):
+        self.run, self.data, self.shard, self.device = run, data, shard, device
+        self.tiles = run.factor ** 2
         self.local_alpha = alpha[shard.classes].to(device)
         self.train_images, self.train_labels = data.train_images.to(device), data.train_labels.to(device)
-        self.sampler = RealBatchSampler(self.train_labels, data.num_classes, args.batch_real, args.seed,
+        self.sampler = RealBatchSampler(self.train_labels, data.num_classes, run.batch_real, run.seed,
                                         shard.classes.to(device))
-        self.normalise_features = args.method != "dm" and args.feature_norm == "l2"
+        self.normalise_features = run.method != "dm" and run.feature_norm == "l2"
         # the spectral loss's projection w . x follows the network's precision (sdd.class_characteristic_functions)
-        self.projection_dtype = torch.bfloat16 if config["precision"] == "bf16" else None
+        self.projection_dtype = torch.bfloat16 if run.precision == "bf16" else None
         # batch norm: each class's real and synthetic images go through the network alone and whole (as in
         # DM's code), so its batch statistics are the class's, whatever the chunks, micro-batches or processes
-        per_class = args.norm == "batch"
+        per_class = run.norm == "batch"
         self.micro = None if per_class else micro_batch_size(device, data.image_size)
         self.real_chunk = None if per_class else self.micro or 1024
-        per_chunk = 1 if per_class or args.class_steps else (
-            args.class_chunk or chunk_classes(args.batch_real, args.ipc * self.tiles))
+        per_chunk = 1 if per_class or run.class_steps else (
+            run.class_chunk or chunk_classes(run.batch_real, run.ipc * self.tiles))
         self.chunks = [(a, min(a + per_chunk, len(shard.classes))) for a in range(0, len(shard.classes), per_chunk)]
 
     def steps(self) -> list[list[tuple[int, int]]]:
         """The chunks of each optimiser step of an iteration: all of them in one step, or with --class-steps
         one step per class (NCFM)."""
-        return [[chunk] for chunk in self.chunks] if self.args.class_steps else [self.chunks]
+        return [[chunk] for chunk in self.chunks] if self.run.class_steps else [self.chunks]
 
     def backward(self, syn: torch.Tensor, iteration: int, extractor: Extractor, freqs,
                  chunks: list[tuple[int, int]] | None = None) -> torch.Tensor:
@@ -424,45 +424,45 @@ class Matcher:
     def chunk_loss(self, syn, iteration, extractor, freqs, first, last, index, position) -> torch.Tensor:
         """The summed loss of local classes first..last-1 on their real images `index` (at `position` in
         their class batch) and their synthetic images."""
-        args, shard = self.args, self.shard
+        run, shard = self.run, self.shard
         in_rows = (shard.row_local >= first) & (shard.row_local < last)
         in_syn = in_rows.repeat_interleave(self.tiles)
         real_class, syn_class = self.train_labels[index], shard.syn_class[in_syn]
         real = dsa_augment(self.data.normalise(self.train_images[index]),
-                           dsa_uniforms_siamese(args.seed, iteration, real_class, position, args.dsa_pairing))
-        decoded = decode(syn if len(self.chunks) == 1 else syn[in_rows], args.factor)
-        syn_aug = dsa_augment(decoded, dsa_uniforms_siamese(args.seed, iteration, syn_class,
-                                                            shard.syn_position[in_syn], args.dsa_pairing))
+                           dsa_uniforms_siamese(run.seed, iteration, real_class, position, run.dsa_pairing))
+        decoded = decode(syn if len(self.chunks) == 1 else syn[in_rows], run.factor)
+        syn_aug = dsa_augment(decoded, dsa_uniforms_siamese(run.seed, iteration, syn_class,
+                                                            shard.syn_position[in_syn], run.dsa_pairing))
         syn_aug = syn_aug.contiguous(memory_format=torch.channels_last)
         real_features = embed_in_chunks(extractor.embed, real, self.real_chunk)
         syn_features = in_micro_batches(extractor.embed, syn_aug, self.micro)
         if self.normalise_features:
             real_features, syn_features = F.normalize(real_features, dim=1), F.normalize(syn_features, dim=1)
         real_labels, syn_labels = shard.local_of_class[real_class] - first, shard.syn_local[in_syn] - first
-        bandwidth = args.bandwidth
-        if args.bandwidth_rule == "median":
-            bandwidth = args.bandwidth * class_median_distances(real_features, real_labels, last - first,
-                                                                p=kernel_metric_p(args.kernel))
-        loss = per_class_loss(args.method, real_features, real_labels, syn_features, syn_labels, last - first,
+        bandwidth = run.bandwidth
+        if run.bandwidth_rule == "median":
+            bandwidth = run.bandwidth * class_median_distances(real_features, real_labels, last - first,
+                                                                p=kernel_metric_p(run.kernel))
+        loss = per_class_loss(run.method, real_features, real_labels, syn_features, syn_labels, last - first,
                               freqs=freqs, alpha=self.local_alpha[first:last], bandwidth=bandwidth,
                               projection_dtype=self.projection_dtype).sum()
         if extractor.calibrator is not None:  # sum over classes of each class's mean cross-entropy
             logits = in_micro_batches(extractor.classify, syn_aug, self.micro)
-            loss = loss + args.calibration * F.cross_entropy(logits, syn_class, reduction="sum") / (
-                args.ipc * self.tiles)
+            loss = loss + run.calibration * F.cross_entropy(logits, syn_class, reduction="sum") / (
+                run.ipc * self.tiles)
         return loss
 
 
 # ----------------------------------------------------------------------------------------
 # The loop
 
-def starting_state(args, config: dict, init_images, shard: Shard, checkpoint: dict | None, device) -> LoopState:
+def starting_state(run, init_images, shard: Shard, checkpoint: dict | None, device) -> LoopState:
     """The real initialisation, or the checkpoint's images and optimiser state; this process's rows."""
     images = checkpoint["images"] if checkpoint is not None else init_images
     syn = images[shard.rows].clone().to(device).requires_grad_(True)
-    optimizer = {"sgd": lambda: torch.optim.SGD([syn], lr=config["lr_img"], momentum=0.5),
-                 "adam": lambda: torch.optim.Adam([syn], lr=config["lr_img"]),
-                 "adamw": lambda: torch.optim.AdamW([syn], lr=config["lr_img"])}[config["optimizer"]]()
+    optimizer = {"sgd": lambda: torch.optim.SGD([syn], lr=run.lr_img, momentum=0.5),
+                 "adam": lambda: torch.optim.Adam([syn], lr=run.lr_img),
+                 "adamw": lambda: torch.optim.AdamW([syn], lr=run.lr_img)}[run.optimizer]()
     if checkpoint is None:
         return LoopState(syn, optimizer, 0, [], 0.0)
     restore_optimizer(optimizer, checkpoint["optimizer"], shard.rows)
@@ -470,39 +470,38 @@ def starting_state(args, config: dict, init_images, shard: Shard, checkpoint: di
                      checkpoint["elapsed"])
 
 
-def distill(args, data: LongTailedData, device: torch.device, log=print, processes: Processes | None = None,
+def distill(run, data: LongTailedData, device: torch.device, log=print, processes: Processes | None = None,
             stop: StopRequest | None = None, checkpoint: dict | None = None) -> dict:
-    """Run (or continue) the distillation; returns the synthetic set and the loss history.
+    """Run (or continue) the distillation of `run` (resolve); returns the synthetic set and the loss history.
 
-    Writes checkpoint.pt into args.out every args.ckpt_every iterations. If `stop` is set by a
+    Writes checkpoint.pt into run.out every run.ckpt_every iterations. If `stop` is set by a
     signal, writes a checkpoint and returns early with result["stopped"] = signal number."""
     processes = processes or Processes()
-    config = resolved_config(args, data)
-    init_images, all_labels = initial_synthetic(data, args.ipc, args.seed, args.factor)
-    shard = Shard.of(processes, all_labels, data.num_classes, args.ipc, args.factor ** 2, device)
-    state = starting_state(args, config, init_images, shard, checkpoint, device)
+    init_images, all_labels = initial_synthetic(data, run.ipc, run.seed, run.factor)
+    shard = Shard.of(processes, all_labels, data.num_classes, run.ipc, run.factor ** 2, device)
+    state = starting_state(run, init_images, shard, checkpoint, device)
     state.stretches = stretches_so_far(checkpoint, state.start_iteration, device, processes)
-    extractor = Extractor(args, data, config, device, processes, log)
-    alpha = (class_weights(data.class_counts, args.alpha_head, args.alpha_tail) if class_aware(args)
+    extractor = Extractor(run, data, device, processes, log)
+    alpha = (class_weights(data.class_counts, run.alpha_head, run.alpha_tail) if class_aware(run)
              else torch.full((data.num_classes,), 0.5))
-    if class_aware(args):
+    if class_aware(run):
         log("alpha (amplitude weight) per class: " + " ".join(f"{a:.2f}" for a in alpha.tolist()))
-    matcher = Matcher(args, data, shard, alpha, config, device)
-    checkpoint_at = lambda done, elapsed: save_checkpoint(state, shard.rows, len(all_labels), done, elapsed, config,
-                                                          processes, Path(args.out))
-    progress = Progress(args.iterations, state.start_iteration, args.log_every, log, enabled=processes.main,
+    matcher = Matcher(run, data, shard, alpha, device)
+    checkpoint_at = lambda done, elapsed: save_checkpoint(state, shard.rows, len(all_labels), done, elapsed,
+                                                          vars(run), processes, Path(run.out))
+    progress = Progress(run.iterations, state.start_iteration, run.log_every, log, enabled=processes.main,
                         elapsed_before=state.elapsed_before)
     start, stopped = time.perf_counter(), 0
-    for iteration in range(state.start_iteration, args.iterations):
+    for iteration in range(state.start_iteration, run.iterations):
         extractor.draw(iteration)
-        freqs = draw_frequencies(args, iteration, extractor.feature_dim, device)
+        freqs = draw_frequencies(run, iteration, extractor.feature_dim, device)
         loss = sum(step_or_fall_back(lambda: update(state, matcher, iteration, extractor, freqs, chunks),
                                      extractor.compiled) for chunks in matcher.steps())
         value, signalled = check_finite(loss, state.syn, stop, processes, iteration)
         elapsed = state.elapsed_before + time.perf_counter() - start
         state.history.append((iteration, value, elapsed))
         progress.update(iteration + 1, value, elapsed)
-        if signalled or (iteration + 1) % args.ckpt_every == 0 or iteration + 1 == args.iterations:
+        if signalled or (iteration + 1) % run.ckpt_every == 0 or iteration + 1 == run.iterations:
             checkpoint_at(iteration + 1, elapsed)  # the last one lets --resume extend --iterations
         if signalled:
             stopped = (stop.signal_number if stop else 0) or signal.SIGTERM  # the sum names no one signal
@@ -510,11 +509,11 @@ def distill(args, data: LongTailedData, device: torch.device, log=print, process
     progress.close()
     packed = processes.gather_rows(shard.rows, state.syn.detach().cpu().float(), len(all_labels))
     return {
-        "images": decode(packed, args.factor) if packed is not None else None,
-        "labels": all_labels.repeat_interleave(args.factor ** 2), "packed_images": packed,
+        "images": decode(packed, run.factor) if packed is not None else None,
+        "labels": all_labels.repeat_interleave(run.factor ** 2), "packed_images": packed,
         "init_images": init_images, "mean": list(data.mean), "std": list(data.std),
         "class_names": list(data.class_names), "class_counts": list(data.class_counts),
-        "alpha": alpha.tolist(), "config": config, "history": state.history, "stopped": stopped,
+        "alpha": alpha.tolist(), "config": vars(run), "history": state.history, "stopped": stopped,
         "stretches": stretches_done(state),
         "iterations_done": state.history[-1][0] + 1 if state.history else state.start_iteration,
     }
@@ -542,19 +541,19 @@ def job(args, holder) -> None:
         check_out_folder(args)
     log = (lambda message: print(message, flush=True)) if processes.main else (lambda message: None)
     torch.manual_seed(args.seed)  # nothing should draw from the global generator; pin it anyway
-    out = Path(args.out)
-    log(f"distill.py: {args.method} on {args.dataset}, IF {args.imbalance_factor:g}, IPC {args.ipc}, "
-        f"{args.iterations} iterations, device {device} ({resolve_precision(args.precision, device, args.compile)})"
-        + (f", {processes.world} processes" if processes.world > 1 else ""))
     data = processes.main_first(lambda: load_from_args(args, log=log))  # one download, one cache file
-    check_network(args, data)
-    config = resolved_config(args, data)
-    if args.pool_only:
-        extractor_pool(args, data, config["depth"], device, processes, log)
-        log(f"the pool of {args.pool_size} networks is in {pool_folder(args)}")
+    run = resolve(args, data)  # from here on the one record of the options
+    out = Path(run.out)
+    log(f"distill.py: {run.method} on {run.dataset}, IF {run.imbalance_factor:g}, IPC {run.ipc}, {run.iterations} "
+        f"iterations, device {device} ({run.precision})"
+        + (f", {processes.world} processes" if processes.world > 1 else ""))
+    check_network(run, data)
+    if run.pool_only:
+        extractor_pool(run, data, device, processes, log)
+        log(f"the pool of {run.pool_size} networks is in {pool_folder(run)}")
         return
     try:
-        checkpoint = prepare_out_folder(args, config, processes, log)
+        checkpoint = prepare_out_folder(run, processes, log)
     except Finished as done:
         log(str(done))
         return
@@ -562,7 +561,7 @@ def job(args, holder) -> None:
     stop.install()
     start = time.time()
     try:
-        result = distill(args, data, device, log=log, processes=processes, stop=stop, checkpoint=checkpoint)
+        result = distill(run, data, device, log=log, processes=processes, stop=stop, checkpoint=checkpoint)
     except Diverged as error:
         print(f"distill.py: error: {error}; {last_checkpoint(out)}", file=sys.stderr, flush=True)
         sys.exit(1)

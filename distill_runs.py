@@ -236,29 +236,29 @@ def check_finite(loss: torch.Tensor, syn: torch.Tensor, stop, processes: Process
 # ----------------------------------------------------------------------------------------
 # Before the run: every input checked before anything is written or deleted
 
-def prepare_out_folder(args, config: dict, processes: Processes, log) -> dict | None:
-    """Check --out against --resume / --overwrite and read the checkpoint to continue (made with `config`, the
-    run's resolved options); only then, with everything checked, clear the old run's files for --overwrite.
+def prepare_out_folder(run, processes: Processes, log) -> dict | None:
+    """Check --out against --resume / --overwrite and read the checkpoint to continue (made with the resolved
+    options `run`, distill.resolve); only then, with everything checked, clear the old run's files for --overwrite.
     Returns the checkpoint (or None); raises Finished when --resume finds nothing left to do."""
-    out = Path(args.out)
+    out, config = Path(run.out), vars(run)
     checkpoint = None
-    if args.resume:
+    if run.resume:
         checkpoint = load_checkpoint(out, config)
-        if checkpoint is not None and checkpoint["iteration"] > args.iterations:
-            raise UsageError(f"--iterations {args.iterations}: the checkpoint in {out} is already at iteration "
+        if checkpoint is not None and checkpoint["iteration"] > run.iterations:
+            raise UsageError(f"--iterations {run.iterations}: the checkpoint in {out} is already at iteration "
                              f"{checkpoint['iteration']}; resume with --iterations {checkpoint['iteration']} or more")
         if finished_set(out, config, checkpoint):
-            raise Finished(f"--resume: {out} holds a finished run of {args.iterations} iterations; nothing to do")
+            raise Finished(f"--resume: {out} holds a finished run of {run.iterations} iterations; nothing to do")
         log(f"resuming from iteration {checkpoint['iteration']}" if checkpoint else
             f"--resume: no checkpoint in {out}; starting from the beginning")
-        other = checkpoint and other_device_kinds(checkpoint, resolve_device(args.device))
+        other = checkpoint and other_device_kinds(checkpoint, resolve_device(run.device))
         if other:
             log(f"note: {out} was distilled on {', '.join(other)} until now and continues on "
-                f"{resolve_device(args.device).type}: the networks, frequencies and batches are drawn by "
+                f"{resolve_device(run.device).type}: the networks, frequencies and batches are drawn by "
                 f"torch.Generator on the device, which draws other numbers on another kind, so the set will "
                 f"differ from an uninterrupted run's (run.json's stretches record each sitting's device)")
-    check_no_evaluation_replaced(args, out)
-    if args.overwrite and processes.main:
+    check_no_evaluation_replaced(run, out)
+    if run.overwrite and processes.main:
         for name in OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / PARTIAL_EVALUATION, ignore_errors=True)  # networks trained on the set replaced

@@ -19,42 +19,43 @@ import torch
 import torch.nn.functional as F
 
 from data_lt import LongTailedData, cache_dir, counter_seed
-from networks import build_network, reset_parameters_, resolve_precision
+from networks import build_network, reset_parameters_
 from runs import atomic_save, Processes
 from training import POOL_SCHEDULES, class_log_prior, train_network
 
 STREAM_POOL = 13  # the counter stream of the pool's draws (distill.py's streams 11 and 12: networks, frequencies)
 
 
-def convnet(args, data: LongTailedData, depth: int, device: torch.device):
-    """The run's ConvNet (--width, --norm, --pooling at `depth`) for the data's channels, classes and size."""
-    return build_network("convnet", data.channels, data.num_classes, data.image_size, args.width, depth, args.norm,
-                         args.pooling, device)
+def convnet(run, data: LongTailedData, device: torch.device):
+    """The run's ConvNet (--width, --depth, --norm, --pooling of the resolved options `run`, distill.resolve) for
+    the data's channels, classes and size."""
+    return build_network("convnet", data.channels, data.num_classes, data.image_size, run.width, run.depth, run.norm,
+                         run.pooling, device)
 
 
-def pool_file(args, data: LongTailedData, depth: int, precision: str) -> Path:
+def pool_file(run, data: LongTailedData) -> Path:
     """Where the trained extractor pool for this data and network is cached. A data set is known by its class
     names and the SHA-1 of its long-tailed training images and labels, whatever its name: two image-folder
     trees of the same counts and size are two data sets, and so are CIFAR-10 from torchvision and its JPEG
     copy (other pixels, so another subset and other pictures under the same seed)."""
-    return pool_folder(args) / f"pool-{pool_digest(args, data, depth, precision, with_size=True)}.pt"
+    return pool_folder(run) / f"pool-{pool_digest(run, data, with_size=True)}.pt"
 
 
-def pool_networks_folder(args, data: LongTailedData, depth: int, precision: str) -> Path:
+def pool_networks_folder(run, data: LongTailedData) -> Path:
     """Where the pool's networks are cached one file each, as they finish. Network k depends on (seed, k) and
     not on --pool-size: a pool of 2 shares its networks with a pool of 20."""
-    return pool_folder(args) / f"networks-{pool_digest(args, data, depth, precision, with_size=False)}"
+    return pool_folder(run) / f"networks-{pool_digest(run, data, with_size=False)}"
 
 
-def pool_folder(args) -> Path:
-    return Path(args.pool_cache) if args.pool_cache else cache_dir() / "pools"
+def pool_folder(run) -> Path:
+    return Path(run.pool_cache) if run.pool_cache else cache_dir() / "pools"
 
 
-def pool_digest(args, data: LongTailedData, depth: int, precision: str, with_size: bool) -> str:
-    key = (data.name, tuple(data.class_counts), data.channels, data.image_size, args.val_per_class, args.seed,
-           args.width, depth, args.norm, args.pooling) + ((args.pool_size,) if with_size else ()) + (
-           args.pool_epochs, precision) + ((args.pool_rebalance,) if args.pool_rebalance != "none" else ()) + (
-           (args.pool_schedule,) if args.pool_schedule != "brief" else ())  # the first pools' paths unchanged
+def pool_digest(run, data: LongTailedData, with_size: bool) -> str:
+    key = (data.name, tuple(data.class_counts), data.channels, data.image_size, run.val_per_class, run.seed,
+           run.width, run.depth, run.norm, run.pooling) + ((run.pool_size,) if with_size else ()) + (
+           run.pool_epochs, run.precision) + ((run.pool_rebalance,) if run.pool_rebalance != "none" else ()) + (
+           (run.pool_schedule,) if run.pool_schedule != "brief" else ())  # the first pools' paths unchanged
     content = hashlib.sha1(memoryview(data.train_images.contiguous().numpy()))  # no copy of the images
     content.update(memoryview(data.train_labels.contiguous().numpy()))
     key += (tuple(data.class_names), content.hexdigest())
@@ -88,29 +89,28 @@ def retrain_classifier_balanced(net, images: torch.Tensor, labels: torch.Tensor,
     return seen
 
 
-def pool_logit_shift(args, data: LongTailedData, device) -> torch.Tensor | None:
+def pool_logit_shift(run, data: LongTailedData, device) -> torch.Tensor | None:
     """The pool's training-loss logit shift: log prior for --pool-rebalance la (the logit-adjusted loss), else none."""
-    return class_log_prior(data.class_counts, device) if args.pool_rebalance == "la" else None
+    return class_log_prior(data.class_counts, device) if run.pool_rebalance == "la" else None
 
 
-def extractor_pool(args, data: LongTailedData, depth: int, device: torch.device, processes: Processes,
-                   log=print) -> list[dict]:
+def extractor_pool(run, data: LongTailedData, device: torch.device, processes: Processes, log=print) -> list[dict]:
     """NCFM's pool: --pool-size ConvNets, each trained --pool-epochs epochs on the long-tailed set under
     --pool-schedule, kept with its initialisation. Each network is cached as it finishes (a stopped pool
-    continues with the next one), the whole pool once all are; split across processes under torchrun."""
-    precision = resolve_precision(args.precision, device, args.compile)
-    path = pool_file(args, data, depth, precision)
+    continues with the next one), the whole pool once all are; split across processes under torchrun. `run`: the
+    resolved options (distill.resolve), whose precision the pool trains in."""
+    path = pool_file(run, data)
     if path.exists():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)["networks"]
         except Exception:
             log(f"extractor pool {path} unreadable; training it again")
-    log(f"training the extractor pool: {args.pool_size} networks x {args.pool_epochs} epochs ({args.pool_schedule} "
+    log(f"training the extractor pool: {run.pool_size} networks x {run.pool_epochs} epochs ({run.pool_schedule} "
         f"schedule) on {len(data.train_labels)} images -> {path}")
-    folder = pool_networks_folder(args, data, depth, precision)
+    folder = pool_networks_folder(run, data)
     images, labels = data.normalise(data.train_images).to(device), data.train_labels.to(device)  # once, for all
-    mine = [(k, pool_network(args, data, images, labels, depth, precision, k, folder, log))
-            for k in range(processes.rank, args.pool_size, processes.world)]
+    mine = [(k, pool_network(run, data, images, labels, k, folder, log))
+            for k in range(processes.rank, run.pool_size, processes.world)]
     mine = processes.gather_objects(mine)
     networks = [network for _, network in sorted(mine, key=lambda entry: entry[0])]
     if processes.main:
@@ -123,26 +123,26 @@ def cpu_state(net) -> dict[str, torch.Tensor]:
     return {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
 
 
-def pool_network(args, data: LongTailedData, images: torch.Tensor, labels: torch.Tensor, depth: int,
-                 precision: str, k: int, folder: Path, log) -> dict:
+def pool_network(run, data: LongTailedData, images: torch.Tensor, labels: torch.Tensor, k: int, folder: Path,
+                 log) -> dict:
     """Pool network k ({"init", "trained"} state dicts), from folder/network-k.pt or trained on the normalised
     long-tailed `images` and written there. Its draws (initialisation, batches, augmentation) come from
     (seed, k) alone."""
     path = folder / f"network-{k}.pt"
     if path.exists():
-        log(f"  pool network {k + 1}/{args.pool_size}: {path}")
+        log(f"  pool network {k + 1}/{run.pool_size}: {path}")
         return torch.load(path, map_location="cpu", weights_only=True)
     start, device = time.perf_counter(), images.device
-    generator = torch.Generator(device=device).manual_seed(counter_seed(args.seed, STREAM_POOL, k))
-    net = reset_parameters_(convnet(args, data, depth, device), generator)
+    generator = torch.Generator(device=device).manual_seed(counter_seed(run.seed, STREAM_POOL, k))
+    net = reset_parameters_(convnet(run, data, device), generator)
     init = cpu_state(net)
-    train_network(net, images, labels, generator, POOL_SCHEDULES[args.pool_schedule], args.pool_epochs,
-                  precision=precision, compile=args.compile, logit_shift=pool_logit_shift(args, data, device))
-    if args.pool_rebalance == "crt":
+    train_network(net, images, labels, generator, POOL_SCHEDULES[run.pool_schedule], run.pool_epochs,
+                  precision=run.precision, compile=run.compile, logit_shift=pool_logit_shift(run, data, device))
+    if run.pool_rebalance == "crt":
         retrain_classifier_balanced(net, images, labels, data.num_classes, generator)
     network = {"init": init, "trained": cpu_state(net),
                "seconds": torch.tensor(time.perf_counter() - start, dtype=torch.float64)}
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save(network, path)
-    log(f"  pool network {k + 1}/{args.pool_size} trained in {network['seconds'].item():.0f} s")
+    log(f"  pool network {k + 1}/{run.pool_size} trained in {network['seconds'].item():.0f} s")
     return network

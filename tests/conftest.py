@@ -50,6 +50,12 @@ def tiny_data():
     return make_tiny_data()
 
 
+def run_distill(args, data: LongTailedData, *rest, **kwargs) -> dict:
+    """distill.distill as distill.py's job calls it: on the parsed options `args` resolved against the data."""
+    import distill
+    return distill.distill(distill.resolve(args, data), data, *rest, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------
 # The real CIFAR-10 (tests/test_fixture.py tests the choice below)
 

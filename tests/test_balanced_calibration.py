@@ -30,8 +30,8 @@ def test_tau_zero_is_the_unadjusted_term(tmp_path, monkeypatch):
     data = make_tiny_data()
     for tau, check in ((0.0, "same"), (1.0, "shifted")):
         args = pool_args(tmp_path / str(tau), "--calibration-tau", str(tau))
-        config = distill.resolved_config(args, data)
-        extractor = distill.Extractor(args, data, config, torch.device("cpu"), distill.Processes(), log=lambda m: None)
+        extractor = distill.Extractor(distill.resolve(args, data), data, torch.device("cpu"), distill.Processes(),
+                                      log=lambda m: None)
         extractor.draw(0)
         x = torch.randn(6, 3, 16, 16).contiguous(memory_format=torch.channels_last)
         raw = extractor.calibrator(x).float()
@@ -82,7 +82,7 @@ def test_classifier_retraining_sees_every_class_equally_and_keeps_the_features()
 def test_rebalanced_pool_is_cached_apart_and_options_are_checked(tmp_path, capsys):
     data = make_tiny_data()
     plain, rebalanced = pool_args(tmp_path), pool_args(tmp_path, "--pool-rebalance", "crt")
-    assert pool.pool_file(plain, data, 2, "fp32") != pool.pool_file(rebalanced, data, 2, "fp32")
+    assert pool.pool_file(distill.resolve(plain, data), data) != pool.pool_file(distill.resolve(rebalanced, data), data)
     for argv, option in ((["--calibration-tau", "1"], "--calibration-tau"),
                          (["--pool-rebalance", "crt"], "--pool-rebalance"),
                          (["--pool-rebalance", "la"], "--pool-rebalance la")):
@@ -123,7 +123,7 @@ def test_la_pool_trains_with_the_log_prior_and_is_cached_apart(tmp_path):
     data = make_tiny_data()
     plain, crt, la = (pool_args(tmp_path, *extra) for extra in ((), ("--pool-rebalance", "crt"),
                                                                   ("--pool-rebalance", "la")))
-    assert len({pool.pool_file(args, data, 2, "fp32") for args in (plain, crt, la)}) == 3
+    assert len({pool.pool_file(distill.resolve(args, data), data) for args in (plain, crt, la)}) == 3
     prior = torch.tensor(data.class_counts, dtype=torch.float32) / sum(data.class_counts)
     assert torch.allclose(pool.pool_logit_shift(la, data, "cpu"), prior.log())
     assert pool.pool_logit_shift(plain, data, "cpu") is None and pool.pool_logit_shift(crt, data, "cpu") is None

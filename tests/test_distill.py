@@ -4,10 +4,9 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_data
+from conftest import make_tiny_data, run_distill
 from data_lt import RealBatchSampler, decode, initial_synthetic
-from distill import (Extractor, Matcher, Shard, build_parser, chunk_classes, class_aware, distill, draw_frequencies,
-                     resolved_config)
+from distill import Extractor, Matcher, Shard, build_parser, chunk_classes, class_aware, draw_frequencies, resolve
 from distill_runs import write_outputs
 from pool import pool_file
 from runs import Processes
@@ -22,12 +21,12 @@ def tiny_args(out, *extra):
 
 @pytest.mark.parametrize("method", ["csdm", "sdm", "ncfm", "mmd", "dm"])
 def test_same_seed_same_synthetic_set(method, tiny_data, tmp_path):
-    first = distill(tiny_args(tmp_path, "--method", method), tiny_data, torch.device("cpu"), log=lambda m: None)
-    second = distill(tiny_args(tmp_path, "--method", method), tiny_data, torch.device("cpu"), log=lambda m: None)
+    first = run_distill(tiny_args(tmp_path, "--method", method), tiny_data, torch.device("cpu"), log=lambda m: None)
+    second = run_distill(tiny_args(tmp_path, "--method", method), tiny_data, torch.device("cpu"), log=lambda m: None)
     assert torch.equal(first["images"], second["images"])
     assert not torch.equal(first["images"], first["init_images"])  # the images moved (downhill: the test below)
-    other = distill(tiny_args(tmp_path, "--method", method, "--seed", "1"), tiny_data, torch.device("cpu"),
-                    log=lambda m: None)
+    other = run_distill(tiny_args(tmp_path, "--method", method, "--seed", "1"), tiny_data, torch.device("cpu"),
+                        log=lambda m: None)
     assert not torch.equal(first["images"], other["images"])
     assert [h[0] for h in first["history"]] == [0, 1, 2]
 
@@ -36,16 +35,16 @@ def iteration_loss(args, data, packed, iteration=0):
     """The matching loss of stored images `packed` in `iteration`: that iteration's extractor, frequencies,
     real batch and DSA draws, through distill.py's own Matcher."""
     device = torch.device("cpu")
-    config = resolved_config(args, data)
+    run = resolve(args, data)
     _, labels = initial_synthetic(data, args.ipc, args.seed, args.factor)
     shard = Shard.of(Processes(), labels, data.num_classes, args.ipc, args.factor ** 2, device)
-    extractor = Extractor(args, data, config, device, Processes(), log=lambda m: None)
+    extractor = Extractor(run, data, device, Processes(), log=lambda m: None)
     alpha = (class_weights(data.class_counts, args.alpha_head, args.alpha_tail) if class_aware(args)
              else torch.full((data.num_classes,), 0.5))
     extractor.draw(iteration)
-    freqs = draw_frequencies(args, iteration, extractor.feature_dim, device)
+    freqs = draw_frequencies(run, iteration, extractor.feature_dim, device)
     syn = packed.clone().requires_grad_(True)
-    return Matcher(args, data, shard, alpha, config, device).backward(syn, iteration, extractor, freqs).item()
+    return Matcher(run, data, shard, alpha, device).backward(syn, iteration, extractor, freqs).item()
 
 
 @pytest.mark.parametrize("method", ["csdm", "sdm", "ncfm", "mmd", "dm"])
@@ -53,7 +52,7 @@ def test_a_step_moves_the_pixels_downhill(method, tiny_data, tmp_path):
     """One iteration with the method's default optimiser and learning rate lowers that iteration's loss
     (the same extractor, real batch, DSA draws and frequencies before and after the step)."""
     args = tiny_args(tmp_path, "--method", method, "--iterations", "1")
-    result = distill(args, tiny_data, torch.device("cpu"), log=lambda m: None)
+    result = run_distill(args, tiny_data, torch.device("cpu"), log=lambda m: None)
     before = iteration_loss(args, tiny_data, result["init_images"])
     after = iteration_loss(args, tiny_data, result["packed_images"])
     assert before == pytest.approx(result["history"][0][1], rel=1e-5)  # the loss the loop reported
@@ -87,7 +86,7 @@ def test_real_batches_cover_each_class_without_replacement():
 
 
 def test_outputs_describe_the_run(tmp_path, tiny_data):
-    result = distill(tiny_args(tmp_path, "--method", "csdm"), tiny_data, torch.device("cpu"), log=lambda m: None)
+    result = run_distill(tiny_args(tmp_path, "--method", "csdm"), tiny_data, torch.device("cpu"), log=lambda m: None)
     write_outputs(result, tmp_path)
     synthetic = torch.load(tmp_path / "synthetic.pt", weights_only=True)
     # the default multi-formation factor 2: 3 stored images per class, each decoded to 4 training images
@@ -112,7 +111,7 @@ def test_the_set_is_written_last(tmp_path, tiny_data, monkeypatch):
     monkeypatch.setattr(distill_runs, "atomic_save", lambda obj, path: (
         path.name == "synthetic.pt" and present.append(sorted(p.name for p in tmp_path.iterdir())),
         real_save(obj, path)))
-    result = distill(tiny_args(tmp_path, "--method", "dm"), tiny_data, torch.device("cpu"), log=lambda m: None)
+    result = run_distill(tiny_args(tmp_path, "--method", "dm"), tiny_data, torch.device("cpu"), log=lambda m: None)
     write_outputs(result, tmp_path, run_info={"command": "distill.py"})
     assert len(present) == 1 and "synthetic.pt" not in present[0]
     assert {"config.json", "loss.csv", "run.json", "README.md", "synthetic.png", "init.png"} <= set(present[0])
@@ -123,10 +122,10 @@ def test_the_set_is_written_last(tmp_path, tiny_data, monkeypatch):
 def test_class_chunks_give_the_same_synthetic_set(norm, tiny_data, tmp_path):
     """Chunks of classes change nothing, with batch norm too (each class then goes through alone, as in DM's
     code, so its batch statistics are its own)."""
-    whole = distill(tiny_args(tmp_path, "--bandwidth-rule", "median", "--norm", norm, "--class-chunk", "4"),
-                    tiny_data, torch.device("cpu"), log=lambda m: None)
-    chunked = distill(tiny_args(tmp_path, "--bandwidth-rule", "median", "--norm", norm, "--class-chunk", "1"),
-                      tiny_data, torch.device("cpu"), log=lambda m: None)
+    whole = run_distill(tiny_args(tmp_path, "--bandwidth-rule", "median", "--norm", norm, "--class-chunk", "4"),
+                        tiny_data, torch.device("cpu"), log=lambda m: None)
+    chunked = run_distill(tiny_args(tmp_path, "--bandwidth-rule", "median", "--norm", norm, "--class-chunk", "1"),
+                          tiny_data, torch.device("cpu"), log=lambda m: None)
     assert torch.allclose(whole["images"], chunked["images"], atol=1e-5)
     assert whole["history"][-1][1] == pytest.approx(chunked["history"][-1][1], rel=1e-5)
 
@@ -152,8 +151,8 @@ def test_multi_formation(tiny_data, tmp_path):
     quarter = torch.nn.functional.interpolate(packed[:1, :, :8, 8:], size=(16, 16), mode="bilinear",
                                               align_corners=False)
     assert torch.allclose(tiles[1:2], quarter)
-    result = distill(tiny_args(tmp_path, "--factor", "2", "--ipc", "2"), tiny_data, torch.device("cpu"),
-                     log=lambda m: None)
+    result = run_distill(tiny_args(tmp_path, "--factor", "2", "--ipc", "2"), tiny_data, torch.device("cpu"),
+                         log=lambda m: None)
     assert result["images"].shape == (32, 3, 16, 16)
     assert result["labels"].tolist() == [c for c in range(4) for _ in range(8)]
     assert result["packed_images"].shape == (8, 3, 16, 16)
@@ -162,13 +161,13 @@ def test_multi_formation(tiny_data, tmp_path):
 def test_extractor_pool_is_trained_once_and_cached(tiny_data, tmp_path):
     lines = []
     args = tiny_args(tmp_path, "--extractor", "pool", "--pool-size", "2", "--pool-epochs", "1")
-    first = distill(args, tiny_data, torch.device("cpu"), log=lines.append)
+    first = run_distill(args, tiny_data, torch.device("cpu"), log=lines.append)
     assert any("training the extractor pool" in line for line in lines)
     lines.clear()
-    second = distill(args, tiny_data, torch.device("cpu"), log=lines.append)
+    second = run_distill(args, tiny_data, torch.device("cpu"), log=lines.append)
     assert not any("training" in line for line in lines)  # read from the cache
     assert torch.equal(first["images"], second["images"])
-    plain = distill(tiny_args(tmp_path), tiny_data, torch.device("cpu"), log=lambda m: None)
+    plain = run_distill(tiny_args(tmp_path), tiny_data, torch.device("cpu"), log=lambda m: None)
     assert not torch.equal(first["images"], plain["images"])
 
 
@@ -179,8 +178,9 @@ def test_pool_cache_tells_data_sets_of_the_same_shape_apart(tmp_path, dataset):
     args = tiny_args(tmp_path, "--dataset", dataset, "--extractor", "pool")
     first, second = make_tiny_data(seed=0), make_tiny_data(seed=1)
     assert first.class_counts == second.class_counts and first.name == second.name
-    assert pool_file(args, first, 3, "fp32") != pool_file(args, second, 3, "fp32")
-    assert pool_file(args, first, 3, "fp32") == pool_file(args, make_tiny_data(seed=0), 3, "fp32")
+    same = make_tiny_data(seed=0)
+    assert pool_file(resolve(args, first), first) != pool_file(resolve(args, second), second)
+    assert pool_file(resolve(args, first), first) == pool_file(resolve(args, same), same)
 
 
 def test_calibration_lowers_the_pool_classifiers_cross_entropy(tiny_data, tmp_path):
@@ -188,10 +188,11 @@ def test_calibration_lowers_the_pool_classifiers_cross_entropy(tiny_data, tmp_pa
     from networks import ConvNet
     pool_args = ("--extractor", "pool", "--pool-size", "2", "--pool-epochs", "1", "--method", "dm",
                  "--iterations", "8", "--factor", "1")
-    plain = distill(tiny_args(tmp_path, *pool_args), tiny_data, torch.device("cpu"), log=lambda m: None)
-    calibrated = distill(tiny_args(tmp_path, *pool_args, "--calibration", "10"), tiny_data, torch.device("cpu"),
-                         log=lambda m: None)
-    pool = torch.load(pool_file(tiny_args(tmp_path, *pool_args), tiny_data, 3, "fp32"), weights_only=True)["networks"]
+    plain = run_distill(tiny_args(tmp_path, *pool_args), tiny_data, torch.device("cpu"), log=lambda m: None)
+    calibrated = run_distill(tiny_args(tmp_path, *pool_args, "--calibration", "10"), tiny_data, torch.device("cpu"),
+                             log=lambda m: None)
+    pool = torch.load(pool_file(resolve(tiny_args(tmp_path, *pool_args), tiny_data), tiny_data),
+                      weights_only=True)["networks"]
 
     def cross_entropy(result):
         losses = []
@@ -203,6 +204,6 @@ def test_calibration_lowers_the_pool_classifiers_cross_entropy(tiny_data, tmp_pa
 
     assert cross_entropy(calibrated) < cross_entropy(plain) - 0.05
     # a class's term depends on its own images only: class chunks change nothing
-    chunked = distill(tiny_args(tmp_path, *pool_args, "--calibration", "10", "--class-chunk", "1"), tiny_data,
-                      torch.device("cpu"), log=lambda m: None)
+    chunked = run_distill(tiny_args(tmp_path, *pool_args, "--calibration", "10", "--class-chunk", "1"), tiny_data,
+                          torch.device("cpu"), log=lambda m: None)
     assert torch.allclose(calibrated["images"], chunked["images"], atol=1e-5)

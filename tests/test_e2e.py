@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, run_distill
 
 
 def run(script, *argv):
@@ -92,7 +92,7 @@ def test_random_baseline_holds_ipc_times_factor_squared_images_per_class(cifar10
     assert run.images.shape == (10 * 2 * f * f, 3, 32, 32) and torch.isfinite(run.images).all()
     assert torch.bincount(run.labels, minlength=10).tolist() == [2 * f * f] * 10
     assert run.record == {"factor": f}  # results.json's ruler: the same factor as the sets it is compared with
-    start = distill.distill(distill.build_parser().parse_args(list(map(str, [
+    start = run_distill(distill.build_parser().parse_args(list(map(str, [
         *data_options, "--iterations", 1, "--batch-real", 4, "--width", 8, "--device", "cpu", "--out", tmp_path]))),
         run.data, torch.device("cpu"), log=lambda m: None)
     assert torch.equal(run.images, distill.decode(start["init_images"], f))

@@ -11,7 +11,7 @@ import torch
 
 import distill
 import runs
-from conftest import ROOT, make_tiny_data
+from conftest import ROOT, make_tiny_data, run_distill
 from networks import build_network, reset_parameters_
 from stacked import train_networks_stacked
 from training import PROTOCOLS, train_network
@@ -87,12 +87,12 @@ def test_compile_without_a_c_compiler_warns_and_finishes(tmp_path):
     script = f"""
 import sys, warnings, torch
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
-from conftest import make_tiny_data
+from conftest import make_tiny_data, run_distill
 import distill
 def run(*extra):
     args = distill.build_parser().parse_args(["--ipc", "2", "--iterations", "2", "--batch-real", "4", "--num-freqs",
         "16", "--width", "8", "--device", "cpu", "--precision", "fp32", "--out", {str(tmp_path / 'out')!r}, *extra])
-    return distill.distill(args, make_tiny_data(), torch.device("cpu"), log=lambda m: None)["images"]
+    return run_distill(args, make_tiny_data(), torch.device("cpu"), log=lambda m: None)["images"]
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     compiled = run("--compile")
@@ -216,7 +216,7 @@ def test_a_failing_compiled_backward_leaves_the_eager_distillation(tmp_path, fai
         args = distill.build_parser().parse_args([
             "--ipc", "2", "--iterations", "3", "--batch-real", "4", "--num-freqs", "16", "--width", "8",
             "--device", "cpu", "--precision", "fp32", "--log-every", "100", "--out", str(tmp_path / "out"), *extra])
-        return distill.distill(args, make_tiny_data(), torch.device("cpu"), log=lambda m: None)
+        return run_distill(args, make_tiny_data(), torch.device("cpu"), log=lambda m: None)
 
     eager = run()
     with pytest.warns(UserWarning, match="torch.compile failed"):

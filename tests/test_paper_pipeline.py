@@ -4,7 +4,8 @@ import torch
 
 import distill
 import training
-from distill import PRESETS, build_parser, distill as run_distill
+from conftest import run_distill
+from distill import PRESETS, build_parser
 from distill_runs import with_present_kernel_name
 from training import POOL_SCHEDULES
 

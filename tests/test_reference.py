@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_data
+from conftest import make_tiny_data, run_distill
 from data_lt import (DSA_SLOTS, STREAM_DSA, STREAM_REAL_BATCH, U_OP, counter_seed, counter_uniform, dsa_augment,
                      initial_synthetic)
-from distill import (STREAM_FREQS, STREAM_NETWORK, Extractor, Matcher, Shard, build_parser, class_aware, distill,
-                     draw_frequencies, resolved_config, starting_state)
+from distill import (STREAM_FREQS, STREAM_NETWORK, Extractor, Matcher, Shard, build_parser, class_aware,
+                     draw_frequencies, resolve, starting_state)
 from methods import per_class_loss
 from ncfm_transcription import CFLossFunc, match_loss
 from networks import ConvNet, build_network, reset_parameters_
@@ -34,16 +34,16 @@ def tiny_args(out, *extra):
 def loop_parts(args, data, iteration=0):
     """distill()'s parts, wired as distill() wires them, with the extractor and the frequencies of `iteration`
     drawn: (loop state with the starting set and the method's optimiser, extractor, matcher, frequencies)."""
-    config = resolved_config(args, data)
+    run = resolve(args, data)
     init, labels = initial_synthetic(data, args.ipc, args.seed, args.factor)
     shard = Shard.of(Processes(), labels, data.num_classes, args.ipc, args.factor ** 2, CPU)
-    state = starting_state(args, config, init, shard, None, CPU)
-    extractor = Extractor(args, data, config, CPU, Processes(), log=lambda m: None)
+    state = starting_state(run, init, shard, None, CPU)
+    extractor = Extractor(run, data, CPU, Processes(), log=lambda m: None)
     alpha = (class_weights(data.class_counts, args.alpha_head, args.alpha_tail) if class_aware(args)
              else torch.full((data.num_classes,), 0.5))
-    matcher = Matcher(args, data, shard, alpha, config, CPU)
+    matcher = Matcher(run, data, shard, alpha, CPU)
     extractor.draw(iteration)
-    return state, extractor, matcher, draw_frequencies(args, iteration, extractor.feature_dim, CPU)
+    return state, extractor, matcher, draw_frequencies(run, iteration, extractor.feature_dim, CPU)
 
 
 def matcher_step(args, data, iteration=0):
@@ -307,7 +307,7 @@ def test_one_distill_iteration_is_one_sgd_step_on_the_naive_gradient(factor, tmp
     """dm's default optimiser, SGD (lr 1, momentum 0.5): the first step moves the pixels by -lr * grad."""
     data = make_tiny_data()
     args = tiny_args(tmp_path, "--method", "dm", "--factor", factor)
-    result = distill(args, data, CPU, log=lambda m: None)
+    result = run_distill(args, data, CPU, log=lambda m: None)
     assert result["config"]["optimizer"] == "sgd" and result["config"]["lr_img"] == 1.0
     _, ref_grad = naive_gradient("dm", data, result["init_images"], args)
     step = result["packed_images"] - result["init_images"]
@@ -407,11 +407,11 @@ def test_compiled_bf16_distillation_follows_the_float32_eager_run(tmp_path, monk
         return made[-1]
 
     data = make_tiny_data()
-    eager = distill(tiny_args(tmp_path / "eager", "--iterations", 2, "--precision", "fp32"), data, CPU,
-                    log=lambda m: None)
+    eager = run_distill(tiny_args(tmp_path / "eager", "--iterations", 2, "--precision", "fp32"), data, CPU,
+                        log=lambda m: None)
     monkeypatch.setattr(distill_module, "compile_or_eager", recording)
-    fast = distill(tiny_args(tmp_path / "fast", "--iterations", 2, "--compile", "--precision", "bf16"), data, CPU,
-                   log=lambda m: None)
+    fast = run_distill(tiny_args(tmp_path / "fast", "--iterations", 2, "--compile", "--precision", "bf16"), data, CPU,
+                       log=lambda m: None)
     assert fast["config"]["precision"] == "bf16" and fast["config"]["method"] == "csdm"
     assert torch.equal(fast["init_images"], eager["init_images"])
     assert torch.isfinite(fast["packed_images"]).all()

@@ -172,7 +172,8 @@ def test_resume_judges_a_run_finished_by_its_set_not_by_the_checkpoint_alone(fol
     done = run(command(folder_data, out, "--resume", iterations=2), code=2)  # would restart and shorten the set
     assert "holds a set of 4 iterations, which resuming from the start would replace" in done.stderr
     done = run(command(folder_data, out, "--resume", "--seed", 3, iterations=4), code=2)
-    assert "synthetic.pt was made with other options: --seed 0 (synthetic.pt) vs 3 (now)" in done.stderr
+    assert "synthetic.pt was made with other options: --data-seed 0 (synthetic.pt) vs 3 (now)" in done.stderr
+    assert "--seed 0 (synthetic.pt) vs 3 (now)" in done.stderr  # --seed draws the subset too, without --data-seed
     assert (out / "synthetic.pt").read_bytes() == before
 
 

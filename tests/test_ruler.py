@@ -7,7 +7,7 @@ import torch
 import distill
 import evaluate
 import training
-from conftest import make_tiny_data
+from conftest import make_tiny_data, run_distill
 from data_lt import DSA_OPS, DSA_SLOTS, U_BRIGHTNESS, U_FLIP, U_OP, decode, dsa_augment, dsa_uniforms_siamese
 from networks import build_network
 from training import PROTOCOLS, cutmix, evaluation_epochs, make_optimizer, train_network
@@ -26,8 +26,8 @@ def test_random_baseline_is_the_starting_set_of_distillation(factor, tmp_path, m
     monkeypatch.setattr(evaluate, "load_long_tailed", lambda *a, **k: data)
     args = evaluate.build_parser().parse_args(["--baseline", "random", "--ipc", "2", "--factor", str(factor)])
     run = evaluate.baseline_job(args, log=lambda m: None)
-    start = distill.distill(tiny_distill_args(tmp_path, "--factor", str(factor)), data, torch.device("cpu"),
-                            log=lambda m: None)
+    start = run_distill(tiny_distill_args(tmp_path, "--factor", str(factor)), data, torch.device("cpu"),
+                        log=lambda m: None)
     assert torch.equal(run.images, decode(start["init_images"], factor))
     assert torch.equal(run.labels, start["labels"])
     assert torch.equal(torch.bincount(run.labels), torch.full((data.num_classes,), 2 * factor ** 2))
@@ -69,8 +69,8 @@ def test_distillation_pairs_real_and_synthetic_draws(pairing, tmp_path, monkeypa
     real_augment = distill.dsa_augment
     monkeypatch.setattr(distill, "dsa_augment", lambda x, u: (calls.append(u.clone()), real_augment(x, u))[1])
     data = make_tiny_data(size=16)
-    distill.distill(tiny_distill_args(tmp_path, "--dsa-pairing", pairing, "--factor", "1"), data,
-                    torch.device("cpu"), log=lambda m: None)
+    run_distill(tiny_distill_args(tmp_path, "--dsa-pairing", pairing, "--factor", "1"), data, torch.device("cpu"),
+                log=lambda m: None)
     real_u, syn_u = calls[0], calls[1]  # one chunk: the real batch, then the synthetic images
     batch = distill.RealBatchSampler(data.train_labels, data.num_classes, 4, 0)
     index, position = batch.sample(0)
