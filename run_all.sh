@@ -78,7 +78,8 @@ options:
                        hard and soft labels, 3 networks x 300 epochs, DM protocol, test split (OUT/soft_bench.md)
   --soft-cell          the same sets at the full budget under soft labels: csdm, dm, random at IF 200 and IF 10,
                        dm-f1 and random-f1 at IF 200, 5 networks x 1000 epochs, beside the full cell's hard labels
-                       (OUT/soft_cell.md)
+                       (OUT/soft_cell.md); bf16 unless --precision says otherwise, as --full-cell, so that
+                       its kept networks resume on any machine
   --ablation NAME      kernel, weighting, alpha, freqs, balanced, pipeline, budget, calibration, pairing,
                        balanced-calibration, soft-labels (validation split; writes OUT/ablations/NAME.md, a row
                        and a line of provenance per run)
@@ -165,7 +166,7 @@ echo "== run_all.sh: runs go to $OUT/ (--out; the committed reference results ar
   fail "--full-cell: --seed does not apply (the cell runs seed 0, then seed 1 for its second seed); drop it"
 # the full cell's checkpoints resume on any machine in bf16; the calibration bench matches the protocol bench (fp32)
 if [[ -z "$PRECISION" ]]; then
-  case "$MODE" in full-cell|paper-cell|paper-bench) PRECISION=bf16 ;; calibration-bench) PRECISION=fp32 ;; *) PRECISION=auto ;; esac
+  case "$MODE" in full-cell|paper-cell|paper-bench|soft-cell) PRECISION=bf16 ;; calibration-bench) PRECISION=fp32 ;; *) PRECISION=auto ;; esac
 fi
 case "$MODE:$ABLATION" in
   ablation:kernel|ablation:weighting|ablation:alpha|ablation:freqs|ablation:balanced|ablation:pipeline|ablation:budget|ablation:calibration|ablation:pairing|ablation:balanced-calibration|ablation:soft-labels) ;;
