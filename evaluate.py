@@ -71,7 +71,7 @@ from runs import (atomic_write_text, check_positive, environment, keep_freed_mem
                   OneLineParser, PARTIAL_EVALUATION, Processes, run_script, start_processes, write_run_readme)
 from stacked import train_networks_stacked
 from synsets import check_matches, export_set, fit_own_set, read_set
-from teacher import TEACHER_LOSSES, TEACHER_SCHEDULE, load_or_train_teacher, soft_targets, teacher_path
+from teacher import TEACHER_LOSSES, TEACHER_SCHEDULE, load_or_train_teacher, soft_targets
 from training import POOL_SCHEDULES, PROTOCOLS, long_tail_groups, per_class_accuracy, train_network
 
 STREAM_EVAL = 21
@@ -368,7 +368,8 @@ def check_label_options(args) -> None:
     for name, value in SOFT_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.teacher_epochs = args.teacher_epochs or POOL_SCHEDULES[TEACHER_SCHEDULE].epochs
+    if args.teacher_epochs is None:
+        args.teacher_epochs = POOL_SCHEDULES[TEACHER_SCHEDULE].epochs
     check_positive({"--temperature": args.temperature, "--teacher-epochs": args.teacher_epochs})
 
 
@@ -490,7 +491,8 @@ def job(args, holder) -> None:
         build_network(**run.network)
     except ValueError as error:
         raise UsageError(f"--model {args.model}: {error}")
-    options = job_fingerprint(args, run, device)
+    teacher = processes.main_first(lambda: job_teacher(args, run, device, log)) if args.labels == "soft" else None
+    options = job_fingerprint(args, run, device, teacher[1] if teacher else None)
     kept = continued_networks(args, run.out, options, processes)
     if kept is None:
         log(f"--resume: {run.out} holds this evaluation, finished (results.json); nothing to do")
@@ -499,21 +501,21 @@ def job(args, holder) -> None:
         f"networks x {options['epochs']} epochs on {device} ({args.precision})"
         + (f", {processes.world} processes" if processes.world > 1 else "")
         + (f"; networks {', '.join(str(t.index + 1) for t, _ in kept)} taken from --resume" if kept else ""))
-    teacher = processes.main_first(lambda: job_teacher(args, run, device, log)) if args.labels == "soft" else None
     train_and_write(args, run, device, processes, options, kept, teacher)
 
 
-def job_fingerprint(args, run: Job, device) -> dict:
+def job_fingerprint(args, run: Job, device, teacher: dict | None = None) -> dict:
     """The evaluation's fingerprint (evaluation_records.fingerprint) over the training images and labels and
     the tested split. A hard-label one is what it was before soft labels existed (so earlier evaluations
-    resume); a soft-label one names the teacher by its cache file's digest (its data, loss, epochs, seed and
-    precision)."""
+    resume); a soft-label one names the teacher (`teacher`: its record) by its cache file's digest (its data,
+    loss, epochs, seed and precision) and by the SHA-256 of its weights, so that networks kept under one
+    teacher are never continued under a teacher trained again elsewhere."""
     tensors = (run.images, run.labels, *test_split(run.data, args.split))
     epochs = args.epochs or PROTOCOLS[args.protocol].epochs
     if args.labels == "hard":
         return fingerprint(args, run.network, tensors, epochs, device, dropped=("labels",) + SOFT_OPTIONS)
-    teacher = teacher_path(Path("."), run.data, args.teacher_loss, args.teacher_epochs, run.data_seed, args.precision)
-    return fingerprint(args, run.network, tensors, epochs, device, added={"teacher": teacher.stem})
+    return fingerprint(args, run.network, tensors, epochs, device,
+                       added={"teacher": Path(teacher["file"]).stem, "teacher_sha256": teacher["sha256"]})
 
 
 def job_teacher(args, run: Job, device, log) -> tuple:

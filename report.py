@@ -57,6 +57,7 @@ def collect_grid(root: Path) -> list[dict]:
         records.append(dict(dataset=dataset, imbalance=float(imbalance[2:]), ipc=int(ipc[3:]), method=method,
                             protocol=result.get("protocol", "dm"), model=result.get("model", "convnet"),
                             labels=labels_of(result), teacher=result.get("teacher"),
+                            teacher_file=Path((result.get("teacher") or {}).get("file", "")).name,
                             factor=recorded_factor(result), path=str(path), data=recorded_data(result, path),
                             **{k: result[k] for k in ("acc_mean", "acc_std", "num_eval", "epochs", "head", "tail",
                                                       "split")}))
@@ -113,7 +114,7 @@ def over_random(record: dict, records: list[dict]) -> float | None:
     counts only as the plain `random` one. None for a baseline itself and where that ruler is missing."""
     if is_baseline(record["method"]):
         return None
-    same = ("dataset", "imbalance", "ipc", "protocol", "model", "split", "epochs", "labels")
+    same = ("dataset", "imbalance", "ipc", "protocol", "model", "split", "epochs", "labels", "teacher_file")
     rulers = [other for other in records if other["method"].startswith("random")
               and all(other[key] == record[key] for key in same)]
     exact = [other for other in rulers if record["factor"] is not None and other["factor"] == record["factor"]]

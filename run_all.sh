@@ -164,6 +164,8 @@ fi
 echo "== run_all.sh: runs go to $OUT/ (--out; the committed reference results are in results/)"
 [[ "$MODE" != full-cell || "$SEED" == 0 ]] ||
   fail "--full-cell: --seed does not apply (the cell runs seed 0, then seed 1 for its second seed); drop it"
+[[ "$MODE" != soft-* || "$SEED" == 0 ]] ||
+  fail "$MODE_FLAG: --seed does not apply (it evaluates the full cell's seed-0 sets beside their rulers); drop it"
 # the full cell's checkpoints resume on any machine in bf16; the calibration bench matches the protocol bench (fp32)
 if [[ -z "$PRECISION" ]]; then
   case "$MODE" in full-cell|paper-cell|paper-bench|soft-cell) PRECISION=bf16 ;; calibration-bench) PRECISION=fp32 ;; *) PRECISION=auto ;; esac

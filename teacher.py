@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from data_lt import counter_seed
+from data_lt import UsageError, counter_seed
 from networks import autocast, build_network, depth_for_size, reset_parameters_
 from runs import atomic_save, compile_or_eager, environment
 from training import (POOL_SCHEDULES, SoftTargets, class_log_prior, long_tail_groups, per_class_accuracy,
@@ -93,11 +93,15 @@ def load_or_train_teacher(cache: Path, data, loss: str, epochs: int, seed: int, 
     path = teacher_path(cache, data, loss, epochs, seed, precision)
     net = teacher_network(data, device)
     if path.exists():
-        saved = torch.load(path, map_location=device, weights_only=True)
-        net.load_state_dict(saved["state_dict"])
-        record = json.loads(saved["record"])
+        try:
+            saved = torch.load(path, map_location=device, weights_only=True)
+            net.load_state_dict(saved["state_dict"])
+            record = json.loads(saved["record"])
+        except Exception as error:  # a truncated copy, another format, another network's weights
+            raise UsageError(f"--teacher-cache: {path} cannot be read as a teacher ({type(error).__name__}); "
+                             f"delete it to train the teacher again")
         log(f"teacher: {path} ({loss} loss, test acc {record['test_acc']:.2f})")
-        return net, record | {"file": str(path)}
+        return net, record | {"file": str(path), "sha256": weights_sha256(net)}
     log(f"teacher: training a ConvNet on the {len(data.train_labels)} training images ({loss} loss, {epochs} "
         f"epochs of the {TEACHER_SCHEDULE} schedule) -> {path}")
     start = time.perf_counter()
@@ -108,7 +112,15 @@ def load_or_train_teacher(cache: Path, data, loss: str, epochs: int, seed: int, 
     atomic_save({"state_dict": state, "record": json.dumps(record)}, path)
     log(f"teacher trained in {record['seconds']:.0f} s: test acc {record['test_acc']:.2f} (head {record['head']:.2f}"
         f", medium {record['medium']:.2f}, tail {record['tail']:.2f})")
-    return net, record | {"file": str(path)}
+    return net, record | {"file": str(path), "sha256": weights_sha256(net)}
+
+
+def weights_sha256(net: nn.Module) -> str:
+    """SHA-256 of the network's parameters and buffers, in state-dict order: which teacher labelled a network."""
+    digest = hashlib.sha256()
+    for value in net.state_dict().values():
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def soft_targets(net: nn.Module, temperature: float, precision: str, compile: bool) -> SoftTargets:

@@ -524,6 +524,7 @@ def test_run_all_rejects_bad_options():
                          (["--seed", "-1"], "--seed"), (["--datasets", "mnist"], "--datasets"),
                          (["--precision", "fp16"], "--precision"), (["--full-cell", "--quick"], "--quick"),
                          (["--full-cell", "--ifs", "10"], "--ifs"), (["--full-cell", "--seed", "3"], "--seed"),
+                         (["--soft-cell", "--seed", "3", "--data-dir", "/tmp"], "--seed"),
                          (["--ablation", "kernel", "--full-cell"], "--full-cell"),
                          (["--cpu-bench", "--methods", "dm", "--data-dir", "/tmp"], "--methods")):
         done = subprocess.run(["bash", str(ROOT / "run_all.sh"), *argv], capture_output=True, text=True)

@@ -185,3 +185,36 @@ def test_teacher_options_without_soft_labels_are_refused_in_one_line(extra, mess
     error = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in error and len(error.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_networks_kept_under_one_teacher_are_not_continued_under_another(tiny_soft, monkeypatch, tmp_path, capsys):
+    """The fingerprint holds the teacher's weights' SHA-256: a teacher file replaced between sittings (trained
+    again elsewhere, say) makes --resume refuse the kept networks in one line, training nothing."""
+    evaluate, teachers = tiny_soft, tmp_path / "teachers"
+    started, real = [], evaluate.train_network
+
+    def stopping(*args, **kwargs):
+        started.append(1)
+        if len(started) > 1:
+            raise Stopped
+        return real(*args, **kwargs)
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "train_network", stopping)
+        with pytest.raises(Stopped):
+            evaluate.main(soft_argv(out, teachers))
+    path, = teachers.glob("teacher-*.pt")
+    saved = torch.load(path, weights_only=True)
+    first = next(iter(saved["state_dict"]))
+    saved["state_dict"][first] = saved["state_dict"][first] + 1e-3
+    torch.save(saved, path)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(soft_argv(out, teachers, "--resume"))
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "other options" in error and "teacher-sha256" in error
+    assert len(error.splitlines()) == 1 and sorted(p.name for p in (out / "evaluation.partial").iterdir()) == [
+        "network-0.json"]
+    path.write_bytes(b"not a teacher")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(soft_argv(tmp_path / "other", teachers))
+    assert exit_info.value.code == 2 and "delete it to train the teacher again" in capsys.readouterr().err
