@@ -315,3 +315,8 @@ if __name__ == "__main__":
             x = torch.zeros(2, channels, size, size).contiguous(memory_format=torch.channels_last)
             print(f"{model:8s} {channels} x {size:2d} px: features {tuple(net.embed(x).shape)}, "
                   f"logits {tuple(net(x).shape)}, {sum(p.numel() for p in net.parameters()):,} parameters")
+
+
+def cpu_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the network's state dict on the CPU."""
+    return {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from data_lt import LongTailedData, cache_dir, counter_seed
-from networks import build_network, reset_parameters_
+from networks import build_network, cpu_state, reset_parameters_
 from runs import atomic_save, Processes
 from training import POOL_SCHEDULES, class_log_prior, train_network
 
@@ -116,11 +116,6 @@ def extractor_pool(run, data: LongTailedData, device: torch.device, processes: P
     if processes.main:
         atomic_save({"networks": networks}, path)
     return networks
-
-
-def cpu_state(net) -> dict[str, torch.Tensor]:
-    """A copy of the network's state dict on the CPU."""
-    return {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
 
 
 def pool_network(run, data: LongTailedData, images: torch.Tensor, labels: torch.Tensor, k: int, folder: Path,

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from data_lt import UsageError, counter_seed
-from networks import autocast, build_network, depth_for_size, reset_parameters_
+from networks import autocast, build_network, cpu_state, depth_for_size, reset_parameters_
 from runs import atomic_save, compile_or_eager, environment
 from training import (POOL_SCHEDULES, SoftTargets, class_log_prior, long_tail_groups, per_class_accuracy,
                       train_network)
@@ -108,8 +108,7 @@ def load_or_train_teacher(cache: Path, data, loss: str, epochs: int, seed: int, 
     net = train_teacher(data, loss, epochs, seed, device, precision, compile)
     record = teacher_record(net, data, loss, epochs, seed, precision, time.perf_counter() - start, compile)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: value.detach().cpu().clone() for name, value in net.state_dict().items()}
-    atomic_save({"state_dict": state, "record": json.dumps(record)}, path)
+    atomic_save({"state_dict": cpu_state(net), "record": json.dumps(record)}, path)
     log(f"teacher trained in {record['seconds']:.0f} s: test acc {record['test_acc']:.2f} (head {record['head']:.2f}"
         f", medium {record['medium']:.2f}, tail {record['tail']:.2f})")
     return net, record | {"file": str(path), "sha256": weights_sha256(net)}

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_data
+from test_resume import Stopped, stop_after
 from data_lt import LongTailedData
 from networks import build_network, reset_parameters_
 from training import PROTOCOLS, SoftTargets, drawn_batch, soft_label_loss, train_network
@@ -125,8 +126,12 @@ def tiny_soft(monkeypatch):
     return evaluate
 
 
-class Stopped(Exception):
-    pass
+def stopped(evaluate, monkeypatch, argv, networks: int) -> None:
+    """evaluate.main(argv) stopped as it starts network `networks` + 1 (test_resume's stop between sittings)."""
+    with monkeypatch.context() as patch:
+        stop_after(patch, evaluate, networks)
+        with pytest.raises(Stopped):
+            evaluate.main(argv)
 
 
 def test_a_soft_label_evaluation_resumes_network_by_network_to_the_uninterrupted_result(tiny_soft, monkeypatch,
@@ -139,18 +144,8 @@ def test_a_soft_label_evaluation_resumes_network_by_network_to_the_uninterrupted
     assert straight["teacher"]["loss"] == "balanced" and "test_acc" in straight["teacher"]
     assert straight["fingerprint"]["teacher"].startswith("teacher-")
 
-    started, real = [], evaluate.train_network
-
-    def stopping(*args, **kwargs):
-        started.append(1)
-        if len(started) > 2:
-            raise Stopped
-        return real(*args, **kwargs)
     out = tmp_path / "stopped"
-    with monkeypatch.context() as patch:
-        patch.setattr(evaluate, "train_network", stopping)
-        with pytest.raises(Stopped):
-            evaluate.main(soft_argv(out, teachers))
+    stopped(evaluate, monkeypatch, soft_argv(out, teachers), networks=2)
     evaluate.main(soft_argv(out, teachers, "--resume"))
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["accs"] == straight["accs"] and resumed["per_class"] == straight["per_class"]
@@ -191,18 +186,8 @@ def test_networks_kept_under_one_teacher_are_not_continued_under_another(tiny_so
     """The fingerprint holds the teacher's weights' SHA-256: a teacher file replaced between sittings (trained
     again elsewhere, say) makes --resume refuse the kept networks in one line, training nothing."""
     evaluate, teachers = tiny_soft, tmp_path / "teachers"
-    started, real = [], evaluate.train_network
-
-    def stopping(*args, **kwargs):
-        started.append(1)
-        if len(started) > 1:
-            raise Stopped
-        return real(*args, **kwargs)
     out = tmp_path / "stopped"
-    with monkeypatch.context() as patch:
-        patch.setattr(evaluate, "train_network", stopping)
-        with pytest.raises(Stopped):
-            evaluate.main(soft_argv(out, teachers))
+    stopped(evaluate, monkeypatch, soft_argv(out, teachers), networks=1)
     path, = teachers.glob("teacher-*.pt")
     saved = torch.load(path, weights_only=True)
     first = next(iter(saved["state_dict"]))
